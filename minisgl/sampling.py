@@ -52,8 +52,9 @@ def top_p_filter(probs: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(descending=True)
-    # A token stays if the tokens ranked above it hold less than p in total.
-    mass_above = sorted_probs.cumsum(-1) - sorted_probs
+    # A token stays if the tokens ranked above it hold less than p in total. (Shifting the running
+    # sum, rather than subtracting each token from it, keeps the sums exact at the boundary.)
+    mass_above = torch.cat((torch.zeros_like(sorted_probs[..., :1]), sorted_probs.cumsum(-1)[..., :-1]), dim=-1)
     sorted_probs = sorted_probs.masked_fill(mass_above >= p, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # --8<-- [end:ex-top-p]

