@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - started
     print(
         f"\n[{generated} tokens in {elapsed:.1f}s, {generated / elapsed:.1f} tok/s, "

@@ -21,7 +21,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer
 
-from .models import load_model
+from .models import load_model, resolve_model_path
 from .sampling import SamplingParams, make_generator, sample
 
 
@@ -97,15 +97,19 @@ class Completion:
 
 class Generator:
     def __init__(self, model_path: str | Path, dtype: str = "auto", device: str = "auto"):
+        model_path = resolve_model_path(model_path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
         self.config = self.model.config
+        if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise FileNotFoundError(f"no tokenizer in {model_path}: expected tokenizer.json (or tokenizer.model)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.eos_ids = set(self.config.eos_token_ids) | _generation_eos_ids(model_path)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
+    # --8<-- [start:encode]
     def encode(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         """Token ids of ``prompt``; with ``chat``, wrapped in the model's chat template first."""
         if not chat:
@@ -113,6 +117,7 @@ class Generator:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has them
+    # --8<-- [end:encode]
 
     @torch.inference_mode()
     def _forward(self, token_ids: list[int], start: int, kv_cache) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 
+# --8<-- [start:sampling-params]
 @dataclass
 class SamplingParams:
     temperature: float = 0.0
@@ -42,6 +43,7 @@ def top_k_filter(probs: torch.Tensor, k: int) -> torch.Tensor:
     kept = torch.zeros_like(probs)
     top = probs.topk(k)
     return kept.scatter_(-1, top.indices, top.values)
+# --8<-- [end:sampling-params]
 
 
 # --8<-- [start:top-p]
@@ -74,6 +76,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 # --8<-- [end:sample]
 
 
+# --8<-- [start:make-generator]
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:
     """A random stream for one request: seeded when asked for, otherwise fresh entropy."""
     generator = torch.Generator(device=device)
@@ -82,3 +85,4 @@ def make_generator(seed: int | None, device="cpu") -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+# --8<-- [end:make-generator]

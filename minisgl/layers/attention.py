@@ -18,6 +18,7 @@ from .norm import RMSNorm
 from .rotary import apply_rotary
 
 
+# --8<-- [start:attention-init]
 class Attention(nn.Module):
     def __init__(
         self,
@@ -27,6 +28,7 @@ class Attention(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         qkv_bias: bool,
+        o_bias: bool,
         qk_norm_eps: float | None,
     ):
         super().__init__()
@@ -36,10 +38,11 @@ class Attention(nn.Module):
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o = nn.Linear(q_size, hidden_size, bias=False)
+        self.o = nn.Linear(q_size, hidden_size, bias=o_bias)
         # Qwen3 normalizes each head of q and k before the rotation, which keeps logits tame.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+    # --8<-- [end:attention-init]
 
     # --8<-- [start:attention-forward]
     def forward(self, x, cos, sin, kv_cache: KVCache, start: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ The cos/sin tables are computed once for every position the model supports.
 import torch
 
 
+# --8<-- [start:rope-tables]
 class RotaryEmbedding:
     """Precomputed cos/sin tables for positions 0 .. max_positions - 1."""
 
@@ -28,6 +29,7 @@ class RotaryEmbedding:
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos and sin of every position in ``positions`` [tokens]: two [tokens, head_dim // 2]."""
         return self.cos[positions], self.sin[positions]
+# --8<-- [end:rope-tables]
 
 
 # --8<-- [start:apply-rotary]

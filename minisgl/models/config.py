@@ -2,13 +2,16 @@
 
 Three families share one decoder; they differ only in a few switches:
 
-==========  =====================  ====================  ==========================
-family      ``architectures``      bias on q/k/v         RMSNorm on q and k per head
-==========  =====================  ====================  ==========================
-Llama       LlamaForCausalLM       ``attention_bias``    no
-Qwen2       Qwen2ForCausalLM       always                no
-Qwen3       Qwen3ForCausalLM       ``attention_bias``    yes
-==========  =====================  ====================  ==========================
+==========  =====================  ======================  ====================  ===========================
+family      ``architectures``      bias on q/k/v           bias on o             RMSNorm on q and k per head
+==========  =====================  ======================  ====================  ===========================
+Llama       LlamaForCausalLM       ``attention_bias``      ``attention_bias``    no
+Qwen2       Qwen2ForCausalLM       always                  never                 no
+Qwen3       Qwen3ForCausalLM       ``attention_bias``      ``attention_bias``    yes
+==========  =====================  ======================  ====================  ===========================
+
+Settings this course does not implement (RoPE scaling, MLP biases, sliding-window attention) are
+refused with an error here, rather than silently giving wrong output later.
 """
 
 import json
@@ -33,6 +36,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool
     qk_norm: bool
     eos_token_ids: tuple[int, ...]
 
@@ -50,6 +54,10 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"unsupported rope_type {rope_type!r}: minisgl implements 'default' RoPE")
+        if raw.get("mlp_bias"):
+            raise ValueError("unsupported setting mlp_bias=true: minisgl's MLP has no biases")
+        if raw.get("use_sliding_window"):
+            raise ValueError("unsupported setting use_sliding_window=true: minisgl attends to the whole context")
         eos = raw.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         num_heads = raw["num_attention_heads"]
@@ -67,6 +75,7 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             qkv_bias=architecture == "Qwen2ForCausalLM" or raw.get("attention_bias", False),
+            o_bias=architecture != "Qwen2ForCausalLM" and raw.get("attention_bias", False),
             qk_norm=architecture == "Qwen3ForCausalLM",
             eos_token_ids=eos_ids,
         )

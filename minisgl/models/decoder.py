@@ -30,6 +30,7 @@ class DecoderLayer(nn.Module):
             config.num_kv_heads,
             config.head_dim,
             qkv_bias=config.qkv_bias,
+            o_bias=config.o_bias,
             qk_norm_eps=config.rms_norm_eps if config.qk_norm else None,
         )
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -42,6 +43,7 @@ class DecoderLayer(nn.Module):
     # --8<-- [end:layer-forward]
 
 
+# --8<-- [start:model-init]
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -52,6 +54,7 @@ class CausalLM(nn.Module):
         # Small models reuse the embedding matrix as the output projection ("tied" embeddings).
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
+    # --8<-- [end:model-init]
 
     # --8<-- [start:model-forward]
     def forward(self, input_ids: torch.Tensor, start: int, kv_cache: KVCache) -> torch.Tensor:

@@ -31,6 +31,8 @@ def checkpoint_layout(model: CausalLM) -> dict[str, torch.Tensor]:
                 q, k, v = fused.data.split(attn.split_sizes)
                 layout |= {f"{prefix}self_attn.{name}_proj.{part}": t for name, t in zip("qkv", (q, k, v))}
         layout[f"{prefix}self_attn.o_proj.weight"] = attn.o.weight.data
+        if attn.o.bias is not None:
+            layout[f"{prefix}self_attn.o_proj.bias"] = attn.o.bias.data
         if attn.q_norm is not None:
             layout[f"{prefix}self_attn.q_norm.weight"] = attn.q_norm.weight.data
             layout[f"{prefix}self_attn.k_norm.weight"] = attn.k_norm.weight.data
@@ -61,6 +63,7 @@ def checkpoint_files(model_path: str | Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no weights in {model_path}: expected model.safetensors or model.safetensors.index.json")
 
 
+# --8<-- [start:load-weights]
 def load_weights(model: CausalLM, model_path: str | Path) -> None:
     layout, files = checkpoint_layout(model), checkpoint_files(model_path)
     missing = [name for name in layout if name not in files]
@@ -81,3 +84,4 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
                             f"the model expects {tuple(target.shape)}"
                         )
                     target.copy_(tensor)  # casts to the model's dtype and device
+# --8<-- [end:load-weights]

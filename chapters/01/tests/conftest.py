@@ -20,7 +20,9 @@ def _perturb(model: torch.nn.Module) -> None:
                 param.copy_(0.08 * noise)
 
 
-def build_tiny_checkpoint(architecture: str, folder: Path, tie: bool, max_shard_size: str | None = None) -> Path:
+def build_tiny_checkpoint(
+    architecture: str, folder: Path, tie: bool, max_shard_size: str | None = None, **overrides
+) -> Path:
     """Save a randomly initialized transformers model of ``architecture`` as safetensors in ``folder``."""
     import transformers
 
@@ -37,7 +39,7 @@ def build_tiny_checkpoint(architecture: str, folder: Path, tie: bool, max_shard_
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         eos_token_id=255,
         bos_token_id=1,
-    )
+    ) | overrides
     config = {
         "llama": lambda: transformers.LlamaConfig(**common),
         "qwen2": lambda: transformers.Qwen2Config(**common),
@@ -59,11 +61,13 @@ def make_tiny_checkpoint():
     return build_tiny_checkpoint
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=["llama", "llama-biased", "qwen2", "qwen3"])
 def tiny_checkpoint(request, tmp_path_factory) -> Path:
-    """A tiny random model per architecture (Llama untied, Qwen2 and Qwen3 with tied embeddings)."""
-    arch = request.param
-    return build_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch), tie=arch != "llama")
+    """A tiny random model per architecture: Llama untied (and once with attention biases, which Llama
+    puts on q, k, v and o), Qwen2 (biases on q, k, v only) and Qwen3 with tied embeddings."""
+    arch, _, variant = request.param.partition("-")
+    overrides = {"attention_bias": True} if variant == "biased" else {}
+    return build_tiny_checkpoint(arch, tmp_path_factory.mktemp(request.param), tie=arch != "llama", **overrides)
 
 
 @pytest.fixture(scope="session")

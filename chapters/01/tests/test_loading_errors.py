@@ -68,3 +68,21 @@ def test_wrong_shape_is_named(llama, copy_checkpoint):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.norm.weight .* shape \(3,\)"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "setting, message", [({"mlp_bias": True}, "mlp_bias"), ({"use_sliding_window": True}, "use_sliding_window")]
+)
+def test_settings_we_do_not_implement_are_refused(llama, copy_checkpoint, setting, message):
+    folder = copy_checkpoint(llama)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | setting))
+    with pytest.raises(ValueError, match=message):
+        load_model(folder)
+
+
+def test_missing_tokenizer_is_named(llama):
+    from minisgl.generate import Generator
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        Generator(llama, dtype="float32", device="cpu")

@@ -44,7 +44,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, make_tiny_checkpo
 def test_config_reads_each_family(tiny_checkpoint):
     config = ModelConfig.from_path(tiny_checkpoint)
     family = config.architecture
-    assert config.qkv_bias == (family == "Qwen2ForCausalLM")
+    assert config.qkv_bias == (family == "Qwen2ForCausalLM" or config.o_bias)
     assert config.qk_norm == (family == "Qwen3ForCausalLM")
     assert config.head_dim == (24 if family == "Qwen3ForCausalLM" else 16)
     assert config.tie_word_embeddings == (family != "LlamaForCausalLM")
