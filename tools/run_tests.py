@@ -14,6 +14,7 @@ Every step runs even when an earlier one fails; the exit code is non-zero if any
     python tools/run_tests.py 01 book         # only these steps (chapter numbers or step names)
 """
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import time
 from course import REPO_ROOT, chapters
 
 PYTHON = sys.executable
+ENV = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its successor, on every build
 
 
 def steps() -> dict[str, list[str]]:
@@ -44,7 +46,7 @@ def main() -> None:
     for name, command in selected.items():
         print(f"\n===== {name}: {' '.join(command[1:])}", flush=True)
         started = time.perf_counter()
-        returncode = subprocess.run(command, cwd=REPO_ROOT).returncode
+        returncode = subprocess.run(command, cwd=REPO_ROOT, env=ENV).returncode
         results[name] = (returncode == 0, time.perf_counter() - started)
     print("\n===== summary")
     for name, (ok, seconds) in results.items():
