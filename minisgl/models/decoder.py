@@ -6,14 +6,15 @@ layer is pre-norm:
     x = x + attention(rms_norm(x))
     x = x + mlp(rms_norm(x))
 
-In this chapter the model runs one sequence at a time, so activations are plain [tokens, hidden]
-matrices with no batch dimension.
+Activations are plain [tokens, hidden] matrices with no batch dimension: a batch of requests is laid
+end to end (chapter 02), and only attention looks at the ``Batch`` to see which tokens belong together.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch import Batch
 from ..kv_cache import KVCache
 from ..layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 from .config import ModelConfig
@@ -37,8 +38,8 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     # --8<-- [start:layer-forward]
-    def forward(self, x, cos, sin, kv_cache: KVCache, start: int) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, kv_cache, start)
+    def forward(self, x, cos, sin, kv_cache: KVCache, batch: Batch) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, kv_cache, batch)
         return x + self.mlp(self.post_attn_norm(x))
     # --8<-- [end:layer-forward]
 
@@ -57,16 +58,15 @@ class CausalLM(nn.Module):
     # --8<-- [end:model-init]
 
     # --8<-- [start:model-forward]
-    def forward(self, input_ids: torch.Tensor, start: int, kv_cache: KVCache) -> torch.Tensor:
-        """Run tokens at positions start, start + 1, ... and return their final hidden states [tokens, hidden].
+    def forward(self, batch: Batch, kv_cache: KVCache) -> torch.Tensor:
+        """Run the batch's new tokens and return their final hidden states [tokens, hidden].
 
-        Their keys and values are written into ``kv_cache``; positions before ``start`` must be there already.
+        Their keys and values are written into ``kv_cache``; each request's earlier tokens must be there already.
         """
-        positions = torch.arange(start, start + input_ids.shape[0], device=input_ids.device)
-        cos, sin = self.rotary(positions)  # computed once, shared by every layer
-        x = self.embed(input_ids)
+        cos, sin = self.rotary(batch.positions)  # computed once, shared by every layer
+        x = self.embed(batch.input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, start)
+            x = layer(x, cos, sin, kv_cache, batch)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,6 @@ class CausalLM(nn.Module):
         return F.linear(hidden, weight).float()
     # --8<-- [end:model-forward]
 
-    def new_kv_cache(self, max_tokens: int) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, max_tokens, c.num_kv_heads, c.head_dim, self.embed.weight.dtype, self.embed.weight.device)
+    def new_kv_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
+        c, weight = self.config, self.embed.weight
+        return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim, weight.dtype, weight.device)
