@@ -1,0 +1,177 @@
+"""Single-request decode speed: minisgl's ``Generator`` against transformers' ``generate``.
+
+What it measures: tokens per second while *decoding* one request (batch size 1, greedy), for each
+dtype, on the same model, the same chat prompt and the same machine, in one run:
+
+- minisgl: ``Generator.generate`` with ``SamplingParams(max_tokens=N, ignore_eos=True)``
+  (this includes our streaming detokenizer, since that is what a caller gets);
+- transformers: ``AutoModelForCausalLM.generate`` with ``do_sample=False, max_new_tokens=N,
+  min_new_tokens=N`` under ``torch.inference_mode()``.
+
+Prefill is taken out the same way for both: a run that makes 1 new token costs prefill + one sample,
+a run that makes N costs that plus N - 1 decode steps, so
+
+    decode tok/s = (N - 1) / (time for N new tokens - time for 1 new token)
+
+Each engine gets one warm-up run per dtype; then the two engines take turns, so that noise from the
+machine hits both alike, and the table shows the median over ``--repeats`` rounds.
+
+This is a chapter 01 benchmark: ``Generator`` is chapter 01's one-request loop, which chapter 02
+replaced with the scheduler and server. So the script imports the frozen chapter 01 snapshot,
+``chapters/01/minisgl/``, by putting ``chapters/01`` first on ``sys.path`` (ahead of the repository
+root and of the editable install of the top-level package).
+
+Run it from the repository root (``make bench`` calls it too):
+
+    python benchmarks/generate_single.py [--model-path DIR] [--repeats 3] [--new-tokens 128]
+                                         [--dtypes float32 bfloat16]
+
+The table is printed and written to ``benchmarks/results/generate_single.md``.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+# Chapter 01's snapshot, not the top level: the top-level package no longer has ``minisgl.generate``.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chapters" / "01"))
+from minisgl.default_model import require_default_model  # noqa: E402
+from minisgl.generate import Generator  # noqa: E402
+from minisgl.sampling import SamplingParams  # noqa: E402
+
+PROMPT = "Write a short story about a robot who learns to paint."
+RESULTS = Path(__file__).resolve().parent / "results" / "generate_single.md"
+
+
+def timed(fn) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    tokens = fn()
+    return time.perf_counter() - start, tokens
+
+
+def ours(gen: Generator, prompt_ids: list[int], n: int) -> list[int]:
+    return gen.generate(prompt_ids, SamplingParams(max_tokens=n, ignore_eos=True)).token_ids
+
+
+def theirs(model, input_ids: torch.Tensor, n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,  # the model may not stop early on EOS, like ignore_eos
+            pad_token_id=model.generation_config.eos_token_id,
+        )
+    return out[0, input_ids.shape[1] :].tolist()
+
+
+def measure(runners: dict, n: int, repeats: int, bar: tqdm) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Median decode tok/s of each runner, and the tokens each made in its last run."""
+    for run in runners.values():  # warm-up: first calls pay for lazy init, allocator growth, oneDNN kernels
+        run(n)
+        bar.update(1)
+    rates = {name: [] for name in runners}
+    tokens = {}
+    for _ in range(repeats):
+        for name, run in runners.items():  # alternate engines within a round
+            t_one, _ = timed(lambda: run(1))
+            t_all, tokens[name] = timed(lambda: run(n))
+            rates[name].append((n - 1) / (t_all - t_one))
+            bar.update(1)
+    return {name: statistics.median(r) for name, r in rates.items()}, tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens agree: equal greedy tokens mean both engines did the same work."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per dtype; the median is reported")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per timed run")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode time is the difference from a 1-token run)")
+    model_path = Path(args.model_path) if args.model_path else require_default_model()
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number; say how much there was
+    if load_before > 0.5:
+        # With 2 cores, one busy neighbour can make a 2-thread decode several times slower.
+        print(f"warning: load average is {load_before:.2f}; results will be noisy", file=sys.stderr)
+    rows = []
+    bar = tqdm(total=len(args.dtypes) * 2 * (1 + args.repeats), desc="generate_single", unit="run")
+    for dtype in args.dtypes:
+        bar.set_postfix_str(f"{dtype}: loading")
+        gen = Generator(model_path, dtype=dtype, device="cpu")
+        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        prompt_ids = gen.encode(PROMPT)  # one chat-templated prompt, fed to both as token ids
+        input_ids = torch.tensor([prompt_ids])
+        bar.set_postfix_str(dtype)
+        rates, tokens = measure(
+            {
+                "minisgl": lambda n: ours(gen, prompt_ids, n),
+                "transformers": lambda n: theirs(hf, input_ids, n),
+            },
+            args.new_tokens,
+            args.repeats,
+            bar,
+        )
+        same = common_prefix(tokens["minisgl"], tokens["transformers"])
+        rows.append((dtype, rates["minisgl"], rates["transformers"], same, len(prompt_ids)))
+        del gen, hf
+    bar.close()
+
+    lines = [
+        "# Single-request decode speed",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads "
+        f"(of {os.cpu_count()} cores)",
+        f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        f"(the run itself adds up to {torch.get_num_threads()})",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- model: {model_path.name}; prompt of {rows[0][4]} tokens; {args.new_tokens} new tokens, greedy; "
+        f"median of {args.repeats} repeats after one warm-up",
+        f"- decode tok/s = {args.new_tokens - 1} / (time for {args.new_tokens} new tokens - time for 1)",
+        f"- command: `{' '.join(['python benchmarks/generate_single.py', *sys.argv[1:]])}`",
+        "",
+        "| dtype | minisgl tok/s | transformers tok/s | ratio (ours / transformers) | tokens equal (prefix) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for dtype, mine, hf_rate, same, _ in rows:
+        lines.append(f"| {dtype} | {mine:.1f} | {hf_rate:.1f} | {mine / hf_rate:.2f} | {same}/{args.new_tokens} |")
+    lines += [
+        "",
+        "tokens equal (prefix): how many leading greedy tokens the two made alike. In bfloat16 the two",
+        "implementations round differently, so their greedy tokens may part early; float32 must match.",
+    ]
+    table = "\n".join(lines) + "\n"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(table)
+    print("\n" + table)
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
