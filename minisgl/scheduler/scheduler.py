@@ -110,7 +110,7 @@ class Scheduler:
     def step(self) -> None:
         """One forward pass: prefill the newly admitted requests, or else decode every running one."""
         admitted = self.admit()
-        batch = admitted or self.running
+        batch = admitted or list(self.running)  # a copy: finishing a request removes it from running
         if not batch:
             return
         next_tokens = self.engine.step(batch, is_prefill=bool(admitted))
