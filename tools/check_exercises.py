@@ -15,7 +15,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from course import REPO_ROOT, chapters, exercises, snapshot_root
+from course import REPO_ROOT, chapter_exercises, chapters, exercises, snapshot_root, tested_exercises
 from learn import make_workspace
 
 
@@ -33,7 +33,9 @@ def run_selected(chapter: str, name: str, learn: Path, report: Path) -> dict[str
 
 def check(chapter: str) -> list[str]:
     problems = []
-    for name in sorted(exercises(snapshot_root(chapter) / "minisgl")):
+    for name in sorted(tested_exercises(chapter) - set(exercises(snapshot_root(chapter) / "minisgl"))):
+        problems.append(f"chapter {chapter}: tests mark exercise {name!r}, which has no region in the code")
+    for name in sorted(chapter_exercises(chapter)):
         with tempfile.TemporaryDirectory() as tmp:
             workspace = Path(tmp) / "workspace"
             make_workspace(chapter, workspace, only={name})

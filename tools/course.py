@@ -34,6 +34,24 @@ def exercises(package: Path) -> dict[str, Path]:
     return found
 
 
+def tested_exercises(chapter: str) -> set[str]:
+    """The exercise names that chapter's tests mark with ``@pytest.mark.exercise(...)``."""
+    names = set()
+    for path in (CHAPTERS_DIR / chapter / "tests").rglob("*.py"):
+        for args in re.findall(r"mark\.exercise\(([^)]*)\)", path.read_text()):
+            names.update(re.findall(r"[\"']([\w-]+)[\"']", args))
+    return names
+
+
+def chapter_exercises(chapter: str) -> dict[str, Path]:
+    """The exercises of one chapter: the marked regions its tests check.
+
+    A snapshot also carries the markers of earlier chapters' exercises, in files it did not change;
+    those stay solved in this chapter's workspace.
+    """
+    return {name: path for name, path in exercises(snapshot_root(chapter) / "minisgl").items() if name in tested_exercises(chapter)}
+
+
 def stub_exercises(source: str, chapter: str, only: set[str] | None = None) -> str:
     """Replace the body of each exercise region in ``source`` with a ``NotImplementedError``.
 

@@ -14,17 +14,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from course import LEARN_DIR, chapters, exercises, snapshot_root, stub_exercises
+from course import LEARN_DIR, chapter_exercises, chapters, snapshot_root, stub_exercises
 
 
 def make_workspace(chapter: str, target: Path, only: set[str] | None = None) -> list[str]:
-    """Copy chapter's snapshot into ``target/minisgl`` and stub its exercises; returns their names."""
+    """Copy chapter's snapshot into ``target/minisgl`` and stub its exercises (or only those in
+    ``only``); returns the names of the stubbed exercises."""
     source = snapshot_root(chapter) / "minisgl"
     shutil.copytree(source, target / "minisgl", ignore=shutil.ignore_patterns("__pycache__"))
-    names = exercises(target / "minisgl")
-    for path in set(names.values()):
-        path.write_text(stub_exercises(path.read_text(), chapter, only))
-    return sorted(names if only is None else only)
+    names = set(chapter_exercises(chapter)) if only is None else set(only)
+    for path in (target / "minisgl").rglob("*.py"):
+        path.write_text(stub_exercises(path.read_text(), chapter, names))
+    return sorted(names)
 
 
 def main() -> None:
