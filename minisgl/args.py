@@ -44,12 +44,15 @@ HELP = {
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
+    choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"]}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default, help=HELP[f.name])
+        parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=HELP[f.name])
     args = ServerArgs(**vars(parser.parse_args(argv)))
     if not args.model_path:
         args.model_path = str(default_model_path())
+    if args.device != "auto" and not args.device.split(":")[0] in ("cpu", "cuda"):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     for name in ("max_running_requests", "context_length", "max_prefill_length"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")

@@ -73,6 +73,7 @@ class Attention(nn.Module):
     # --8<-- [end:attention-forward]
 
 
+# --8<-- [start:prefill-attention]
 def prefill_attention(q, k_cache, v_cache, batch: Batch, scale: float) -> torch.Tensor:
     """Each request's new tokens attend causally to its own cached sequence; q is [tokens, heads, d]."""
     outputs, offset = [], 0
@@ -81,6 +82,7 @@ def prefill_attention(q, k_cache, v_cache, batch: Batch, scale: float) -> torch.
         outputs.append(causal_attention(queries, k_cache[slot, :seq_len], v_cache[slot, :seq_len], scale))
         offset += new
     return torch.cat(outputs)
+# --8<-- [end:prefill-attention]
 
 
 # --8<-- [start:causal-attention]

@@ -77,6 +77,7 @@ class Scheduler:
 
     # ---- the loop, on the scheduler's own thread ----
 
+    # --8<-- [start:run-forever]
     def run_forever(self, stop: threading.Event) -> None:
         logger.info("scheduler running: %d slots of %d tokens", self.max_running_requests, self.engine.context_length)
         while not stop.is_set():
@@ -85,9 +86,7 @@ class Scheduler:
             try:
                 self.step()
             except Exception as error:  # a bug or a device error: fail what is in flight, keep serving
-                logger.exception("step failed; failing %d requests", len(self.running) + len(self.waiting))
-                for request in [*self.running, *self.waiting]:
-                    self.finish(request, "error", error=f"internal error: {error}")
+                self.fail_all(error)
 
     def receive(self, block: bool) -> None:
         """Move everything in the inbox into the scheduler's state; wait a little for it if idle."""
@@ -105,17 +104,18 @@ class Scheduler:
                 self.waiting.append(payload)
             else:
                 self.abort_now(payload)
+    # --8<-- [end:run-forever]
 
     # --8<-- [start:step]
     def step(self) -> None:
         """One forward pass: prefill the newly admitted requests, or else decode every running one."""
         admitted = self.admit()
+        self.running += admitted  # before the forward pass: if it fails, fail_all must find them
         batch = admitted or list(self.running)  # a copy: finishing a request removes it from running
         if not batch:
             return
         next_tokens = self.engine.step(batch, is_prefill=bool(admitted))
         self.steps["prefill" if admitted else "decode"] += 1
-        self.running += admitted
         for request, token in zip(batch, next_tokens):
             request.cached_len = request.seq_len  # everything it had is in the cache now
             self.append_token(request, token)
@@ -172,11 +172,18 @@ class Scheduler:
         request.emit(text, list(token_ids), reason, error)
     # --8<-- [end:append-token]
 
+    def fail_all(self, error: Exception) -> None:
+        logger.exception("step failed; failing %d requests", len(self.running) + len(self.waiting))
+        for request in [*self.running, *self.waiting]:
+            self.finish(request, "error", error=f"internal error: {error}")
+
+    # --8<-- [start:abort]
     def abort_now(self, rid: str) -> None:
         for request in [*self.running, *self.waiting]:
             if request.rid == rid:
                 logger.info("request %s aborted after %d tokens", rid, len(request.output_ids))
                 self.finish(request, "abort")
+    # --8<-- [end:abort]
 
     def log_progress(self) -> None:
         now = time.monotonic()

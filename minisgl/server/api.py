@@ -94,6 +94,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
     async def http_error(_, error: HTTPException):
         return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code)
 
+    # --8<-- [start:sampling-params-check]
     def sampling_params(body: SamplingFields, prompt_len: int, prompt_field: str) -> list[SamplingParams]:
         """Check the body against the model and the context, and make one SamplingParams per choice."""
         if body.model is not None and body.model != model_name:
@@ -120,9 +121,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
         try:
             scheduler.check(prompt_len, max_tokens)
         except ValueError as error:
-            raise APIError(400, str(error), prompt_field, "context_length_exceeded") from None
+            code = "context_length_exceeded" if "context length" in str(error) else None
+            raise APIError(400, str(error), prompt_field, code) from None
         return params
+    # --8<-- [end:sampling-params-check]
 
+    # --8<-- [start:collect]
     async def collect(http: HTTPRequest, stream: AsyncIterator) -> list:
         """Gather every output of a non-streamed reply, aborting it if the client disconnects meanwhile."""
         task = asyncio.ensure_future(_gather(stream))
@@ -132,6 +136,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                 task.cancel()  # run_requests' cleanup aborts the requests
                 raise APIError(499, "client disconnected")
         return task.result()
+    # --8<-- [end:collect]
 
     def usage(prompt_tokens: int, finals: dict[int, RequestOutput]) -> dict:
         completion = sum(out.completion_tokens for out in finals.values())

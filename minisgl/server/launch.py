@@ -21,6 +21,7 @@ from .api import create_app
 logger = logging.getLogger(__name__)
 
 
+# --8<-- [start:server]
 class Server:
     def __init__(self, args: ServerArgs):
         self.args = args
@@ -59,6 +60,7 @@ class Server:
         finally:
             self.stop_event.set()
             self.scheduler_thread.join(timeout=10)
+    # --8<-- [end:server]
 
     def start_in_background(self) -> str:
         """Serve on a free port from background threads; returns the base URL. For tests and notebooks."""

@@ -145,3 +145,20 @@ def test_greedy_batching_is_exact_on_the_real_model(real_scheduler, tokenizer, c
         with torch.inference_mode():
             expected = oracle.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt) :]
         assert alone[rid] == [t for t in expected.tolist() if t not in real_scheduler.eos_ids]
+
+
+def test_a_failing_step_fails_its_requests_and_frees_their_slots(tiny_scheduler, collector, monkeypatch):
+    scheduler = tiny_scheduler(slots=2)
+    for rid in ("a", "b"):
+        scheduler.submit(request(rid, 5, collector, max_tokens=4))
+    scheduler.receive(block=False)
+
+    def broken_step(requests, is_prefill):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(scheduler.engine, "step", broken_step)
+    with pytest.raises(RuntimeError) as failure:
+        scheduler.step()
+    scheduler.fail_all(failure.value)  # what run_forever does next
+    assert collector.finish == {"a": "error", "b": "error"}
+    assert scheduler.state()["free_slots"] == 2
