@@ -20,6 +20,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
+        self.num_slots = num_slots
         self.free_slots = list(range(num_slots))
 
     def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,7 +71,7 @@ class Scheduler:
             "running": len(self.running),
             "waiting": len(self.waiting),
             "free_slots": len(self.engine.kv_cache.free_slots),
-            "total_slots": self.max_running_requests,
+            "total_slots": self.engine.kv_cache.num_slots,
             "steps": dict(self.steps),
         }
 
