@@ -1,4 +1,4 @@
-"""``python -m minisgl``: launch the OpenAI-compatible server (chapter 02; chapter 01 generated one reply).
+"""``python -m minisgl``: launch the OpenAI-compatible server (chapter 02; as a process tree since 03).
 
     python -m minisgl --model-path ~/.cache/minisgl/models/SmolLM2-135M-Instruct --port 1919
 """
@@ -12,15 +12,15 @@ from .args import parse_args
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .server.launch import Server  # after logging is set up, so that loading is logged
+    from .server.launch import serve  # after logging is set up, so that start-up is logged
 
     try:
-        server = Server(args)
+        return serve(args)
     except (ValueError, KeyError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    server.serve_forever()
-    return 0
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        return 130
 
 
 if __name__ == "__main__":

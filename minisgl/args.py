@@ -20,12 +20,17 @@ class ServerArgs:
     max_running_requests: int = 32
     context_length: int = 2048
     max_prefill_length: int = 4096
+    num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
     log_level: str = "info"
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_path).name
+
+    def effective_context_length(self, config) -> int:
+        """--context-length, but never beyond what the model was trained for (as the engine does)."""
+        return min(self.context_length, config.max_position_embeddings)
 
 
 HELP = {
@@ -37,6 +42,7 @@ HELP = {
     "max_running_requests": "requests decoded together at most (one KV cache slot each)",
     "context_length": "longest prompt + reply a request may have (the size of a KV cache slot)",
     "max_prefill_length": "prompt tokens in one prefill batch at most (a longer prompt still runs, alone)",
+    "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
     "log_level": "debug, info, warning or error",
 }
@@ -53,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         args.model_path = str(default_model_path())
     if args.device != "auto" and not args.device.split(":")[0] in ("cpu", "cuda"):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.num_tokenizer < 0:
+        parser.error("--num-tokenizer must be 0 or more")
     for name in ("max_running_requests", "context_length", "max_prefill_length"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")

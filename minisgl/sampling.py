@@ -26,7 +26,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0  # 1.0: no limit
     seed: int | None = None
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: whatever the context leaves room for (the tokenizer decides)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
@@ -37,7 +37,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if self.max_tokens <= 0:
+        if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
 # --8<-- [end:sampling-params]
 

@@ -1,6 +1,6 @@
-"""The scheduler: requests, the waiting queue and running set, and the loop (chapter 02)."""
+"""The scheduler: requests, the waiting queue and running set, and the loop (chapter 02; a process in 03)."""
 
-from .request import Request, RequestOutput
+from .request import Request
 from .scheduler import Scheduler
 
-__all__ = ["Request", "RequestOutput", "Scheduler"]
+__all__ = ["Request", "Scheduler"]

@@ -1,16 +1,18 @@
-"""The OpenAI-compatible HTTP API (chapter 02).
+"""The OpenAI-compatible HTTP API (chapter 02; talking to worker processes since chapter 03).
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events
 or not), ``GET /v1/models``, ``GET /health``, ``POST /generate`` (SGLang's native endpoint) and
-``GET /state`` (the scheduler's counts, for tests and dashboards).
+``GET /state`` (the server's counts, for tests and dashboards).
 
-The handlers run on the asyncio event loop; the scheduler runs on its own thread. A handler turns the
-HTTP body into token ids and ``SamplingParams``, submits one ``Request`` per choice (``n``), and reads
-their outputs from an ``asyncio.Queue`` that the scheduler fills with ``call_soon_threadsafe``. If the
-client goes away first, the handler aborts its requests, which frees their KV cache slots.
+The handlers run on the asyncio event loop of the API server process, which no longer holds the model
+or even the tokenizer: a handler checks the body, turns it into one ``TokenizeRequest`` per choice
+(``n``), and reads the outputs through the ``Frontend`` (``frontend.py``). If the client goes away
+first, the frontend aborts its requests, which frees their KV cache slots in the scheduler.
 
-Bad input never reaches the scheduler: it gets an OpenAI-shaped error, ``{"error": {"message", "type",
-"param", "code"}}``, with status 400 (404 for an unknown model), and the server goes on serving.
+Bad input gets an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, with status
+400 (404 for an unknown model), and the server goes on serving. Errors only the tokenizer can see (a
+prompt too long for the context) come back as the request's first output, before any byte of the
+reply is sent, so they too become a plain 400.
 """
 
 import asyncio
@@ -24,8 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..messages import TokenizeRequest, pack_ids
 from ..sampling import SamplingParams
-from ..scheduler import Request, RequestOutput, Scheduler
+from .frontend import Frontend, Output
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields
 
 
@@ -45,37 +48,30 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-# --8<-- [start:run-requests]
-async def run_requests(scheduler: Scheduler, prompt_ids: list[int], params: list[SamplingParams]):
-    """Submit one request per entry of ``params`` and yield ``(choice index, output)`` as they come.
-
-    If the consumer stops early (the client disconnected, or the handler was cancelled), every
-    request still in flight is aborted, so that its KV cache slot is freed.
-    """
-    loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
-    rids = [f"req-{uuid.uuid4().hex[:12]}" for _ in params]
-    for index, (rid, p) in enumerate(zip(rids, params)):
-        # Called on the scheduler's thread: hand the output over to the event loop's thread.
-        def deliver(output: RequestOutput, index=index):
-            loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
-
-        scheduler.submit(Request(rid, prompt_ids, p, deliver))
-    unfinished = set(range(len(params)))
+# --8<-- [start:first-output]
+async def after_first_output(outputs):
+    """Wait for the first output, so that a refused request becomes an HTTP error before the reply
+    starts; then give back an iterator over all of them, the first included."""
     try:
-        while unfinished:
-            index, output = await outputs.get()
-            if output.finish_reason is not None:
-                unfinished.discard(index)
-            yield index, output
-    finally:
-        for index in unfinished:
-            scheduler.abort(rids[index])
-# --8<-- [end:run-requests]
+        first = await outputs.__anext__()
+    except RuntimeError as error:  # the frontend refuses new work: a worker process died
+        raise APIError(503, str(error)) from None
+    refusal = first[1].error
+    if refusal is not None:
+        await outputs.aclose()
+        raise APIError(400, refusal.message, refusal.param, refusal.code)
+
+    async def chained():
+        yield first
+        async for item in outputs:
+            yield item
+
+    return chained()
+# --8<-- [end:first-output]
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda: True) -> FastAPI:
-    app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server")
-    context_length = scheduler.engine.context_length
+def create_app(frontend: Frontend, model_name: str, context_length: int, lifespan=None, is_alive=lambda: True, state=dict) -> FastAPI:
+    app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server", lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
@@ -95,15 +91,13 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
         return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code)
 
     # --8<-- [start:sampling-params-check]
-    def sampling_params(body: SamplingFields, prompt_len: int, prompt_field: str) -> list[SamplingParams]:
-        """Check the body against the model and the context, and make one SamplingParams per choice."""
+    def sampling_params(body: SamplingFields) -> list[SamplingParams]:
+        """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
         if body.model is not None and body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(context_length - prompt_len, 1)  # as much as fits; too long a prompt fails below
         try:
-            params = [
+            return [
                 SamplingParams(
                     temperature=body.temperature,
                     top_k=body.top_k,
@@ -118,12 +112,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
             ]
         except ValueError as error:
             raise APIError(400, str(error), str(error).split()[0]) from None
-        try:
-            scheduler.check(prompt_len, max_tokens)
-        except ValueError as error:
-            code = "context_length_exceeded" if "context length" in str(error) else None
-            raise APIError(400, str(error), prompt_field, code) from None
-        return params
+
+    async def submit(params: list[SamplingParams], **prompt):
+        """One TokenizeRequest per choice, all with the same prompt; returns their outputs' iterator."""
+        base = uuid.uuid4().hex[:16]
+        requests = [TokenizeRequest(f"{base}-{i}", p, **prompt) for i, p in enumerate(params)]
+        return await after_first_output(frontend.generate(requests))
     # --8<-- [end:sampling-params-check]
 
     # --8<-- [start:collect]
@@ -133,18 +127,19 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
         while not task.done():
             await asyncio.wait({task}, timeout=0.5)
             if not task.done() and await http.is_disconnected():
-                task.cancel()  # run_requests' cleanup aborts the requests
+                task.cancel()  # the frontend's cleanup aborts the requests
                 raise APIError(499, "client disconnected")
         return task.result()
     # --8<-- [end:collect]
 
-    def usage(prompt_tokens: int, finals: dict[int, RequestOutput]) -> dict:
+    def usage(finals: dict[int, Output]) -> dict:
+        prompt_tokens = next(iter(finals.values())).prompt_tokens if finals else 0
         completion = sum(out.completion_tokens for out in finals.values())
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
-    def raise_if_failed(output: RequestOutput) -> None:
+    def raise_if_failed(output: Output) -> None:
         if output.finish_reason == "error":
-            raise APIError(500, output.error or "internal error")
+            raise APIError(500, frontend.failure or "internal error in the scheduler")
 
     # --8<-- [start:chat]
     @app.post("/v1/chat/completions")
@@ -152,14 +147,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:  # the template itself refused these messages
-            raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from None
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)  # the template has the special tokens
-        params = sampling_params(body, len(prompt_ids), "messages")
+        params = sampling_params(body)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        outputs = run_requests(scheduler, prompt_ids, params)
+        outputs = await submit(params, messages=messages)
 
         def chunk(index: int, delta: dict, finish_reason=None) -> dict:
             choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -172,7 +162,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                     yield sse(chunk(index, {"role": "assistant", "content": ""}))
                 async for index, out in outputs:
                     if out.finish_reason == "error":
-                        yield sse(error_body(out.error or "internal error", 500))
+                        yield sse(error_body(frontend.failure or "internal error in the scheduler", 500))
                         return
                     if out.finish_reason:
                         finals[index] = out
@@ -180,7 +170,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                         yield sse(chunk(index, {"content": out.text} if out.text else {}, out.finish_reason))
                 if body.include_usage:
                     yield sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                               "model": model_name, "choices": [], "usage": usage(len(prompt_ids), finals)})
+                               "model": model_name, "choices": [], "usage": usage(finals)})
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -196,7 +186,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
             for i in range(len(params))
         ]
         return {"id": reply_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(len(prompt_ids), finals)}
+                "choices": choices, "usage": usage(finals)}
     # --8<-- [end:chat]
 
     @app.post("/v1/completions")
@@ -206,15 +196,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        if isinstance(prompt, list):
-            if any(not 0 <= t < scheduler.engine.config.vocab_size for t in prompt):
-                raise APIError(400, "prompt token ids must be in the vocabulary", "prompt")
-            prompt_ids = prompt
-        else:
-            prompt_ids = tokenizer.encode(prompt)
-        params = sampling_params(body, len(prompt_ids), "prompt")
+        params = sampling_params(body)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        outputs = run_requests(scheduler, prompt_ids, params)
+        if isinstance(prompt, list):
+            outputs = await submit(params, input_ids=pack_ids(prompt))
+        else:
+            outputs = await submit(params, text=prompt)
 
         def choice(index, text, finish_reason) -> dict:
             return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
@@ -224,7 +211,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                 finals = {}
                 async for index, out in outputs:
                     if out.finish_reason == "error":
-                        yield sse(error_body(out.error or "internal error", 500))
+                        yield sse(error_body(frontend.failure or "internal error in the scheduler", 500))
                         return
                     if out.finish_reason:
                         finals[index] = out
@@ -233,7 +220,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                                    "choices": [choice(index, out.text, out.finish_reason)]})
                 if body.include_usage:
                     yield sse({"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
-                               "choices": [], "usage": usage(len(prompt_ids), finals)})
+                               "choices": [], "usage": usage(finals)})
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -246,13 +233,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                 finals[index] = out
         return {"id": reply_id, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [choice(i, texts[i], finals[i].finish_reason) for i in range(len(params))],
-                "usage": usage(len(prompt_ids), finals)}
+                "usage": usage(finals)}
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, http: HTTPRequest):
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", "text")
-        prompt_ids = body.input_ids if body.input_ids is not None else tokenizer.encode(body.text)
         sp = dict(body.sampling_params)
         if "max_new_tokens" in sp:  # SGLang's name
             sp["max_tokens"] = sp.pop("max_new_tokens")
@@ -260,24 +246,27 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
             fields = SamplingFields(**sp, stream=body.stream)
         except Exception as error:
             raise APIError(400, f"bad sampling_params: {error}", "sampling_params") from None
-        params = sampling_params(fields, len(prompt_ids), "text")[:1]
-        outputs = run_requests(scheduler, prompt_ids, params)
+        params = sampling_params(fields)[:1]
+        if body.input_ids is not None:
+            outputs = await submit(params, input_ids=pack_ids(body.input_ids))
+        else:
+            outputs = await submit(params, text=body.text)
 
-        def meta(out: RequestOutput) -> dict:
+        def meta(out: Output) -> dict:
             return {"finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
 
         if body.stream:
             async def events():
                 async for _, out in outputs:
-                    yield sse({"text": out.text, "output_ids": out.token_ids, "meta_info": meta(out)})
+                    yield sse({"text": out.text, "meta_info": meta(out)})
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, ids = "", []
+        text = ""
         for _, out in await collect(http, outputs):
             raise_if_failed(out)
-            text, ids = text + out.text, ids + out.token_ids
-        return {"text": text, "output_ids": ids, "meta_info": meta(out)}
+            text += out.text
+        return {"text": text, "meta_info": meta(out)}
 
     @app.get("/v1/models")
     async def models():
@@ -286,12 +275,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
     @app.get("/health")
     async def health():
         if not is_alive():
-            return JSONResponse(error_body("the scheduler has stopped", 503), status_code=503)
+            return JSONResponse(error_body(frontend.failure or "a worker process has stopped", 503), status_code=503)
         return {"status": "ok"}
 
     @app.get("/state")
-    async def state():
-        return scheduler.state()
+    async def server_state():
+        return state()
 
     return app
 

@@ -1,89 +1,155 @@
-"""Start the engine and the HTTP server in one process (chapter 02).
+"""Launch the server as a tree of processes (chapter 02 ran everything in one; chapter 03 splits it).
 
-The scheduler loop runs on a background thread; uvicorn serves the FastAPI app on the main thread (or,
-in tests, on a second background thread). Both share the ``Scheduler`` object: HTTP handlers call its
-thread-safe ``submit``/``abort``, and everything else happens on the scheduler's thread.
+    python -m minisgl                   # the API server (this process), then, as children:
+      minisgl-scheduler                 # the model, the KV cache, the batching loop
+      minisgl-detokenizer               # token ids -> text (and, with --num-tokenizer 0, text -> ids)
+      minisgl-tokenizer-0 ... N-1       # text -> token ids
+
+Children are started with ``spawn`` (a fresh interpreter: no copy of the parent's threads, sockets or
+CUDA state) and each reports on a multiprocessing queue once it is ready; the server accepts requests
+only when all have. A child that fails to start stops the launch with its error.
+
+While serving, a watchdog thread waits on the children. If one dies, the server says so, fails the
+requests in flight instead of leaving them hanging, shuts down and exits non-zero. On Ctrl-C or
+SIGTERM (uvicorn catches both), the children are stopped and the socket folder is removed.
 """
 
+import asyncio
+import contextlib
 import logging
+import multiprocessing as mp
+import shutil
 import socket
+import sys
+import tempfile
 import threading
+from multiprocessing.connection import wait
 
 import uvicorn
-from transformers import AutoTokenizer
 
 from ..args import ServerArgs
-from ..engine import Engine
-from ..models import resolve_model_path
-from ..scheduler import Scheduler
+from ..ipc import Addresses
+from ..models import ModelConfig, resolve_model_path
+from ..scheduler.worker import run_scheduler
+from ..tokenizer.worker import run_tokenizer_worker
 from .api import create_app
+from .frontend import Frontend
 
 logger = logging.getLogger(__name__)
+READY_TIMEOUT_S = 600
 
 
-# --8<-- [start:server]
-class Server:
-    def __init__(self, args: ServerArgs):
-        self.args = args
-        model_path = resolve_model_path(args.model_path)
-        logger.info("loading %s", model_path)
-        engine = Engine(model_path, args.dtype, args.device, args.max_running_requests, args.context_length)
-        logger.info("model ready on %s in %s; KV cache %.0f MiB", engine.device, engine.dtype, _mib(engine))
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.scheduler = Scheduler(engine, tokenizer, args.max_running_requests, args.max_prefill_length)
-        self.stop_event = threading.Event()
-        self.scheduler_thread = threading.Thread(
-            target=self.scheduler.run_forever, args=(self.stop_event,), name="minisgl-scheduler", daemon=True
-        )
-        self.app = create_app(self.scheduler, tokenizer, args.model_name, self.scheduler_thread.is_alive)
-        self.http: uvicorn.Server | None = None
-        self.http_thread: threading.Thread | None = None
-
-    def _bind(self, port: int) -> socket.socket:
-        # Bound and listening before uvicorn starts: a client that connects early waits in the
-        # backlog instead of being refused, so no one has to poll for readiness.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.args.host, port))
-        sock.listen(128)
-        return sock
-
-    def serve_forever(self) -> None:
-        """Serve until Ctrl-C or SIGTERM (uvicorn handles both), then stop the scheduler."""
-        sock = self._bind(self.args.port)
-        self.scheduler_thread.start()
-        config = uvicorn.Config(self.app, log_level=self.args.log_level, timeout_graceful_shutdown=3)
-        self.http = uvicorn.Server(config)
-        logger.info("serving %s at http://%s:%d", self.args.model_name, self.args.host, self.args.port)
+# --8<-- [start:start-workers]
+def start_workers(args: ServerArgs, addresses: Addresses, counts) -> list:
+    """Start every child process and wait until each says it is ready."""
+    context = mp.get_context("spawn")
+    ready = context.Queue()
+    plan = [(run_scheduler, "minisgl-scheduler", (args, addresses, ready, counts))]
+    plan.append((run_tokenizer_worker, "minisgl-detokenizer", (args, addresses, "minisgl-detokenizer", args.num_tokenizer == 0, True, ready)))
+    for i in range(args.num_tokenizer):
+        name = f"minisgl-tokenizer-{i}"
+        plan.append((run_tokenizer_worker, name, (args, addresses, name, True, False, ready)))
+    processes = [context.Process(target=target, name=name, args=child_args, daemon=True) for target, name, child_args in plan]
+    for process in processes:
+        process.start()
+    waiting = {p.name for p in processes}
+    while waiting:
         try:
-            self.http.run(sockets=[sock])
-        finally:
-            self.stop_event.set()
-            self.scheduler_thread.join(timeout=10)
-    # --8<-- [end:server]
-
-    def start_in_background(self) -> str:
-        """Serve on a free port from background threads; returns the base URL. For tests and notebooks."""
-        sock = self._bind(0)
-        port = sock.getsockname()[1]
-        self.scheduler_thread.start()
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=3)
-        self.http = uvicorn.Server(config)
-        self.http.install_signal_handlers = lambda: None  # not the main thread
-        self.http_thread = threading.Thread(target=self.http.run, kwargs={"sockets": [sock]}, name="minisgl-http", daemon=True)
-        self.http_thread.start()
-        return f"http://{self.args.host}:{port}"
-
-    def stop(self) -> None:
-        if self.http is not None:
-            self.http.should_exit = True
-        if self.http_thread is not None:
-            self.http_thread.join(timeout=10)
-        self.stop_event.set()
-        if self.scheduler_thread.is_alive():
-            self.scheduler_thread.join(timeout=10)
+            name, error = ready.get(timeout=READY_TIMEOUT_S)
+        except Exception:
+            error, name = f"no word from {', '.join(sorted(waiting))} in {READY_TIMEOUT_S}s", None
+        dead = [p.name for p in processes if not p.is_alive() and p.name in waiting]
+        if error is None and dead:
+            error = f"{', '.join(dead)} exited during start-up"
+        if error is not None:
+            stop_workers(processes)
+            raise RuntimeError(f"{name or 'a worker'} failed to start:\n{error}")
+        logger.info("%s is ready", name)
+        waiting.discard(name)
+    return processes
+# --8<-- [end:start-workers]
 
 
-def _mib(engine: Engine) -> float:
-    cache = engine.kv_cache
-    return 2 * cache.k.numel() * cache.k.element_size() / 2**20
+def stop_workers(processes: list, grace_s: float = 3.0) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
+
+
+# --8<-- [start:serve]
+def serve(args: ServerArgs) -> int:
+    """Run the server until Ctrl-C, SIGTERM or the death of a child; returns the exit code."""
+    args.model_path = str(resolve_model_path(args.model_path))
+    config = ModelConfig.from_path(args.model_path)  # fail here, clearly, before starting anything
+    folder = tempfile.mkdtemp(prefix="minisgl-")  # the sockets of this server, and of no other
+    addresses = Addresses.in_folder(folder)
+    counts = mp.get_context("spawn").Array("i", 4, lock=False)  # running, waiting, free slots, slots
+    processes: list = []
+    crashed: list[str] = []
+    stopping = threading.Event()
+
+    def clean_up():
+        stopping.set()
+        stop_workers(processes)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        sock = bind(args.host, args.port)
+        processes += start_workers(args, addresses, counts)
+        frontend = Frontend(addresses)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            receiver = asyncio.create_task(frontend.receive_loop())
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=watch, args=(processes, stopping, crashed, loop, frontend, http), daemon=True).start()
+            logger.info("serving %s at http://%s:%d", args.model_name, args.host, sock.getsockname()[1])
+            yield
+            # Shutting down (Ctrl-C, SIGTERM or a crash). Clean up here, not after run() returns:
+            # uvicorn re-raises the signal that stopped it, and SIGTERM's default action ends the
+            # process on the spot.
+            receiver.cancel()
+            clean_up()
+            logger.info("stopped")
+
+        counts_by_name = lambda: dict(zip(("running", "waiting", "free_slots", "total_slots"), counts[:]))  # noqa: E731
+        app = create_app(frontend, args.model_name, args.effective_context_length(config), lifespan,
+                         is_alive=lambda: not crashed, state=counts_by_name)
+        http = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        http.run(sockets=[sock])
+    except RuntimeError as error:  # a worker failed to start
+        logger.error("%s", error)
+        return 1
+    finally:
+        clean_up()
+    return 1 if crashed else 0
+# --8<-- [end:serve]
+
+
+def watch(processes, stopping: threading.Event, crashed: list, loop, frontend: Frontend, http: uvicorn.Server) -> None:
+    """Wait for any child to exit; unless we are shutting down anyway, that is a crash."""
+    wait([p.sentinel for p in processes])
+    if stopping.is_set():
+        return
+    dead = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if not p.is_alive())
+    logger.error("worker process died: %s; failing requests in flight and shutting down", dead)
+    crashed.append(dead)
+    loop.call_soon_threadsafe(frontend.fail_all, f"a worker process died: {dead}")
+    http.should_exit = True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    # Bound and listening before the workers start: a client that connects early waits in the
+    # backlog instead of being refused. Port 0 picks a free port (the log line says which).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+

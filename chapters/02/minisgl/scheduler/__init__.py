@@ -1,0 +1,6 @@
+"""The scheduler: requests, the waiting queue and running set, and the loop (chapter 02)."""
+
+from .request import Request, RequestOutput
+from .scheduler import Scheduler
+
+__all__ = ["Request", "RequestOutput", "Scheduler"]

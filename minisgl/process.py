@@ -1,0 +1,25 @@
+"""What every child process of the server does first (introduced in chapter 03)."""
+
+import ctypes
+import os
+import signal
+import sys
+
+
+def become_child(name: str) -> None:
+    """Name the process for ps/pstree, ignore Ctrl-C (the API server orchestrates shutdown), and die
+    with the parent even if the parent is killed outright."""
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(name)
+    except ImportError:  # naming is a convenience, not a requirement
+        pass
+    # Ctrl-C in a terminal reaches the whole process group; only the API server should act on it,
+    # and then it stops the children itself, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            sys.exit(1)
