@@ -88,6 +88,7 @@ def serve(args: ServerArgs) -> int:
     config = ModelConfig.from_path(args.model_path)  # fail here, clearly, before starting anything
     folder = tempfile.mkdtemp(prefix="minisgl-")  # the sockets of this server, and of no other
     addresses = Addresses.in_folder(folder)
+    logger.info("sockets in %s", folder)
     counts = mp.get_context("spawn").Array("i", 4, lock=False)  # running, waiting, free slots, slots
     processes: list = []
     crashed: list[str] = []

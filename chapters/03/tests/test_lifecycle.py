@@ -1,0 +1,85 @@
+"""The process tree: named workers, a clean stop on Ctrl-C and SIGTERM, no orphans after a crash,
+and two servers side by side. Pids are checked through /proc, with bounded waits."""
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from processes import is_alive, wait_until_gone
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the process tree from Linux's /proc")
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def socket_folder(server) -> Path:
+    """The server's own socket folder, which it names in its log."""
+    line = next(line for line in server.lines if "sockets in " in line)
+    return Path(line.rsplit("sockets in ", 1)[1].strip())
+
+
+def names(pids):
+    return sorted(Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0] for pid in pids if is_alive(pid))
+
+
+def test_workers_are_named(start_server):
+    server = start_server("--num-tokenizer", "2")
+    try:
+        assert {"minisgl-scheduler", "minisgl-detokenizer", "minisgl-tokenizer-0", "minisgl-tokenizer-1"} <= set(names(server.descendants()))
+        reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "One, two,", "max_tokens": 4}, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_every_child_and_removes_the_sockets(start_server, stop_signal):
+    server = start_server()
+    children, sockets = server.descendants(), socket_folder(server)
+    assert len(children) >= 2 and sorted(p.name for p in sockets.iterdir()) == ["api.ipc", "detokenizer.ipc", "scheduler.ipc", "tokenizer.ipc"]
+    server.process.send_signal(stop_signal)
+    server.process.wait(30)
+    assert wait_until_gone(children) == []
+    assert not sockets.exists()
+
+
+def test_a_dead_scheduler_fails_requests_in_flight_and_the_server_exits(start_server):
+    server = start_server()
+    children = server.descendants()
+    scheduler = next(pid for pid in children if names([pid]) == ["minisgl-scheduler"])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400, "ignore_eos": True}
+    result = {}
+
+    def long_request():
+        result["response"] = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+
+    client = threading.Thread(target=long_request)
+    client.start()
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body | {"stream": True}, timeout=120) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if '"content": "' in line and '"content": ""' not in line)  # generating
+        os.kill(scheduler, signal.SIGKILL)
+        rest = list(lines)
+    client.join(120)
+    assert any('"error"' in line for line in rest)  # the stream ends with an error, it does not hang
+    assert result["response"].status_code == 500 and "died" in result["response"].json()["error"]["message"]
+    assert server.process.wait(30) != 0
+    assert any("worker process died" in line for line in server.lines)
+    assert wait_until_gone(children) == []
+
+
+def test_two_servers_run_side_by_side(start_server):
+    first, second = start_server(), start_server()
+    try:
+        assert first.url != second.url
+        for server in (first, second):
+            reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "The sky is", "max_tokens": 3}, timeout=120)
+            assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+    finally:
+        first.stop()
+        second.stop()
