@@ -145,7 +145,7 @@ class Scheduler:
         # --8<-- [start:ex-step-message]
         if not self.outputs:
             return None
-        new = [r for r, _, _ in self.outputs if not r.announced]
+        new = list({id(r): r for r, _, _ in self.outputs if not r.announced}.values())  # once each
         for request in new:
             request.announced = True
         message = BatchTokenOutput(

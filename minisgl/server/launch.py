@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import queue
 import shutil
 import socket
-import sys
 import tempfile
 import threading
+import time
 from multiprocessing.connection import wait
 
 import uvicorn
@@ -52,18 +53,21 @@ def start_workers(args: ServerArgs, addresses: Addresses, counts) -> list:
     processes = [context.Process(target=target, name=name, args=child_args, daemon=True) for target, name, child_args in plan]
     for process in processes:
         process.start()
-    waiting = {p.name for p in processes}
+    waiting, deadline = {p.name for p in processes}, time.monotonic() + READY_TIMEOUT_S
     while waiting:
         try:
-            name, error = ready.get(timeout=READY_TIMEOUT_S)
-        except Exception:
-            error, name = f"no word from {', '.join(sorted(waiting))} in {READY_TIMEOUT_S}s", None
-        dead = [p.name for p in processes if not p.is_alive() and p.name in waiting]
-        if error is None and dead:
-            error = f"{', '.join(dead)} exited during start-up"
+            name, error = ready.get(timeout=1.0)
+        except queue.Empty:  # no news: check that no one died silently (killed while loading, say)
+            dead = [p for p in processes if p.name in waiting and not p.is_alive()]
+            if dead:
+                name, error = dead[0].name, f"exited during start-up (exit code {dead[0].exitcode})"
+            elif time.monotonic() > deadline:
+                name, error = ", ".join(sorted(waiting)), f"not ready after {READY_TIMEOUT_S}s"
+            else:
+                continue
         if error is not None:
             stop_workers(processes)
-            raise RuntimeError(f"{name or 'a worker'} failed to start:\n{error}")
+            raise RuntimeError(f"{name} failed to start:\n{error}")
         logger.info("%s is ready", name)
         waiting.discard(name)
     return processes
@@ -132,16 +136,21 @@ def serve(args: ServerArgs) -> int:
 # --8<-- [end:serve]
 
 
+# --8<-- [start:watch]
 def watch(processes, stopping: threading.Event, crashed: list, loop, frontend: Frontend, http: uvicorn.Server) -> None:
     """Wait for any child to exit; unless we are shutting down anyway, that is a crash."""
-    wait([p.sentinel for p in processes])
+    ended = wait([p.sentinel for p in processes])
     if stopping.is_set():
         return
-    dead = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if not p.is_alive())
+    gone = [p for p in processes if p.sentinel in ended]
+    for process in gone:
+        process.join(1.0)  # collect it, so that its exit code is known
+    dead = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in gone)
     logger.error("worker process died: %s; failing requests in flight and shutting down", dead)
     crashed.append(dead)
     loop.call_soon_threadsafe(frontend.fail_all, f"a worker process died: {dead}")
     http.should_exit = True
+# --8<-- [end:watch]
 
 
 def bind(host: str, port: int) -> socket.socket:

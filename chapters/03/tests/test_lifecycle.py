@@ -83,3 +83,15 @@ def test_two_servers_run_side_by_side(start_server):
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where --device cuda fails")
+def test_a_worker_that_fails_to_start_stops_the_launch_with_its_error(request):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "minisgl", "--port", "0", "--device", "cuda"],
+        cwd=request.config.minisgl_root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "minisgl-scheduler failed to start" in result.stderr and "CUDA" in result.stderr
