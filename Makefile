@@ -40,6 +40,7 @@ docs: setup
 
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
+	$(PYTHON) benchmarks/serve_workload.py
 
 lock: $(VENV)/.installed
 	$(PYTHON) -m pip freeze --exclude-editable | grep -v -i '^minisgl' | sed -E 's/^(torch==[0-9.]+)\+.*/\1/' > constraints.txt

@@ -1,0 +1,579 @@
+"""Serving throughput: our OpenAI-compatible server under a chat workload, against transformers' static batching.
+
+What it measures, in one run on one machine:
+
+1. **minisgl**: the script starts ``python -m minisgl`` as a subprocess (free port, ``--dtype``,
+   ``--max-running-requests``, ``--context-length``), waits for ``GET /health``, and sends the same
+   workload of chat requests at each ``--concurrency`` (1, 8 and 32 by default): a fixed number of
+   clients, each sending its next request as soon as its last one is answered. Every request streams
+   (server-sent events). Per concurrency it reports
+   - output tokens/s: all generated tokens / wall time from the first request sent to the last one done;
+   - time to first token (TTFT), p50 and p99: from sending a request to its first piece of text;
+   - inter-token latency (ITL), p50: the gaps between successive pieces of text of one request.
+2. **transformers**: ``generate`` on the same prompts, in static batches of ``--batch-size`` (32), the
+   way one would batch without a scheduler. A static batch runs until its longest member is done, so it
+   makes ``max(max_tokens)`` tokens for every member; only each request's own ``max_tokens`` counts as
+   output. TTFT is from the start of a batch's ``generate`` to its first token (a client that sends
+   the next batch when the previous one returns), ITL the time of one decode step.
+
+The workload (``--requests``, 64 by default) is fixed by ``--seed``: questions from a fixed list, each
+after a random amount (0 to ~550 tokens) of context text, so prompts vary in length; ``max_tokens``
+uniform in 16..256. Every request has ``temperature: 0`` and ``ignore_eos: true``, so each one
+generates exactly ``max_tokens`` tokens whatever the model says: two runs do the same work.
+
+Concurrency 1 is one request at a time at single-stream speed; running all 64 would take most of the
+time budget, so ``--c1-requests`` (16 by default) runs only the first requests there. The table says
+how many requests each row ran; tokens/s stays comparable across rows.
+
+The client runs on the same CPU as the server (it has to, in one run); it parses a few hundred small
+events a second, which costs far less than the model.
+
+On a CPU that other work shares, torch's threads wait for each other at the end of every operation
+while the scheduler runs someone else: with a load above the core count a decode step can be several
+times slower with 2 threads than with 1. ``--threads`` sets both engines' thread count alike.
+
+``--chapter`` picks which chapter's package to launch: ``top`` (the default) is the top-level
+``minisgl/``, the newest chapter; ``02`` is the frozen snapshot ``chapters/02/minisgl/``. The server is
+started with its working directory set to the folder that holds that ``minisgl/``, so
+``python -m minisgl`` imports that copy. Several chapters (``--chapter 02 top``) run one after the
+other on the same workload, to compare two stages in one run.
+
+Run it from the repository root:
+
+    python benchmarks/serve_workload.py [--requests 64] [--concurrency 1 8 32] [--chapter top]
+                                        [--max-running-requests 32] [--dtype bfloat16] [--skip-transformers]
+
+The table is printed and written to ``benchmarks/results/serve_workload.md`` (``--output`` to change).
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import httpx
+import psutil
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve_workload.md"
+
+QUESTIONS = [
+    "What is the main idea of the text above, in your own words?",
+    "Explain how a lighthouse keeper might spend a stormy night.",
+    "Write a short poem about the sea.",
+    "List three reasons why people keep gardens.",
+    "How does a bicycle stay upright while moving?",
+    "Describe a busy market in the morning.",
+    "What would you pack for a week-long hike, and why?",
+    "Summarize the history of the town in a few sentences.",
+    "Give advice to someone learning to cook for the first time.",
+    "Why do leaves change colour in autumn?",
+    "Write a letter to a friend about a trip to the mountains.",
+    "What are the pros and cons of living near the coast?",
+    "Tell a short story about a lost cat that finds its way home.",
+    "How would you explain rain to a five-year-old?",
+    "What makes a good teacher?",
+    "Compare trains and buses for travelling between cities.",
+]
+
+# Context text that a prompt may carry before its question: sentences taken in order from a random
+# start, as many as the request draws. Plain prose, so the prompts look like what a chat server sees.
+CONTEXT = [
+    "The town of Eastmere sits where a slow river meets a grey and restless sea.",
+    "Its harbour was dug by hand three hundred years ago, when the fishing fleet outgrew the beach.",
+    "A stone lighthouse stands on the northern breakwater, and its lamp has been lit every night since.",
+    "In summer the streets fill with visitors who come for the cliffs, the smoked fish and the long evenings.",
+    "In winter the wind comes off the water hard enough to lean on, and most shops close early.",
+    "The market opens at dawn on Saturdays, with stalls of bread, cheese, apples and second-hand books.",
+    "Children learn to swim in the tidal pool below the church, which refills twice a day.",
+    "The old railway line was closed decades ago and is now a path for walkers and cyclists.",
+    "Farmers on the hills above the town keep sheep, and their wool was once the town's second trade.",
+    "A small museum in the former customs house tells the story of smugglers, storms and shipwrecks.",
+    "Every autumn the town holds a festival of lanterns, carried down to the harbour after dark.",
+    "The school has one hundred and twenty pupils and a garden where they grow beans and potatoes.",
+    "Older residents remember the great flood, when the river rose over the bridge in a single night.",
+    "Since then a wall of earth and stone has protected the lower streets from high water.",
+    "The library is open four days a week and lends tools as well as books to anyone who asks.",
+    "A ferry crosses to the island twice a day in good weather and not at all when the sea is rough.",
+    "On the island there is a colony of seabirds, a ruined chapel and a single house for the warden.",
+    "Local cooks are proud of a fish stew made with potatoes, leeks, cream and whatever the boats bring in.",
+    "The town council meets in a room above the post office, and anyone may come and speak.",
+    "Many young people leave for the cities, but some come back to open workshops, cafes and boatyards.",
+]
+MAX_CONTEXT_SENTENCES = 30  # about 550 tokens, which leaves room for 256 new tokens in a 1024 context
+
+
+@dataclass
+class Workload:
+    messages: list[list[dict]]  # one chat conversation per request
+    prompt_ids: list[list[int]]  # the same, templated and tokenized the way the server does it
+    max_tokens: list[int]
+
+
+def make_workload(tokenizer, requests: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    messages, prompt_ids, max_tokens = [], [], []
+    for i in range(requests):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        n = rng.randint(0, MAX_CONTEXT_SENTENCES)
+        start = rng.randrange(len(CONTEXT))
+        context = " ".join(CONTEXT[(start + k) % len(CONTEXT)] for k in range(n))
+        text = f"Read this text:\n\n{context}\n\n{question}" if context else question
+        conversation = [{"role": "user", "content": text}]
+        messages.append(conversation)
+        # Exactly what the server's chat endpoint does, so transformers sees the same token ids.
+        templated = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        prompt_ids.append(tokenizer.encode(templated, add_special_tokens=False))
+        max_tokens.append(rng.randint(16, 256))
+    return Workload(messages, prompt_ids, max_tokens)
+
+
+@dataclass
+class RequestResult:
+    sent: float
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each piece of text
+    completion_tokens: int = 0
+
+
+@dataclass
+class Row:
+    engine: str
+    mode: str  # "concurrency 8", "static batch 32"
+    requests: int
+    output_tokens: int
+    wall_s: float
+    ttft: list[float]
+    itl: list[float]
+    load: float  # 1-minute load average when the row started: how busy the machine was
+    cpu_s: float  # CPU seconds the engine (and our client) used for the row
+
+    @property
+    def tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def tok_cpu_s(self) -> float:
+        # Other work on a shared machine stretches wall time much more than CPU time, so tokens per
+        # CPU second compares rows that ran under different loads better than tokens per second.
+        return self.output_tokens / self.cpu_s
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the nearest ranks (numpy's default), q in 0..100."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def cpu_seconds(pid: int, descendants: bool) -> float:
+    """User + system CPU time so far of a process, and of its live descendants if asked."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *(root.children(recursive=True) if descendants else [])]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+# ---------------------------------------------------------------- the server, as a subprocess
+
+
+def chapter_root(chapter: str) -> Path:
+    """The folder whose ``minisgl/`` is that chapter's package (``python -m minisgl`` runs from there)."""
+    if chapter == "top":
+        return REPO_ROOT
+    root = REPO_ROOT / "chapters" / chapter
+    if not (root / "minisgl").is_dir():
+        raise SystemExit(
+            f"chapters/{chapter}/minisgl does not exist: a chapter is frozen there only when the next one "
+            "starts; while it is the newest, its code is the top-level package (--chapter top)"
+        )
+    if not (root / "minisgl" / "server").is_dir():
+        raise SystemExit(f"chapter {chapter} has no HTTP server to benchmark (servers start in chapter 02)")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m minisgl`` in a child process; a context manager that always stops it."""
+
+    def __init__(self, chapter: str, args: argparse.Namespace):
+        self.root = chapter_root(chapter)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable, "-m", "minisgl", "--port", str(self.port), "--dtype", args.dtype,
+            "--max-running-requests", str(args.max_running_requests), "--context-length", str(args.context_length),
+        ]
+        if args.model_path:
+            self.command += ["--model-path", args.model_path]
+        self.health_timeout = args.health_timeout
+        self.threads = args.threads
+        # The server's log goes to a file: a pipe nobody reads would fill up and block the server.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="minisgl-serve-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)  # only the working directory decides which minisgl is imported
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)  # torch reads it for its intra-op thread pool
+        # Its own session: from chapter 03 on the server is a tree of processes, and if it will not stop
+        # on SIGTERM we can still end the whole tree by its process group (the server's pid).
+        self.proc = subprocess.Popen(
+            self.command, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_ready(self) -> None:
+        # Loading the model takes seconds to a minute (more on a busy machine); until then the port is closed.
+        deadline = time.monotonic() + self.health_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the server did not answer /health within {self.health_timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: the server shuts down its threads and child processes itself
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is still there
+        except ProcessLookupError:
+            pass  # the group is gone: the server stopped cleanly
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        return "".join(Path(self.log.name).read_text(errors="replace").splitlines(keepends=True)[-lines:])
+
+
+# ---------------------------------------------------------------- the client
+
+
+async def send_one(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> RequestResult:
+    body = {
+        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    result = RequestResult(sent=time.perf_counter())
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                raise RuntimeError(f"the server failed a request: {event['error']}")
+            if event.get("usage"):
+                result.completion_tokens = event["usage"]["completion_tokens"]
+            # The first event (the assistant role) comes before any token: only text counts as a token's arrival.
+            if any(choice["delta"].get("content") for choice in event.get("choices", [])):
+                result.chunk_times.append(time.perf_counter())
+    return result
+
+
+async def run_concurrency(url: str, model: str, workload: Workload, indices: list[int], concurrency: int, bar: tqdm):
+    """``concurrency`` clients share the requests in order; returns the results and the wall time."""
+    # No connection pool limit below the concurrency, and no read timeout: at concurrency 1 on a busy
+    # machine a request can take a minute.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    timeout = httpx.Timeout(None, connect=30)
+    todo = iter(indices)
+    results: dict[int, RequestResult] = {}
+
+    async def client_loop(client):
+        for i in todo:  # a shared iterator: each client takes the next request when it is free
+            results[i] = await send_one(client, url, model, workload.messages[i], workload.max_tokens[i])
+            bar.update(1)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(min(concurrency, len(indices)))))
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
+    label = "minisgl" if chapter == "top" else f"minisgl ch{chapter}"
+    rows = []
+    with ServerProcess(chapter, args) as server:
+        tqdm.write(f"{label}: server up at {server.url} (log {server.log.name})")
+        model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth.
+        warm = Workload(workload.messages[:4], workload.prompt_ids[:4], [8] * 4)
+        asyncio.run(run_concurrency(server.url, model_name, warm, list(range(4)), 4, tqdm(disable=True)))
+        for concurrency in args.concurrency:
+            n = min(args.c1_requests, args.requests) if concurrency == 1 else args.requests
+            indices = list(range(n))
+            load = os.getloadavg()[0]
+            # The server's tree and this client; not this process's descendants, which include the server.
+            server_and_client = lambda: cpu_seconds(server.proc.pid, True) + cpu_seconds(os.getpid(), False)  # noqa: E731
+            cpu_before = server_and_client()
+            with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
+                results, wall = asyncio.run(run_concurrency(server.url, model_name, workload, indices, concurrency, bar))
+            cpu = server_and_client() - cpu_before
+            for i, r in results.items():
+                if r.completion_tokens != workload.max_tokens[i]:
+                    tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {workload.max_tokens[i]}")
+            ttft = [r.chunk_times[0] - r.sent for r in results.values() if r.chunk_times]
+            itl = [b - a for r in results.values() for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+            tokens = sum(r.completion_tokens for r in results.values())
+            rows.append(Row(label, f"concurrency {concurrency}", n, tokens, wall, ttft, itl, load, cpu))
+    return rows
+
+
+# ---------------------------------------------------------------- transformers, static batches
+
+
+def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) -> tuple[Row, int]:
+    import torch  # here, so that the client above does not pay for it while the server runs
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepTimes(BaseStreamer):
+        """Records when each step's tokens come out: the first ``put`` is the prompt, then one per step."""
+
+        def __init__(self):
+            self.times, self.prompt_seen = [], False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+
+    def generate(indices: list[int], new_tokens: int, streamer=None):
+        # Left padding: every prompt ends at the same position, so the batch's new tokens line up.
+        width = max(len(workload.prompt_ids[i]) for i in indices)
+        ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            prompt = workload.prompt_ids[i]
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        with torch.inference_mode():
+            model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # like ignore_eos: no row may stop early
+                pad_token_id=pad_id, streamer=streamer,
+            )
+
+    generate([0, 1], 4)  # warm-up, not measured
+    batches = [list(range(s, min(s + args.batch_size, args.requests))) for s in range(0, args.requests, args.batch_size)]
+    ttft, itl, useful, computed = [], [], 0, 0
+    load = os.getloadavg()[0]
+    cpu_before = cpu_seconds(os.getpid(), False)
+    start = time.perf_counter()
+    for batch in tqdm(batches, desc=f"transformers batch={args.batch_size}", unit="batch"):
+        longest = max(workload.max_tokens[i] for i in batch)
+        timer, began = StepTimes(), time.perf_counter()
+        generate(batch, longest, timer)
+        for i in batch:
+            own = timer.times[: workload.max_tokens[i]]  # a request is done after its own max_tokens
+            ttft.append(own[0] - began)
+            itl += [b - a for a, b in zip(own, own[1:])]
+            useful += workload.max_tokens[i]
+        computed += longest * len(batch)
+    wall = time.perf_counter() - start
+    cpu = cpu_seconds(os.getpid(), False) - cpu_before
+    return Row("transformers", f"static batch {args.batch_size}", args.requests, useful, wall, ttft, itl, load, cpu), computed
+
+
+# ---------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "minisgl", "chapters"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(args, rows: list[Row], workload: Workload, computed: int | None, loads: tuple, elapsed: float, commit: str) -> str:
+    prompt_lens = [len(p) for p in workload.prompt_ids]
+    c1 = min(args.c1_requests, args.requests)
+    lines = [
+        "# Serving throughput: chat workload, minisgl server vs transformers static batching",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; whole run {elapsed / 60:.1f} min",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores; server and client share them",
+        f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in loads[0])}; "
+        f"after: {' / '.join(f'{x:.2f}' for x in loads[1])}",
+        f"- python {platform.python_version()}, torch {version('torch')}, transformers {version('transformers')}, "
+        f"fastapi {version('fastapi')}, uvicorn {version('uvicorn')}, httpx {version('httpx')}; minisgl commit {commit} (at the start)",
+        f"- server: `python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
+        f"--context-length {args.context_length}`, run from "
+        + ", ".join(f"`{chapter_root(c).relative_to(REPO_ROOT).as_posix()}/`" if c != "top" else "the repository root"
+                    for c in args.chapter)
+        + (f"; OMP_NUM_THREADS={args.threads} for both engines" if args.threads else "; torch's default threads"),
+        f"- workload: {args.requests} chat requests (seed {args.seed}); prompts {min(prompt_lens)}..{max(prompt_lens)} tokens "
+        f"(median {statistics.median(prompt_lens):.0f}); max_tokens {min(workload.max_tokens)}..{max(workload.max_tokens)} "
+        f"(mean {statistics.mean(workload.max_tokens):.0f}, total {sum(workload.max_tokens)}); "
+        "temperature 0, ignore_eos, streamed",
+        f"- command: `{' '.join(['python benchmarks/serve_workload.py', *sys.argv[1:]])}`",
+    ]
+    if 1 in args.concurrency and c1 < args.requests:
+        lines.append(
+            f"- **concurrency 1 ran only the first {c1} of the {args.requests} requests** (`--c1-requests`), "
+            "to keep the run short; the other rows ran all of them"
+        )
+    lines += [
+        "",
+        "| engine | mode | requests | output tokens | wall s | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | CPU s | tok / CPU s | load at start |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.engine} | {r.mode} | {r.requests} | {r.output_tokens} | {r.wall_s:.1f} | {r.tok_s:.1f} | "
+            f"{percentile(r.ttft, 50):.2f} | {percentile(r.ttft, 99):.2f} | {percentile(r.itl, 50) * 1000:.0f} | {r.cpu_s:.0f} | {r.tok_cpu_s:.1f} | {r.load:.2f} |"
+        )
+    hf = next((r for r in rows if r.engine == "transformers"), None)
+    lines.append("")
+    if hf is not None:
+        for engine in dict.fromkeys(r.engine for r in rows if r.engine != "transformers"):
+            ours = [r for r in rows if r.engine == engine]
+            best = max(ours, key=lambda r: int(r.mode.split()[-1]))  # the highest concurrency, 32 by default
+            lines.append(f"**{engine} at {best.mode} / transformers static batch {args.batch_size}: "
+                         f"{best.tok_s / hf.tok_s:.2f}x output tokens/s** ({best.tok_cpu_s / hf.tok_cpu_s:.2f}x per CPU second)")
+        lines += [
+            "",
+            f"transformers computed {computed} tokens for {hf.output_tokens} useful ones "
+            f"({100 * (1 - hf.output_tokens / computed):.0f}% wasted on members already done, waiting for "
+            "the longest of their batch).",
+        ]
+    lines += [
+        "",
+        "output tok/s: generated tokens (each request's own max_tokens) / wall time of the row. TTFT: request sent",
+        "to first text (for transformers: batch start to its first token, all members alike). ITL: gaps between",
+        "successive pieces of streamed text of one request (for transformers: one decode step of the batch).",
+        "CPU s: CPU time of the server's processes and of this client during the row (for transformers: this",
+        "process); tok / CPU s moves less with other work on the machine than tok/s does. Numbers move with the",
+        "machine's load (last column); compare rows of one run, not across runs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=64, help="requests in the workload")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client concurrency levels to run")
+    parser.add_argument("--c1-requests", type=int, default=16, help="at concurrency 1, run only the first N requests")
+    parser.add_argument("--max-running-requests", type=int, default=32, help="passed to the server")
+    parser.add_argument("--context-length", type=int, default=1024, help="passed to the server")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="for both engines")
+    parser.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size")
+    parser.add_argument("--skip-transformers", action="store_true", help="benchmark the server only")
+    parser.add_argument("--chapter", nargs="+", default=["top"],
+                        help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)")
+    parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the workload")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for both engines (OMP_NUM_THREADS for the server); 0: torch's default, "
+                             "one per core. On a machine that others load, 1 thread can be much faster than 2")
+    parser.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for the server to start")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the markdown table")
+    args = parser.parse_args()
+    args.chapter = [c if c == "top" else c.zfill(2) for c in args.chapter]
+    for c in args.chapter:
+        chapter_root(c)  # refuse a bad chapter before anything slow starts
+
+    # SIGTERM (a CI timeout, `kill`) must also run the `finally` that stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
+    from minisgl.default_model import require_default_model
+    from transformers import AutoTokenizer
+
+    model_path = Path(args.model_path) if args.model_path else require_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    workload = make_workload(tokenizer, args.requests, args.seed)
+    too_long = [i for i, (p, m) in enumerate(zip(workload.prompt_ids, workload.max_tokens)) if len(p) + m > args.context_length]
+    if too_long:
+        parser.error(f"requests {too_long} do not fit in --context-length {args.context_length}")
+
+    # Other sessions commit while this runs: the commit at the start is the code the servers load.
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    if load_before[0] > 1.0:
+        print(f"warning: load average is {load_before[0]:.2f} on {os.cpu_count()} cores; results will be noisy", file=sys.stderr)
+    rows, computed = [], None
+    for chapter in args.chapter:
+        rows += bench_server(chapter, args, workload)
+    if not args.skip_transformers:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        hf_row, computed = bench_transformers(args, workload, model_path, pad_id)
+        rows.append(hf_row)
+
+    table = report(args, rows, workload, computed, (load_before, os.getloadavg()), time.perf_counter() - started, commit)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+    print("\n" + table)
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
