@@ -543,7 +543,11 @@ def main():
         chapter_root(c)  # refuse a bad chapter before anything slow starts
 
     # SIGTERM (a CI timeout, `kill`) must also run the `finally` that stops the server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def on_sigterm(*_):
+        print("\nstopped by SIGTERM; stopping the server", file=sys.stderr)  # else the log just ends
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
     from minisgl.default_model import require_default_model
