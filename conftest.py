@@ -1,14 +1,30 @@
-"""Options shared by every chapter's tests (introduced in chapter 01).
+"""Options and markers shared by every chapter's tests (introduced in chapter 01).
 
 - ``--learn`` runs a chapter's tests against the learner's workspace ``learn/NN`` (made by
   ``make learn CHAPTER=NN``) instead of the chapter's reference snapshot; ``--learn=PATH`` names
   another workspace folder (one that contains ``minisgl/``).
 - ``@pytest.mark.exercise("rope")`` ties a test to an exercise, so that ``-k rope`` selects it.
+- ``@pytest.mark.cuda`` and ``@pytest.mark.ranks(n, backend="gloo")`` skip a test, with the reason,
+  on a machine without the GPUs it needs (``tests/kit/gpu_markers.py`` decides).
+- The shared test kit ``tests/kit/`` (the server as a process, the OpenAI contract tests) is importable
+  from every chapter's tests: ``from server_process import ServerProcess``.
 
-Which ``minisgl`` a chapter's tests import is decided by that chapter's own ``conftest.py``.
+Which ``minisgl`` a chapter's tests import is decided by that chapter's own ``conftest.py``; nothing
+here imports it.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# pytest loads this file for every run from the repository root, before any chapter's test modules.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests" / "kit"))
+# The contract's tests run from a chapter's module but live in the kit: have pytest rewrite their asserts
+# too, so that a failure shows the values compared, not a bare AssertionError.
+pytest.register_assert_rewrite("openai_contract")
+
+from gpu_markers import MARKERS, skip_reason  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -21,7 +37,18 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         for mark in item.iter_markers("exercise"):
             item.extra_keyword_matches.update(mark.args)
+
+
+def pytest_runtest_setup(item):
+    reason = skip_reason(item.iter_markers())
+    if reason:
+        pytest.skip(reason)

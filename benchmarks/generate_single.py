@@ -31,6 +31,7 @@ The table is printed and written to ``benchmarks/results/generate_single.md``.
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -45,17 +46,17 @@ from transformers import AutoModelForCausalLM
 
 # Chapter 01's snapshot, not the top level: the top-level package no longer has ``minisgl.generate``.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chapters" / "01"))
-from minisgl.default_model import require_default_model  # noqa: E402
-from minisgl.generate import Generator  # noqa: E402
-from minisgl.sampling import SamplingParams  # noqa: E402
+from minisgl.default_model import require_default_model
+from minisgl.generate import Generator
+from minisgl.sampling import SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
 RESULTS = Path(__file__).resolve().parent / "results" / "generate_single.md"
 
 
-def timed(fn) -> tuple[float, list[int]]:
+def timed(fn, *args) -> tuple[float, list[int]]:
     start = time.perf_counter()
-    tokens = fn()
+    tokens = fn(*args)
     return time.perf_counter() - start, tokens
 
 
@@ -85,8 +86,8 @@ def measure(runners: dict, n: int, repeats: int, bar: tqdm) -> tuple[dict[str, f
     tokens = {}
     for _ in range(repeats):
         for name, run in runners.items():  # alternate engines within a round
-            t_one, _ = timed(lambda: run(1))
-            t_all, tokens[name] = timed(lambda: run(n))
+            t_one, _ = timed(run, 1)
+            t_all, tokens[name] = timed(run, n)
             rates[name].append((n - 1) / (t_all - t_one))
             bar.update(1)
     return {name: statistics.median(r) for name, r in rates.items()}, tokens
@@ -130,8 +131,8 @@ def main():
         bar.set_postfix_str(dtype)
         rates, tokens = measure(
             {
-                "minisgl": lambda n: ours(gen, prompt_ids, n),
-                "transformers": lambda n: theirs(hf, input_ids, n),
+                "minisgl": functools.partial(ours, gen, prompt_ids),
+                "transformers": functools.partial(theirs, hf, input_ids),
             },
             args.new_tokens,
             args.repeats,
@@ -146,13 +147,16 @@ def main():
         "# Single-request decode speed",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads "
-        f"(of {os.cpu_count()} cores)",
-        f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        f"(the run itself adds up to {torch.get_num_threads()})",
+        f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads (of {os.cpu_count()} cores)",
+        (
+            f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+            f"(the run itself adds up to {torch.get_num_threads()})"
+        ),
         f"- torch {torch.__version__}, transformers {transformers.__version__}",
-        f"- model: {model_path.name}; prompt of {rows[0][4]} tokens; {args.new_tokens} new tokens, greedy; "
-        f"median of {args.repeats} repeats after one warm-up",
+        (
+            f"- model: {model_path.name}; prompt of {rows[0][4]} tokens; {args.new_tokens} new tokens, greedy; "
+            f"median of {args.repeats} repeats after one warm-up"
+        ),
         f"- decode tok/s = {args.new_tokens - 1} / (time for {args.new_tokens} new tokens - time for 1)",
         f"- command: `{' '.join(['python benchmarks/generate_single.py', *sys.argv[1:]])}`",
         "",

@@ -3,7 +3,8 @@
 What it measures, in one run on one machine:
 
 1. **minisgl**: the script starts ``python -m minisgl`` as a subprocess (free port, ``--dtype``,
-   ``--max-running-requests``, ``--context-length``), waits for ``GET /health``, and sends the same
+   ``--max-running-requests``, ``--context-length``) with the test kit's ``ServerProcess``
+   (``tests/kit/server_process.py``), waits for the log line that says it is serving, and sends the same
    workload of chat requests at each ``--concurrency`` (1, 8 and 32 by default): a fixed number of
    clients, each sending its next request as soon as its last one is answered. Every request streams
    (server-sent events). Per concurrency it reports
@@ -49,12 +50,12 @@ The table is printed and written to ``benchmarks/results/serve_workload.md`` (``
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,9 @@ import psutil
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit, for its server-process helper
+from server_process import ServerProcess  # noqa: E402
+
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve_workload.md"
 
 QUESTIONS = [
@@ -214,89 +218,33 @@ def chapter_root(chapter: str) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m minisgl`` in a child process; a context manager that always stops it."""
-
-    def __init__(self, chapter: str, args: argparse.Namespace):
-        self.root = chapter_root(chapter)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable, "-m", "minisgl", "--port", str(self.port), "--dtype", args.dtype,
-            "--max-running-requests", str(args.max_running_requests), "--context-length", str(args.context_length),
-        ]
-        if args.model_path:
-            self.command += ["--model-path", args.model_path]
-        self.health_timeout = args.health_timeout
-        self.threads = args.threads
-        # The server's log goes to a file: a pipe nobody reads would fill up and block the server.
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="minisgl-serve-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "ServerProcess":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("PYTHONPATH", None)  # only the working directory decides which minisgl is imported
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)  # torch reads it for its intra-op thread pool
-        # Its own session: from chapter 03 on the server is a tree of processes, and if it will not stop
-        # on SIGTERM we can still end the whole tree by its process group (the server's pid).
-        self.proc = subprocess.Popen(
-            self.command, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def wait_ready(self) -> None:
-        # Loading the model takes seconds to a minute (more on a busy machine); until then the port is closed.
-        deadline = time.monotonic() + self.health_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the server did not answer /health within {self.health_timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the server shuts down its threads and child processes itself
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is still there
-        except ProcessLookupError:
-            pass  # the group is gone: the server stopped cleanly
-        self.proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        return "".join(Path(self.log.name).read_text(errors="replace").splitlines(keepends=True)[-lines:])
+def start_server(chapter: str, args) -> ServerProcess:
+    """That chapter's ``python -m minisgl`` on a free port, with the benchmark's options; its log in a file."""
+    options = [
+        "--dtype", args.dtype, "--max-running-requests", str(args.max_running_requests),
+        "--context-length", str(args.context_length),
+    ]
+    if args.model_path:
+        options += ["--model-path", args.model_path]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch reads it for its intra-op thread pool
+    handle, log = tempfile.mkstemp(prefix="minisgl-serve-", suffix=".log")
+    os.close(handle)  # the kit writes the log there as it reads it
+    # Its own session: from chapter 03 on the server is a tree of processes, and if it will not stop on
+    # Ctrl-C, stop() can still end the whole tree by its process group.
+    return ServerProcess(
+        chapter_root(chapter), *options, env=env, log_path=Path(log), ready_timeout=args.health_timeout,
+        own_session=True,
+    )
 
 
 # ---------------------------------------------------------------- the client
 
 
-async def send_one(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> RequestResult:
+async def send_one(
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int
+) -> RequestResult:
     body = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
         "stream": True, "stream_options": {"include_usage": True},
@@ -346,8 +294,8 @@ async def run_concurrency(url: str, model: str, workload: Workload, indices: lis
 def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
     label = "minisgl" if chapter == "top" else f"minisgl ch{chapter}"
     rows = []
-    with ServerProcess(chapter, args) as server:
-        tqdm.write(f"{label}: server up at {server.url} (log {server.log.name})")
+    with start_server(chapter, args) as server:
+        tqdm.write(f"{label}: server up at {server.url} (log {server.log_path})")
         model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth.
         warm = Workload(workload.messages[:4], workload.prompt_ids[:4], [8] * 4)
@@ -357,16 +305,18 @@ def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
             indices = list(range(n))
             load = os.getloadavg()[0]
             # The server's tree and this client; not this process's descendants, which include the server.
-            server_and_client = lambda: cpu_seconds(server.proc.pid, True) + cpu_seconds(os.getpid(), False)  # noqa: E731
+            server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)
             cpu_before = server_and_client()
             with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
-                results, wall = asyncio.run(run_concurrency(server.url, model_name, workload, indices, concurrency, bar))
+                run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar)
+                results, wall = asyncio.run(run)
             cpu = server_and_client() - cpu_before
             for i, r in results.items():
-                if r.completion_tokens != workload.max_tokens[i]:
-                    tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {workload.max_tokens[i]}")
+                asked = workload.max_tokens[i]
+                if r.completion_tokens != asked:
+                    tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {asked}")
             ttft = [r.chunk_times[0] - r.sent for r in results.values() if r.chunk_times]
-            itl = [b - a for r in results.values() for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+            itl = [b - a for r in results.values() for a, b in itertools.pairwise(r.chunk_times)]
             tokens = sum(r.completion_tokens for r in results.values())
             rows.append(Row(label, f"concurrency {concurrency}", n, tokens, wall, ttft, itl, load, cpu))
     return rows
@@ -415,7 +365,8 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
             )
 
     generate([0, 1], 4)  # warm-up, not measured
-    batches = [list(range(s, min(s + args.batch_size, args.requests))) for s in range(0, args.requests, args.batch_size)]
+    starts = range(0, args.requests, args.batch_size)
+    batches = [list(range(s, min(s + args.batch_size, args.requests))) for s in starts]
     ttft, itl, useful, computed = [], [], 0, 0
     load = os.getloadavg()[0]
     cpu_before = cpu_seconds(os.getpid(), False)
@@ -427,12 +378,13 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
         for i in batch:
             own = timer.times[: workload.max_tokens[i]]  # a request is done after its own max_tokens
             ttft.append(own[0] - began)
-            itl += [b - a for a, b in zip(own, own[1:])]
+            itl += [b - a for a, b in itertools.pairwise(own)]
             useful += workload.max_tokens[i]
         computed += longest * len(batch)
     wall = time.perf_counter() - start
     cpu = cpu_seconds(os.getpid(), False) - cpu_before
-    return Row("transformers", f"static batch {args.batch_size}", args.requests, useful, wall, ttft, itl, load, cpu), computed
+    row = Row("transformers", f"static batch {args.batch_size}", args.requests, useful, wall, ttft, itl, load, cpu)
+    return row, computed
 
 
 # ---------------------------------------------------------------- report
@@ -447,34 +399,58 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "minisgl", "chapters"], cwd=REPO_ROOT, capture_output=True, text=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "minisgl", "chapters"], cwd=REPO_ROOT, capture_output=True, text=True,
+            check=False,  # no answer: no note of uncommitted changes
+        )
         return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def report(args, rows: list[Row], workload: Workload, computed: int | None, loads: tuple, elapsed: float, commit: str) -> str:
+def report(
+    args, rows: list[Row], workload: Workload, computed: int | None, loads: tuple, elapsed: float, commit: str
+) -> str:
     prompt_lens = [len(p) for p in workload.prompt_ids]
+    max_tokens = workload.max_tokens
     c1 = min(args.c1_requests, args.requests)
+    servers = ", ".join(
+        f"`{chapter_root(c).relative_to(REPO_ROOT).as_posix()}/`" if c != "top" else "the repository root"
+        for c in args.chapter
+    )
+    threads = f"; OMP_NUM_THREADS={args.threads} for both engines" if args.threads else "; torch's default threads"
+    columns = [
+        "engine", "mode", "requests", "output tokens", "wall s", "output tok/s", "TTFT p50 s", "TTFT p99 s",
+        "ITL p50 ms", "CPU s", "tok / CPU s", "load at start",
+    ]
     lines = [
         "# Serving throughput: chat workload, minisgl server vs transformers static batching",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; whole run {elapsed / 60:.1f} min",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores; server and client share them",
-        f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in loads[0])}; "
-        f"after: {' / '.join(f'{x:.2f}' for x in loads[1])}",
-        f"- python {platform.python_version()}, torch {version('torch')}, transformers {version('transformers')}, "
-        f"fastapi {version('fastapi')}, uvicorn {version('uvicorn')}, httpx {version('httpx')}; minisgl commit {commit} (at the start)",
-        f"- server: `python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-        f"--context-length {args.context_length}`, run from "
-        + ", ".join(f"`{chapter_root(c).relative_to(REPO_ROOT).as_posix()}/`" if c != "top" else "the repository root"
-                    for c in args.chapter)
-        + (f"; OMP_NUM_THREADS={args.threads} for both engines" if args.threads else "; torch's default threads"),
-        f"- workload: {args.requests} chat requests (seed {args.seed}); prompts {min(prompt_lens)}..{max(prompt_lens)} tokens "
-        f"(median {statistics.median(prompt_lens):.0f}); max_tokens {min(workload.max_tokens)}..{max(workload.max_tokens)} "
-        f"(mean {statistics.mean(workload.max_tokens):.0f}, total {sum(workload.max_tokens)}); "
-        "temperature 0, ignore_eos, streamed",
+        (
+            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in loads[0])}; "
+            f"after: {' / '.join(f'{x:.2f}' for x in loads[1])}"
+        ),
+        (
+            f"- python {platform.python_version()}, torch {version('torch')}, "
+            f"transformers {version('transformers')}, fastapi {version('fastapi')}, uvicorn {version('uvicorn')}, "
+            f"httpx {version('httpx')}; minisgl commit {commit} (at the start)"
+        ),
+        (
+            f"- server: `python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
+            f"--context-length {args.context_length}`, run from {servers}{threads}"
+        ),
+        (
+            f"- workload: {args.requests} chat requests (seed {args.seed}); "
+            f"prompts {min(prompt_lens)}..{max(prompt_lens)} tokens (median {statistics.median(prompt_lens):.0f}); "
+            f"max_tokens {min(max_tokens)}..{max(max_tokens)} "
+            f"(mean {statistics.mean(max_tokens):.0f}, total {sum(max_tokens)}); "
+            "temperature 0, ignore_eos, streamed"
+        ),
         f"- command: `{' '.join(['python benchmarks/serve_workload.py', *sys.argv[1:]])}`",
     ]
     if 1 in args.concurrency and c1 < args.requests:
@@ -484,13 +460,14 @@ def report(args, rows: list[Row], workload: Workload, computed: int | None, load
         )
     lines += [
         "",
-        "| engine | mode | requests | output tokens | wall s | output tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | CPU s | tok / CPU s | load at start |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * (len(columns) - 2),
     ]
     for r in rows:
         lines.append(
             f"| {r.engine} | {r.mode} | {r.requests} | {r.output_tokens} | {r.wall_s:.1f} | {r.tok_s:.1f} | "
-            f"{percentile(r.ttft, 50):.2f} | {percentile(r.ttft, 99):.2f} | {percentile(r.itl, 50) * 1000:.0f} | {r.cpu_s:.0f} | {r.tok_cpu_s:.1f} | {r.load:.2f} |"
+            f"{percentile(r.ttft, 50):.2f} | {percentile(r.ttft, 99):.2f} | {percentile(r.itl, 50) * 1000:.0f} | "
+            f"{r.cpu_s:.0f} | {r.tok_cpu_s:.1f} | {r.load:.2f} |"
         )
     hf = next((r for r in rows if r.engine == "transformers"), None)
     lines.append("")
@@ -498,13 +475,17 @@ def report(args, rows: list[Row], workload: Workload, computed: int | None, load
         for engine in dict.fromkeys(r.engine for r in rows if r.engine != "transformers"):
             ours = [r for r in rows if r.engine == engine]
             best = max(ours, key=lambda r: int(r.mode.split()[-1]))  # the highest concurrency, 32 by default
-            lines.append(f"**{engine} at {best.mode} / transformers static batch {args.batch_size}: "
-                         f"{best.tok_s / hf.tok_s:.2f}x output tokens/s** ({best.tok_cpu_s / hf.tok_cpu_s:.2f}x per CPU second)")
+            lines.append(
+                f"**{engine} at {best.mode} / transformers static batch {args.batch_size}: "
+                f"{best.tok_s / hf.tok_s:.2f}x output tokens/s** ({best.tok_cpu_s / hf.tok_cpu_s:.2f}x per CPU second)"
+            )
         lines += [
             "",
-            f"transformers computed {computed} tokens for {hf.output_tokens} useful ones "
-            f"({100 * (1 - hf.output_tokens / computed):.0f}% wasted on members already done, waiting for "
-            "the longest of their batch).",
+            (
+                f"transformers computed {computed} tokens for {hf.output_tokens} useful ones "
+                f"({100 * (1 - hf.output_tokens / computed):.0f}% wasted on members already done, waiting for "
+                "the longest of their batch)."
+            ),
         ]
     lines += [
         "",
@@ -521,15 +502,19 @@ def report(args, rows: list[Row], workload: Workload, computed: int | None, load
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64, help="requests in the workload")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client concurrency levels to run")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client concurrency levels to run"
+    )
     parser.add_argument("--c1-requests", type=int, default=16, help="at concurrency 1, run only the first N requests")
     parser.add_argument("--max-running-requests", type=int, default=32, help="passed to the server")
     parser.add_argument("--context-length", type=int, default=1024, help="passed to the server")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="for both engines")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size")
     parser.add_argument("--skip-transformers", action="store_true", help="benchmark the server only")
-    parser.add_argument("--chapter", nargs="+", default=["top"],
-                        help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)")
+    parser.add_argument(
+        "--chapter", nargs="+", default=["top"],
+        help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)",
+    )
     parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the workload")
     parser.add_argument("--threads", type=int, default=0,
@@ -550,20 +535,23 @@ def main():
     signal.signal(signal.SIGTERM, on_sigterm)
 
     sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
-    from minisgl.default_model import require_default_model
     from transformers import AutoTokenizer
+
+    from minisgl.default_model import require_default_model
 
     model_path = Path(args.model_path) if args.model_path else require_default_model()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     workload = make_workload(tokenizer, args.requests, args.seed)
-    too_long = [i for i, (p, m) in enumerate(zip(workload.prompt_ids, workload.max_tokens)) if len(p) + m > args.context_length]
+    lengths = [len(p) + m for p, m in zip(workload.prompt_ids, workload.max_tokens)]
+    too_long = [i for i, length in enumerate(lengths) if length > args.context_length]
     if too_long:
         parser.error(f"requests {too_long} do not fit in --context-length {args.context_length}")
 
     # Other sessions commit while this runs: the commit at the start is the code the servers load.
     load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
     if load_before[0] > 1.0:
-        print(f"warning: load average is {load_before[0]:.2f} on {os.cpu_count()} cores; results will be noisy", file=sys.stderr)
+        warning = f"warning: load average is {load_before[0]:.2f} on {os.cpu_count()} cores; results will be noisy"
+        print(warning, file=sys.stderr)
     rows, computed = [], None
     for chapter in args.chapter:
         rows += bench_server(chapter, args, workload)
@@ -572,7 +560,8 @@ def main():
         hf_row, computed = bench_transformers(args, workload, model_path, pad_id)
         rows.append(hf_row)
 
-    table = report(args, rows, workload, computed, (load_before, os.getloadavg()), time.perf_counter() - started, commit)
+    elapsed = time.perf_counter() - started
+    table = report(args, rows, workload, computed, (load_before, os.getloadavg()), elapsed, commit)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print("\n" + table)

@@ -1,4 +1,4 @@
-"""``python -m minisgl``: launch the OpenAI-compatible server (chapter 02; as a process tree since 03).
+"""``python -m minisgl``: launch the OpenAI-compatible server (introduced in chapter 01).
 
     python -m minisgl --model-path ~/.cache/minisgl/models/SmolLM2-135M-Instruct --port 1919
 """

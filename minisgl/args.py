@@ -1,11 +1,10 @@
-"""The server's command line: every option in one dataclass (chapter 02).
+"""The server's command line: every option in one dataclass (introduced in chapter 02).
 
 Option names follow SGLang's and mini-sglang's, so that what you learn here carries over.
 """
 
 import argparse
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from .default_model import default_model_path
 
@@ -22,15 +21,8 @@ class ServerArgs:
     max_prefill_length: int = 4096
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
+    max_request_bytes: int = 1 << 20  # 1 MiB
     log_level: str = "info"
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or Path(self.model_path).name
-
-    def effective_context_length(self, config) -> int:
-        """--context-length, but never beyond what the model was trained for (as the engine does)."""
-        return min(self.context_length, config.max_position_embeddings)
 
 
 HELP = {
@@ -44,6 +36,7 @@ HELP = {
     "max_prefill_length": "prompt tokens in one prefill batch at most (a longer prompt still runs, alone)",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
+    "max_request_bytes": "a request body larger than this is refused with 413 before it is read whole",
     "log_level": "debug, info, warning or error",
 }
 
@@ -53,15 +46,17 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"]}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=HELP[f.name])
+        parser.add_argument(
+            flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=HELP[f.name]
+        )
     args = ServerArgs(**vars(parser.parse_args(argv)))
     if not args.model_path:
         args.model_path = str(default_model_path())
-    if args.device != "auto" and not args.device.split(":")[0] in ("cpu", "cuda"):
+    if args.device != "auto" and args.device.split(":")[0] not in ("cpu", "cuda"):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.num_tokenizer < 0:
         parser.error("--num-tokenizer must be 0 or more")
-    for name in ("max_running_requests", "context_length", "max_prefill_length"):
+    for name in ("max_running_requests", "context_length", "max_prefill_length", "max_request_bytes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return args

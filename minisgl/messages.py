@@ -1,6 +1,6 @@
 """Every message that crosses a process boundary (introduced in chapter 03).
 
-Chapter 03 splits the server into processes that talk over ZMQ sockets:
+The server is a tree of processes that talk over ZMQ sockets:
 
     API server --TokenizeRequest/AbortRequest--> tokenizer --UserRequest/AbortRequest--> scheduler
     scheduler --BatchTokenOutput--> detokenizer --BatchTextOutput--> API server
@@ -14,14 +14,15 @@ the list is a little smaller), copied as one block instead of integer by integer
 into a tensor without a Python loop when a later chapter wants that.
 
 Each socket carries one union of message types; ``tag=True`` puts the type's name in each message so
-the receiver knows which one arrived.
+the receiver knows which one arrived. This module imports no torch (``SamplingParams`` comes from the
+torch-free ``core.py``), so the API server and the tokenizers can encode and decode messages without it.
 """
 
 from array import array
 
 import msgspec
 
-from .sampling import SamplingParams
+from .core import SamplingParams
 
 
 def pack_ids(ids: list[int]) -> bytes:

@@ -1,9 +1,26 @@
-"""What every child process of the server does first (introduced in chapter 03)."""
+"""Starting the server's child processes, and what every child does first (introduced in chapter 03)."""
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
+
+
+def start_child(context, name: str, target: str, *args):
+    """Start ``target`` ("package.module:function") in a fresh ``spawn``ed process named ``name``.
+
+    The target is named by a string, not passed as a function, so that the parent never imports the
+    child's module: the API server would otherwise load torch just to start the scheduler.
+    """
+    process = context.Process(target=run_target, name=name, args=(target, *args), daemon=True)
+    process.start()
+    return process
+
+
+def run_target(target: str, *args) -> None:
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(*args)
 
 
 def become_child(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Choosing the next token of every request in a batch (introduced in chapter 01, batched in 02).
+"""Choosing the next token of every request in a batch (introduced in chapter 01).
 
 Given the logits of each request's last position, sampling
 
@@ -9,37 +9,15 @@ Given the logits of each request's last position, sampling
 3. draws one token from what is left, with the request's own ``torch.Generator`` so that a seed
    replays the same draws whatever else is in the batch.
 
-Chapter 01 did this for one request. Here every request brings its own parameters, and the filtering
-runs on the whole batch at once: sort each row once, then cut by rank (top-k) and by running
-probability (top-p) with per-row thresholds.
+Every request brings its own parameters, and the filtering runs on the whole batch at once: sort each
+row once, then cut by rank (top-k) and by running probability (top-p) with per-row thresholds.
+(``SamplingParams`` itself lives in ``core.py``, which the processes that never sample import without
+torch.)
 """
-
-from dataclasses import dataclass, field
 
 import torch
 
-
-# --8<-- [start:sampling-params]
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0  # 1.0: no limit
-    seed: int | None = None
-    max_tokens: int | None = 256  # None: whatever the context leaves room for (the tokenizer decides)
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
-# --8<-- [end:sampling-params]
+from .core import SamplingParams
 
 
 # --8<-- [start:top-k-top-p]

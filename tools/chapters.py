@@ -1,24 +1,34 @@
-"""Chapter tooling: what each chapter changes, the drift check, freezing a chapter, chapter branches.
+"""Chapter tooling: what each chapter changes, the drift check, carrying fixes, freezing, chapter branches.
 
     python tools/chapters.py diff 01 02          # what chapter 02 changes, as a unified diff
     python tools/chapters.py diff 01 02 --stat   # the same, one line per file
     python tools/chapters.py diff --write        # store each consecutive pair as docs/diffs/NN-MM.diff
     python tools/chapters.py check               # the drift check (tests/test_chapters.py runs it too)
+    python tools/chapters.py carry 01            # carry the fixes made in chapters/01/minisgl to later chapters
+    python tools/chapters.py carry 01 kv_cache.py --base HEAD~1   # the same for a fix committed already
     python tools/chapters.py freeze 02           # before chapter 03 begins: copy minisgl/ to chapters/02/
     python tools/chapters.py branches            # local git branches chapter-01, chapter-02, ...
 
 Every chapter's code is the whole package ``minisgl`` (its "snapshot"): ``chapters/NN/minisgl/`` once
 a later chapter has frozen it, the top-level ``minisgl/`` for the newest chapter. Snapshots are
-copies, so a fix made in one stage must be carried to every later stage that has the same code. The
-drift check keeps the copies honest. Each chapter NN >= 02 lists in ``chapters/NN/changed.txt``
-every file it adds, changes or removes relative to chapter NN-1, one path per line, relative to
-the package folder (``kv_cache.py``, ``layers/attention.py``); ``#`` starts a comment, so a line may
-say why. ``check`` fails, naming the files, when
+copies, so a fix made in one stage must be carried to every later stage that has the same code:
+``carry`` does it (a copy where the later file is still the old version, a three-way merge where the
+later chapter changed it). The drift check keeps the copies honest. Each chapter NN >= 02 lists in
+``chapters/NN/changed.txt`` every file it adds, changes or removes relative to chapter NN-1, one
+path per line, relative to the package folder (``kv_cache.py``, ``layers/attention.py``); a file the
+chapter moves is one line ``old -> new`` (``scheduler/text_stream.py -> tokenizer/text_stream.py``);
+``#`` starts a comment, so a line may say why. ``check`` fails, naming the files, when
 
 - a file that both chapters have differs and is not listed (a fix not carried over, or a change the
   chapter forgot to declare), or a file is added or removed and not listed;
 - a listed file is in fact identical in both chapters (a stale list), or in neither;
+- a listed move ``old -> new`` is not one: ``old`` must exist only in the older chapter, ``new`` only
+  in the newer;
 - a stored ``docs/diffs/NN-MM.diff`` differs from a fresh diff (run ``diff --write`` again).
+
+The diffs detect moved files the way git does: a removed file and an added file that are at least
+half alike are one file renamed, shown as git's rename (``rename from``/``rename to`` and only the
+lines that changed), which ``git apply`` understands.
 
 The book shows each stored diff on the chapter's page ("What changed since the last chapter"). It is
 included with pymdownx.snippets, which would read a line of the diff that looks like a snippet
@@ -28,6 +38,7 @@ escapes such lines the way pymdownx.snippets expects: the page shows them exactl
 
 import argparse
 import difflib
+import itertools
 import os
 import re
 import shutil
@@ -75,48 +86,107 @@ def file_mode(path: Path) -> str:
     return "100755" if os.access(path, os.X_OK) else "100644"
 
 
-def file_diff(rel: str, old: Path | None, new: Path | None) -> list[str]:
-    """The diff of one file, in git's format, so ``git apply`` and diff highlighters understand it.
-
-    ``old`` is None for a file the new chapter adds, ``new`` is None for one it removes.
-    """
-    name = f"minisgl/{rel}"
-    lines = [f"diff --git a/{name} b/{name}\n"]
-    if old is None:
-        lines.append(f"new file mode {file_mode(new)}\n")
-    if new is None:
-        lines.append(f"deleted file mode {file_mode(old)}\n")
+def text_lines(path: Path) -> list[str] | None:
+    """A text file's lines, each with its newline; None for a file that is not UTF-8 text."""
     try:
-        before = old.read_text(encoding="utf-8").splitlines(keepends=True) if old else []
-        after = new.read_text(encoding="utf-8").splitlines(keepends=True) if new else []
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)
     except UnicodeDecodeError:
-        a, b = (f"a/{name}" if old else "/dev/null"), (f"b/{name}" if new else "/dev/null")
-        return lines + [f"Binary files {a} and {b} differ\n"]
-    hunks = difflib.unified_diff(
-        before, after, fromfile=f"a/{name}" if old else "/dev/null", tofile=f"b/{name}" if new else "/dev/null"
-    )
-    for line in hunks:
+        return None
+
+
+def similarity(a: Path, b: Path) -> float:
+    """How alike two files are, from 0 to 1: the share of their lines that match (1 only when equal)."""
+    lines_a, lines_b = text_lines(a), text_lines(b)
+    if lines_a is None or lines_b is None:
+        return float(a.read_bytes() == b.read_bytes())
+    return difflib.SequenceMatcher(None, lines_a, lines_b, autojunk=False).ratio()
+
+
+# A removed file and an added file at least this alike are one file moved: git's default threshold.
+RENAME_THRESHOLD = 0.5
+
+
+def renames(old: Path, new: Path) -> dict[str, str]:
+    """Files moved between two package folders: their path in ``old`` -> their path in ``new``.
+
+    Every file removed in ``new`` is compared with every file added; the most alike pairs are matched
+    first, each file at most once, and only pairs at least ``RENAME_THRESHOLD`` alike count. Empty
+    files are left out: an empty file is exactly like every other one, which says nothing of a move.
+    """
+    status = changed_files(old, new)
+    removed = [rel for rel, s in status.items() if s == "removed" and (old / rel).stat().st_size]
+    added = [rel for rel, s in status.items() if s == "added" and (new / rel).stat().st_size]
+    scored = [(similarity(old / a, new / b), a, b) for a in removed for b in added]
+    found: dict[str, str] = {}
+    for score, a, b in sorted(scored, key=lambda candidate: -candidate[0]):  # stable: ties stay in path order
+        if score >= RENAME_THRESHOLD and a not in found and b not in found.values():
+            found[a] = b
+    return dict(sorted(found.items()))
+
+
+def file_diff(old: Path, new: Path, old_rel: str | None, new_rel: str | None) -> list[str]:
+    """One file's diff between package folders ``old`` and ``new``, in git's format (``git apply`` reads it).
+
+    ``old_rel`` is None for a file the new chapter adds, ``new_rel`` is None for one it removes, and two
+    different paths are a file it moves.
+    """
+    a_name, b_name = f"minisgl/{old_rel or new_rel}", f"minisgl/{new_rel or old_rel}"
+    before_path = old / old_rel if old_rel else None
+    after_path = new / new_rel if new_rel else None
+    lines = [f"diff --git a/{a_name} b/{b_name}\n"]
+    if before_path is None:
+        lines.append(f"new file mode {file_mode(after_path)}\n")
+    elif after_path is None:
+        lines.append(f"deleted file mode {file_mode(before_path)}\n")
+    elif old_rel != new_rel:
+        percent = int(similarity(before_path, after_path) * 100)  # rounded down: 100 only when equal
+        lines += [f"similarity index {percent}%\n", f"rename from {a_name}\n", f"rename to {b_name}\n"]
+        if percent == 100:
+            return lines  # the same content under a new name: nothing more to show (it may not be text)
+    before = text_lines(before_path) if before_path else []
+    after = text_lines(after_path) if after_path else []
+    from_name = f"a/{a_name}" if before_path else "/dev/null"
+    to_name = f"b/{b_name}" if after_path else "/dev/null"
+    if before is None or after is None:
+        return lines + [f"Binary files {from_name} and {to_name} differ\n"]
+    for line in difflib.unified_diff(before, after, fromfile=from_name, tofile=to_name):
         # The last line of a file may lack its newline; say so the way diff and git do.
         lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     return lines
 
 
 def package_diff(old: Path, new: Path) -> str:
-    """The unified diff from package folder ``old`` to ``new``, file by file in path order."""
+    """The unified diff from package folder ``old`` to ``new``, file by file in path order.
+
+    A moved file shows once, as a rename, in the place of its new path.
+    """
+    moved = renames(old, new)
+    moved_from = {new_rel: old_rel for old_rel, new_rel in moved.items()}
     out = []
     for rel, status in changed_files(old, new).items():
-        out += file_diff(rel, None if status == "added" else old / rel, None if status == "removed" else new / rel)
+        if rel in moved_from:
+            out += file_diff(old, new, moved_from[rel], rel)
+        elif status == "added":
+            out += file_diff(old, new, None, rel)
+        elif status == "removed" and rel not in moved:
+            out += file_diff(old, new, rel, None)
+        elif status == "changed":
+            out += file_diff(old, new, rel, rel)
     return "".join(out)
 
 
 def diff_stat(diff: str) -> str:
-    """One line per file (how many lines it adds and removes) and a total, like ``git diff --stat``."""
+    """One line per file (how many lines it adds and removes) and a total, like ``git diff --stat``.
+
+    A moved file is one line ``old => new``.
+    """
     counts: dict[str, list[int]] = {}
     current, in_hunk = None, False
     for line in diff.splitlines():
         if line.startswith("diff --git a/"):
-            current, in_hunk = line.split(" b/", 1)[1], False
-            counts[current] = [0, 0]
+            a_name, b_name = line.removeprefix("diff --git a/").split(" b/", 1)
+            current = a_name if a_name == b_name else f"{a_name} => {b_name}"
+            counts[current], in_hunk = [0, 0], False
         elif line.startswith("@@"):
             in_hunk = True  # before the first hunk come the file names (--- a/..., +++ b/...)
         elif in_hunk and line.startswith("+"):
@@ -138,8 +208,8 @@ def diff_stat(diff: str) -> str:
     return "".join(out)
 
 
-def chapter_package(chapter: str) -> Path:
-    return snapshot_root(chapter) / "minisgl"
+def chapter_package(chapter: str, root: Path = REPO_ROOT) -> Path:
+    return snapshot_root(chapter, root) / "minisgl"
 
 
 def chapter_diff(old: str, new: str) -> str:
@@ -190,7 +260,7 @@ def book_diff(old: str, new: str) -> str:
 
 def consecutive_pairs() -> list[tuple[str, str]]:
     numbers = chapters()
-    return list(zip(numbers, numbers[1:]))
+    return list(itertools.pairwise(numbers))
 
 
 def expected_diff_files() -> dict[str, str]:
@@ -236,7 +306,10 @@ def stored_diff_problems(diffs_dir: Path = DIFFS_DIR) -> list[str]:
 
 
 def read_changed_list(path: Path) -> list[str]:
-    """The paths listed in a changed.txt, in order; ``#`` starts a comment, blank lines are skipped."""
+    """The entries of a changed.txt, in order; ``#`` starts a comment, blank lines are skipped.
+
+    An entry is a path (``kv_cache.py``) or a move (``scheduler/text_stream.py -> tokenizer/text_stream.py``).
+    """
     listed = []
     for line in path.read_text(encoding="utf-8").splitlines():
         entry = line.split("#", 1)[0].strip()
@@ -245,20 +318,61 @@ def read_changed_list(path: Path) -> list[str]:
     return listed
 
 
+MOVE = "->"
+
+
+def entry_paths(entry: str) -> list[str]:
+    """The paths one changed.txt entry names: one, or two (old, new) for a move."""
+    return [part.strip() for part in entry.split(MOVE)]
+
+
+def declared_moves(listed: list[str]) -> dict[str, str]:
+    """The moves a changed.txt declares: old path -> new path."""
+    moves = [entry_paths(entry) for entry in listed if MOVE in entry]
+    return {paths[0]: paths[1] for paths in moves if len(paths) == 2}
+
+
+def move_problem(entry: str, before: dict, after: dict) -> str | None:
+    """What is wrong with a listed move ``old -> new``, or None: old must be gone, new must be new."""
+    paths = entry_paths(entry)
+    if len(paths) != 2 or not all(paths):
+        return f"{entry}: neither a path nor a move `old -> new`"
+    old, new = paths
+    why = []
+    if old not in before:
+        why.append(f"the previous chapter has no {old}")
+    elif old in after:
+        why.append(f"{old} is still here")
+    if new not in after:
+        why.append(f"this chapter has no {new}")
+    elif new in before:
+        why.append(f"the previous chapter has {new} already")
+    return f"{old} -> {new}: listed as a move, but {' and '.join(why)}" if why else None
+
+
 def drift_problems(old: Path, new: Path, listed: list[str]) -> list[str]:
     """Compare two package folders with the list of files the newer one declares as changed.
 
     Returns one message per problem (empty when the list is exactly the set of files that differ).
-    This is the heart of the drift check; it takes plain folders so a test can hand it fake ones.
+    A move ``a -> b`` accounts for ``a`` removed and ``b`` added; it need not be one ``renames``
+    detects (a file moved and mostly rewritten is still moved), and listing ``a`` and ``b`` on lines
+    of their own is fine too. This is the heart of the drift check; it takes plain folders so a test
+    can hand it fake ones.
     """
     problems = []
     actual = changed_files(old, new)
     before, after = package_files(old), package_files(new)
     seen = set()
-    for rel in listed:
-        if rel in seen:
-            problems.append(f"{rel}: listed twice")
-        seen.add(rel)
+    for entry in listed:
+        for rel in entry_paths(entry):
+            if rel in seen:
+                problems.append(f"{rel}: listed twice")
+            seen.add(rel)
+    for entry in listed:
+        if MOVE in entry and (problem := move_problem(entry, before, after)):
+            problems.append(problem)
+    moved = renames(old, new)
+    moved_from = {new_rel: old_rel for old_rel, new_rel in moved.items()}
     for rel, status in actual.items():
         if rel in seen:
             continue
@@ -267,9 +381,13 @@ def drift_problems(old: Path, new: Path, listed: list[str]) -> list[str]:
                 f"{rel}: differs from the previous chapter but is not listed "
                 "(a fix not carried over to this chapter, or a change it forgot to declare)"
             )
+        elif rel in moved or rel in moved_from:
+            a, b = (rel, moved[rel]) if rel in moved else (moved_from[rel], rel)
+            problems.append(f"{rel}: {status} in this chapter but not listed (moved? list `{a} {MOVE} {b}`)")
         else:
             problems.append(f"{rel}: {status} in this chapter but not listed")
-    for rel in sorted(seen - actual.keys()):
+    plain = {entry for entry in listed if MOVE not in entry}
+    for rel in sorted(plain - actual.keys()):
         if rel in before or rel in after:
             problems.append(f"{rel}: listed, but identical in both chapters (a stale list: remove the line)")
         else:
@@ -288,6 +406,103 @@ def check() -> list[str]:
         for problem in drift_problems(chapter_package(old), chapter_package(new), read_changed_list(changed_txt)):
             problems.append(f"chapters/{new}/changed.txt: minisgl/{problem}")
     return problems + stored_diff_problems()
+
+
+# ------------------------------------------------------------------------------------------------
+# Carrying a fix to the later chapters
+# ------------------------------------------------------------------------------------------------
+
+CONFLICT = "conflict"
+
+
+def committed(rev: str, path: str, root: Path = REPO_ROOT) -> bytes | None:
+    """A file's content as committed in ``rev`` (``path`` from the repository root), or None if it has none."""
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def later_copies(chapter: str, rel: str, root: Path = REPO_ROOT) -> list[tuple[str, Path]]:
+    """Where file ``rel`` of chapter's snapshot is in each later chapter: (chapter, path) in order.
+
+    Follows the moves each later chapter declares in its changed.txt. A path may not exist: that
+    chapter removed the file (or moved it without declaring the move).
+    """
+    numbers = chapters(root)
+    copies = []
+    for number in numbers[numbers.index(chapter) + 1 :]:
+        changed_txt = root / "chapters" / number / "changed.txt"
+        if changed_txt.is_file():
+            rel = declared_moves(read_changed_list(changed_txt)).get(rel, rel)
+        copies.append((number, chapter_package(number, root) / rel))
+    return copies
+
+
+def carry_change(base: bytes, fixed: bytes, target: Path) -> str:
+    """Make in ``target`` the change from ``base`` to ``fixed``; returns what happened, in words.
+
+    ``target`` still equal to ``base`` gets ``fixed`` as it is. Otherwise git's three-way merge puts
+    the change into the target's own version; on a conflict the target is left as it was.
+    """
+    current = target.read_bytes()
+    if current == fixed:
+        return "has the change already"
+    if current == base:
+        target.write_bytes(fixed)
+        return "copied (it was the version before the change)"
+    with tempfile.TemporaryDirectory() as tmp:
+        base_file, fixed_file = Path(tmp) / "base", Path(tmp) / "fixed"
+        base_file.write_bytes(base)
+        fixed_file.write_bytes(fixed)
+        command = ["git", "merge-file", "-p", target, base_file, fixed_file]
+        merge = subprocess.run(command, capture_output=True, check=False)
+    if merge.returncode == 0:
+        target.write_bytes(merge.stdout)
+        return "merged into this chapter's version (read the result)"
+    if 0 < merge.returncode < 128:  # git merge-file exits with the number of conflicts
+        return f"{CONFLICT}: the change overlaps this chapter's own edits; left untouched"
+    raise RuntimeError(f"git merge-file failed on {target}: {merge.stderr.decode().strip()}")
+
+
+def carry(
+    chapter: str, files: list[str] | None = None, base: str = "HEAD", root: Path = REPO_ROOT
+) -> tuple[list[str], list[str]]:
+    """Carry the changes made in chapter's snapshot into the same files of every later snapshot.
+
+    ``files`` are paths inside the package; by default every file of ``chapters/NN/minisgl`` that
+    differs from its version in git revision ``base``. That committed version is the merge base:
+    the change from it to the working tree's file is made in each later copy (``carry_change``),
+    following declared moves, and no further than a chapter that removed the file. Returns a line per
+    file and later copy, for printing, and the copies left untouched because of a conflict.
+    """
+    prefix = f"chapters/{chapter}/minisgl/"
+    if not (root / prefix).is_dir():
+        raise ValueError(f"chapter {chapter} has no frozen snapshot ({prefix}): there is no later chapter to carry to")
+    if files is None:
+        changed = git("diff", "--name-only", "--diff-filter=M", base, "--", prefix, root=root)
+        files = [path.removeprefix(prefix) for path in changed.splitlines()]
+    report, conflicts = [], []
+    for rel in files:
+        source = root / prefix / rel
+        before = committed(base, prefix + rel, root)
+        if before is None or not source.is_file():
+            report.append(f"{prefix}{rel}: not in both {base} and the working tree: nothing to carry")
+            continue
+        fixed = source.read_bytes()
+        if fixed == before:
+            report.append(f"{prefix}{rel}: the same as in {base}: nothing to carry")
+            continue
+        report.append(f"{prefix}{rel}: changed since {base}; carrying the change to")
+        for number, target in later_copies(chapter, rel, root):
+            shown = target.relative_to(root).as_posix()
+            if not target.is_file():
+                why = f"removed in chapter {number}, or moved without `old {MOVE} new` in its changed.txt"
+                report.append(f"  {shown}: not there ({why}): carried no further")
+                break
+            outcome = carry_change(before, fixed, target)
+            report.append(f"  {shown}: {outcome}")
+            if outcome.startswith(CONFLICT):
+                conflicts.append(shown)
+    return report, conflicts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +560,7 @@ def freeze(chapter: str, root: Path = REPO_ROOT) -> list[str]:
 
 def git(*args: str, env: dict | None = None, stdin: str | None = None, root: Path = REPO_ROOT, raw=False) -> str:
     """Run git in ``root``; returns its output (stripped, unless ``raw``), or raises RuntimeError."""
-    result = subprocess.run(["git", *args], cwd=root, env=env, input=stdin, capture_output=True, text=True)
+    result = subprocess.run(["git", *args], cwd=root, env=env, input=stdin, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout if raw else result.stdout.strip()
@@ -353,7 +568,8 @@ def git(*args: str, env: dict | None = None, stdin: str | None = None, root: Pat
 
 def in_head(path: str, root: Path = REPO_ROOT) -> bool:
     """Whether HEAD's tree has ``path`` (a file or a folder)."""
-    return subprocess.run(["git", "cat-file", "-e", f"HEAD:{path}"], cwd=root, capture_output=True).returncode == 0
+    found = subprocess.run(["git", "cat-file", "-e", f"HEAD:{path}"], cwd=root, capture_output=True, check=False)
+    return found.returncode == 0
 
 
 def make_branches(root: Path = REPO_ROOT) -> list[str]:
@@ -367,7 +583,8 @@ def make_branches(root: Path = REPO_ROOT) -> list[str]:
     touched, and only committed files count (uncommitted edits are not in the branches).
     """
     head = git("rev-parse", "--verify", "HEAD^{commit}", root=root)
-    current = subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    symbolic_ref = ["git", "symbolic-ref", "-q", "HEAD"]  # fails on a detached HEAD: then no branch is checked out
+    current = subprocess.run(symbolic_ref, cwd=root, capture_output=True, text=True, check=False)
     if current.stdout.strip().startswith("refs/heads/chapter-"):
         raise RuntimeError(f"you are on {current.stdout.strip()[11:]}, a generated branch: switch to main first")
     listing = git("ls-tree", "-d", "--name-only", "HEAD", "chapters/", root=root).splitlines()
@@ -429,6 +646,13 @@ def main() -> None:
 
     commands.add_parser("check", help="fail if a chapter's changed.txt or a stored diff disagrees with the code")
 
+    carry_cmd = commands.add_parser("carry", help="carry fixes made in chapter NN's snapshot into the later chapters")
+    carry_cmd.add_argument("chapter", type=chapter_number, help="the chapter whose snapshot has the fix, e.g. 01")
+    carry_cmd.add_argument(
+        "files", nargs="*", help="paths inside its minisgl/ (default: every file that differs from --base)"
+    )
+    carry_cmd.add_argument("--base", default="HEAD", help="the git revision with the version before the fix")
+
     freeze_cmd = commands.add_parser("freeze", help="copy minisgl/ to chapters/NN/minisgl before chapter NN+1 begins")
     freeze_cmd.add_argument("chapter", type=chapter_number, help="the newest chapter, e.g. 02")
 
@@ -461,6 +685,23 @@ def main() -> None:
         if problems:
             sys.exit("\n".join(["drift check failed:", *problems]))
         print(f"drift check passed: chapters {', '.join(chapters())}; changed.txt lists and docs/diffs are up to date")
+
+    elif args.command == "carry":
+        prefix = f"chapters/{args.chapter}/minisgl/"
+        files = [path.removeprefix(prefix) for path in args.files] or None
+        try:
+            report, conflicts = carry(args.chapter, files, args.base)
+        except (ValueError, RuntimeError) as error:
+            sys.exit(f"error: {error}")
+        print("\n".join(report) if report else f"nothing to carry: {prefix} is as in {args.base}")
+        if conflicts:
+            sys.exit(
+                f"{len(conflicts)} {'copy' if len(conflicts) == 1 else 'copies'} left untouched: make the change "
+                f"by hand in {', '.join(conflicts)} (see it with `git diff {args.base} -- {prefix}`), "
+                "then run `python tools/chapters.py check`"
+            )
+        if report:
+            print("next: `python tools/chapters.py check`, and `diff --write` if it says a stored diff is out of date")
 
     elif args.command == "freeze":
         if args.chapter != chapters()[-1]:

@@ -23,7 +23,8 @@ def run_selected(chapter: str, name: str, learn: Path, report: Path) -> dict[str
     """Run chapter's tests selected by ``-k name`` against workspace ``learn``; returns test id -> passed."""
     command = [sys.executable, "-m", "pytest", f"chapters/{chapter}", "-q", "-p", "no:cacheprovider", "-k", name]
     command += [f"--junitxml={report}", f"--learn={learn}"]
-    subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    # Failing tests are expected (stubs fail); the results come from the junit report, not the exit code.
+    subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     results = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"

@@ -13,15 +13,16 @@ EXERCISE_START = re.compile(r"^(?P<indent>\s*)# --8<-- \[start:ex-(?P<name>[\w-]
 EXERCISE_END = re.compile(r"^\s*# --8<-- \[end:ex-(?P<name>[\w-]+)\]\s*$")
 
 
-def chapters() -> list[str]:
-    """Chapter numbers, in order: "01", "02", ..."""
-    return sorted(p.name for p in CHAPTERS_DIR.iterdir() if p.is_dir() and re.fullmatch(r"\d\d", p.name))
+def chapters(root: Path = REPO_ROOT) -> list[str]:
+    """Chapter numbers, in order: "01", "02", ... (``root`` is the repository, or a test's fake of it)."""
+    chapters_dir = root / "chapters"
+    return sorted(p.name for p in chapters_dir.iterdir() if p.is_dir() and re.fullmatch(r"\d\d", p.name))
 
 
-def snapshot_root(chapter: str) -> Path:
+def snapshot_root(chapter: str, root: Path = REPO_ROOT) -> Path:
     """The folder holding chapter's ``minisgl/``: its frozen copy, or the top level for the newest chapter."""
-    chapter_dir = CHAPTERS_DIR / chapter
-    return chapter_dir if (chapter_dir / "minisgl").is_dir() else REPO_ROOT
+    chapter_dir = root / "chapters" / chapter
+    return chapter_dir if (chapter_dir / "minisgl").is_dir() else root
 
 
 def exercises(package: Path) -> dict[str, Path]:
@@ -49,7 +50,8 @@ def chapter_exercises(chapter: str) -> dict[str, Path]:
     A snapshot also carries the markers of earlier chapters' exercises, in files it did not change;
     those stay solved in this chapter's workspace.
     """
-    return {name: path for name, path in exercises(snapshot_root(chapter) / "minisgl").items() if name in tested_exercises(chapter)}
+    tested = tested_exercises(chapter)
+    return {name: path for name, path in exercises(snapshot_root(chapter) / "minisgl").items() if name in tested}
 
 
 def stub_exercises(source: str, chapter: str, only: set[str] | None = None) -> str:
@@ -64,8 +66,8 @@ def stub_exercises(source: str, chapter: str, only: set[str] | None = None) -> s
             if only is None or match["name"] in only:
                 inside = match["name"]
                 out.append(
-                    f'{match["indent"]}raise NotImplementedError("exercise \'{inside}\' of chapter {chapter} is yours to '
-                    f'write: see the book, chapter {chapter}, section Exercises")\n'
+                    f'{match["indent"]}raise NotImplementedError("exercise \'{inside}\' of chapter {chapter} is yours '
+                    f'to write: see the book, chapter {chapter}, section Exercises")\n'
                 )
             continue
         if inside is not None:

@@ -13,6 +13,7 @@ import time
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellControlSignal, DeadKernelError
 
 from course import CHAPTERS_DIR, chapters
 
@@ -40,7 +41,8 @@ def main() -> None:
     for chapter in args.chapters or chapters():
         try:
             print(f"chapter {chapter} notebook: ran in {run(chapter, args.write):.0f}s", flush=True)
-        except Exception as error:  # a failing cell: report it, go on with the other notebooks
+        except (CellControlSignal, DeadKernelError) as error:
+            # A cell failed, timed out or killed its kernel: report it, go on with the other notebooks.
             print(f"chapter {chapter} notebook: FAILED\n{error}", flush=True)
             failed.append(chapter)
     if failed:

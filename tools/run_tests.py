@@ -2,6 +2,8 @@
 
 Steps, each in its own process (chapters cannot share one: each imports its own ``minisgl``):
 
+- ``lint``: ``ruff check`` of our code (its settings, and the frozen snapshots it leaves out, are in
+  pyproject.toml);
 - ``chapter NN``: ``pytest chapters/NN``, the chapter's tests against its reference snapshot;
 - ``repository``: ``pytest tests``, the top-level package and the repository's own checks;
 - ``notebooks``: every chapter's notebook executed top to bottom;
@@ -12,6 +14,7 @@ Every step runs even when an earlier one fails; the exit code is non-zero if any
 
     python tools/run_tests.py                 # everything
     python tools/run_tests.py 01 book         # only these steps (chapter numbers or step names)
+    python tools/run_tests.py lint            # only the lint; `ruff check --fix` repairs what it can
 """
 
 import os
@@ -29,7 +32,8 @@ ENV = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice abou
 def steps() -> dict[str, list[str]]:
     site = tempfile.mkdtemp(prefix="minisgl-site-")
     pytest = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    found = {f"chapter {c}": pytest + [f"chapters/{c}"] for c in chapters()}
+    found = {"lint": [PYTHON, "-m", "ruff", "check", "minisgl", "tools", "benchmarks", "tests", "chapters"]}
+    found |= {f"chapter {c}": pytest + [f"chapters/{c}"] for c in chapters()}
     found["repository"] = pytest + ["tests"]
     found["notebooks"] = [PYTHON, "tools/run_notebooks.py"]
     found["book"] = [PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", site]
@@ -46,7 +50,7 @@ def main() -> None:
     for name, command in selected.items():
         print(f"\n===== {name}: {' '.join(command[1:])}", flush=True)
         started = time.perf_counter()
-        returncode = subprocess.run(command, cwd=REPO_ROOT, env=ENV).returncode
+        returncode = subprocess.run(command, cwd=REPO_ROOT, env=ENV, check=False).returncode
         results[name] = (returncode == 0, time.perf_counter() - started)
     print("\n===== summary")
     for name, (ok, seconds) in results.items():

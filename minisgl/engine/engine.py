@@ -1,16 +1,21 @@
-"""The engine runs one batch through the model and samples each request's next token (chapter 02).
+"""The engine runs one batch through the model and samples each request's next token (introduced in chapter 02).
 
-It owns what lives on the device: the model's weights and the KV cache. It knows nothing of queues,
-HTTP or text; the scheduler decides *which* requests run, the engine only runs them.
+It owns what lives on the device: the model's weights, the KV cache's tensors and the attention
+backend that reads them. It knows nothing of queues, HTTP or text, nor of who holds which KV cache
+slot: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
+(``core.py``); the engine only runs it.
 """
 
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 
-from ..batch import Batch
+from ..attention import TorchBackend
+from ..core import Batch
+from ..kv_cache import KVCache
 from ..models import load_model
-from ..sampling import sample
+from ..sampling import make_generator, sample
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -30,21 +35,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, model_path: str | Path, dtype: str, device: str, num_slots: int, context_length: int | None):
+    def __init__(self, model_path: str | Path, dtype: str, device: str, num_slots: int, context_length: int):
+        """``context_length``: the longest prompt + reply a slot holds (``config.py`` clamps it to the model's)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
-        self.config = self.model.config
-        # A slot holds a whole sequence: prompt and reply together may not be longer than this.
-        self.context_length = min(context_length or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        self.kv_cache = self.model.new_kv_cache(num_slots, self.context_length)
+        self.config = c = self.model.config
+        if context_length > c.max_position_embeddings:
+            raise ValueError(f"context_length {context_length} is more than the model's {c.max_position_embeddings}")
+        self.context_length = context_length
+        self.kv_cache = KVCache(
+            c.num_layers, num_slots, context_length, c.num_kv_heads, c.head_dim, self.dtype, self.device
+        )
+        self.attention = TorchBackend(self.kv_cache)
+
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        """A request's own random stream, on the device that samples."""
+        return make_generator(seed, self.device)
 
     # --8<-- [start:engine-step]
     @torch.inference_mode()
-    def step(self, requests: list, is_prefill: bool) -> list[int]:
-        """Run the uncached tokens of ``requests`` and return the next token of each."""
-        batch = Batch.build(is_prefill, requests, self.device)
-        hidden = self.model(batch, self.kv_cache)
-        logits = self.model.logits(hidden[batch.last_token])  # only each request's last token is sampled
+    def step(self, batch: Batch) -> list[int]:
+        """Run the batch's new tokens and return the next token of each of its requests."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        self.attention.prepare(batch)  # once per batch; every layer reuses it
+        hidden = self.model(as_tensor(batch.input_ids), as_tensor(batch.positions), self.attention)
+        last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
+        logits = self.model.logits(hidden[last_tokens])  # only those are sampled
+        requests = batch.requests
         return sample(logits, [r.params for r in requests], [r.generator for r in requests])
     # --8<-- [end:engine-step]

@@ -9,19 +9,6 @@ from .decoder import CausalLM
 from .weights import load_weights
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local folder as it is; a hub id such as ``Qwen/Qwen3-0.6B`` is downloaded first (config,
-    tokenizer and safetensors only) into the Hugging Face cache, where a hub can be reached."""
-    path = Path(name_or_path).expanduser()
-    looks_like_hub_id = not path.exists() and not path.is_absolute() and str(name_or_path).count("/") == 1
-    if not looks_like_hub_id:
-        return path
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
-    return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
-
-
 def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> CausalLM:
     """Build the model for ``model_path``'s config and fill it with the checkpoint's weights."""
     config = ModelConfig.from_path(model_path)
@@ -35,4 +22,4 @@ def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, devic
     return model.eval()
 
 
-__all__ = ["CausalLM", "ModelConfig", "load_model", "load_weights", "resolve_model_path"]
+__all__ = ["CausalLM", "ModelConfig", "load_model", "load_weights"]

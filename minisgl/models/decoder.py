@@ -7,15 +7,14 @@ layer is pre-norm:
     x = x + mlp(rms_norm(x))
 
 Activations are plain [tokens, hidden] matrices with no batch dimension: a batch of requests is laid
-end to end (chapter 02), and only attention looks at the ``Batch`` to see which tokens belong together.
+end to end, and only the attention backend knows which tokens belong together.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch import Batch
-from ..kv_cache import KVCache
+from ..attention import AttentionBackend
 from ..layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
 from .config import ModelConfig
 
@@ -38,8 +37,8 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     # --8<-- [start:layer-forward]
-    def forward(self, x, cos, sin, kv_cache: KVCache, batch: Batch) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, kv_cache, batch)
+    def forward(self, x, cos, sin, attention: AttentionBackend) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, attention)
         return x + self.mlp(self.post_attn_norm(x))
     # --8<-- [end:layer-forward]
 
@@ -53,20 +52,24 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Small models reuse the embedding matrix as the output projection ("tied" embeddings).
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
     # --8<-- [end:model-init]
 
     # --8<-- [start:model-forward]
-    def forward(self, batch: Batch, kv_cache: KVCache) -> torch.Tensor:
-        """Run the batch's new tokens and return their final hidden states [tokens, hidden].
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """Run a batch's new tokens (``input_ids`` and ``positions``, [tokens] each, requests end to end) and
+        return their final hidden states [tokens, hidden].
 
-        Their keys and values are written into ``kv_cache``; each request's earlier tokens must be there already.
+        ``attention`` has been prepared for this batch: it writes the new keys and values into the KV cache,
+        where each request's earlier tokens must be already.
         """
-        cos, sin = self.rotary(batch.positions)  # computed once, shared by every layer
-        x = self.embed(batch.input_ids)
+        cos, sin = self.rotary(positions)  # computed once, shared by every layer
+        x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, batch)
+            x = layer(x, cos, sin, attention)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,3 @@ class CausalLM(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
     # --8<-- [end:model-forward]
-
-    def new_kv_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
-        c, weight = self.config, self.embed.weight
-        return KVCache(c.num_layers, num_slots, max_seq_len, c.num_kv_heads, c.head_dim, weight.dtype, weight.device)

@@ -1,6 +1,5 @@
-"""The scheduler: requests, the waiting queue and running set, and the loop (chapter 02; a process in 03)."""
+"""The scheduler: the waiting queue and running set, KV cache slots, and the loop (introduced in chapter 02)."""
 
-from .request import Request
 from .scheduler import Scheduler
 
-__all__ = ["Request", "Scheduler"]
+__all__ = ["Scheduler"]

@@ -1,4 +1,4 @@
-"""The scheduler loop: continuous batching (chapter 02), in a process of its own (chapter 03).
+"""The scheduler loop: continuous batching (introduced in chapter 02).
 
 The scheduler keeps two collections and runs one step at a time:
 
@@ -10,7 +10,7 @@ one is waiting for admission, **decodes** one token for every running request. A
 finishes leaves the running set and frees its slot at once, so the next waiting request can join at
 the very next step: the batch stays full. This is *continuous batching*.
 
-Since chapter 03 the scheduler is a process that speaks only in messages: ``UserRequest`` and
+The scheduler runs in a process of its own and speaks only in messages: ``UserRequest`` and
 ``AbortRequest`` come in (``handle``), and every step goes out as one ``BatchTokenOutput`` holding the
 new token of every request it touched. It deals in token ids only; text is the detokenizer's job.
 """
@@ -19,10 +19,10 @@ import logging
 import time
 from collections import OrderedDict, deque
 
+from ..core import Batch, Request
 from ..engine import Engine
 from ..messages import AbortRequest, BatchTokenOutput, NewRequestInfo, UserRequest, pack_ids, unpack_ids
-from ..sampling import make_generator
-from .request import Request
+from .slots import SlotAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, engine: Engine, max_running_requests: int, max_prefill_length: int, eos_ids: set[int]):
         self.engine = engine
+        if engine.kv_cache.num_slots < max_running_requests:
+            raise ValueError(f"the KV cache has {engine.kv_cache.num_slots} slots, fewer than {max_running_requests}")
+        self.slots = SlotAllocator(max_running_requests)  # which KV cache slot is whose: ours to decide
         self.max_running_requests = max_running_requests
         self.max_prefill_length = max_prefill_length
         self.eos_ids = eos_ids
@@ -46,8 +49,8 @@ class Scheduler:
         return {
             "running": len(self.running),
             "waiting": len(self.waiting),
-            "free_slots": len(self.engine.kv_cache.free_slots),
-            "total_slots": self.engine.kv_cache.num_slots,
+            "free_slots": self.slots.num_free,
+            "total_slots": self.slots.num_slots,
             "steps": dict(self.steps),
         }
 
@@ -74,7 +77,7 @@ class Scheduler:
         self.running += admitted  # before the forward pass: if it fails, fail_all must find them
         batch = admitted or list(self.running)  # a copy: finishing a request removes it from running
         if batch:
-            next_tokens = self.engine.step(batch, is_prefill=bool(admitted))
+            next_tokens = self.engine.step(Batch(batch, is_prefill=bool(admitted)))
             self.steps["prefill" if admitted else "decode"] += 1
             for request, token in zip(batch, next_tokens):
                 request.cached_len = request.seq_len  # everything it had is in the cache now
@@ -87,14 +90,13 @@ class Scheduler:
         """Take waiting requests, oldest first, while a slot is free, the running set has room, and the
         prefill batch stays within ``max_prefill_length`` tokens (one request is always let in)."""
         admitted, budget = [], self.max_prefill_length
-        free_slots = self.engine.kv_cache.free_slots
-        while self.waiting and free_slots and len(self.running) + len(admitted) < self.max_running_requests:
+        while self.waiting and self.slots.num_free and len(self.running) + len(admitted) < self.max_running_requests:
             request = self.waiting[0]
             if admitted and len(request.prompt_ids) > budget:
                 break  # it goes first in a later prefill; never skip ahead of it
             self.waiting.popleft()
-            request.slot = self.engine.kv_cache.allocate()
-            request.generator = make_generator(request.params.seed, self.engine.device)
+            request.slot = self.slots.allocate()
+            request.generator = self.engine.new_generator(request.params.seed)
             budget -= len(request.prompt_ids)
             admitted.append(request)
         return admitted
@@ -120,7 +122,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         if request.slot is not None:
-            self.engine.kv_cache.free(request.slot)
+            self.slots.free(request.slot)
             request.slot = None
         self.outputs.append((request, token, reason))
 

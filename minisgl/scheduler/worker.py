@@ -1,13 +1,12 @@
-"""The scheduler process (chapter 03): the model, the KV cache and the loop, behind two sockets."""
+"""The scheduler process (introduced in chapter 03): the model, the KV cache and the loop, behind two sockets."""
 
 import logging
 import traceback
 
 import torch
 import zmq
-from transformers import AutoTokenizer
 
-from ..args import ServerArgs
+from ..config import ServerConfig
 from ..engine import Engine
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
 from ..messages import ToScheduler, decoder, encode
@@ -18,16 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 # --8<-- [start:run-scheduler]
-def run_scheduler(args: ServerArgs, addresses: Addresses, ready, counts) -> None:
+def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts) -> None:
     """``counts`` is a shared array the API server reads for /state: running, waiting, free slots, slots."""
-    name = "minisgl-scheduler"
+    name, args = "minisgl-scheduler", config.args
     become_child(name)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     try:
-        engine = Engine(args.model_path, args.dtype, args.device, args.max_running_requests, args.context_length)
-        eos_token_id = AutoTokenizer.from_pretrained(args.model_path).eos_token_id
-        eos_ids = set(engine.config.eos_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
-        scheduler = Scheduler(engine, args.max_running_requests, args.max_prefill_length, eos_ids)
+        slots = args.max_running_requests
+        engine = Engine(config.model_path, args.dtype, args.device, slots, config.context_length)
+        scheduler = Scheduler(engine, slots, args.max_prefill_length, set(config.eos_token_ids))
         context = zmq.Context()
         inbox = pull_socket(context, addresses.scheduler)
         to_detokenizer = push_socket(context, addresses.detokenizer)
@@ -36,11 +34,11 @@ def run_scheduler(args: ServerArgs, addresses: Addresses, ready, counts) -> None
         ready.put((name, traceback.format_exc()))
         return
     ready.put((name, None))
-    logger.info("ready on %s in %s: %d slots of %d tokens", engine.device, engine.dtype, args.max_running_requests, engine.context_length)
+    logger.info("ready on %s in %s: %d slots of %d tokens", engine.device, engine.dtype, slots, config.context_length)
     with torch.inference_mode():
         while True:
             idle = not scheduler.waiting and not scheduler.running
-            counts[:] = [len(scheduler.running), len(scheduler.waiting), len(engine.kv_cache.free_slots), engine.kv_cache.num_slots]
+            counts[:] = [len(scheduler.running), len(scheduler.waiting), scheduler.slots.num_free, slots]
             for message in receive_all(inbox, messages, timeout_ms=None if idle else 0):
                 scheduler.handle(message)
             try:

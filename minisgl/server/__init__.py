@@ -1,1 +1,1 @@
-"""The HTTP server: an OpenAI-compatible API in front of the scheduler (chapter 02)."""
+"""The HTTP server: an OpenAI-compatible API in front of the scheduler (introduced in chapter 02)."""

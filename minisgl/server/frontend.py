@@ -1,10 +1,13 @@
-"""The API server's side of the sockets (chapter 03).
+"""The API server's side of the sockets, and the state of the server as the API sees it (introduced in chapter 03).
 
 HTTP handlers run on the asyncio event loop. ``Frontend.generate`` sends a ``TokenizeRequest`` per
 choice to the tokenizer workers and yields the outputs that the detokenizer sends back. One task,
 ``receive_loop``, reads the API server's socket and hands each output to the queue of the request it
 belongs to. If the client goes away first, the handler sends an ``AbortRequest``, which frees the
 request's KV cache slot in the scheduler.
+
+The frontend also owns what the API reports about the server: whether a worker process died (then
+every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts.
 """
 
 import asyncio
@@ -19,6 +22,12 @@ from ..messages import AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 
+COUNTS = ("running", "waiting", "free_slots", "total_slots")  # what the scheduler publishes, in this order
+
+
+class WorkersDown(Exception):
+    """A worker process died: the server cannot run requests any more."""
+
 
 @dataclass
 class Output:
@@ -30,13 +39,18 @@ class Output:
 
 
 class Frontend:
-    def __init__(self, addresses: Addresses):
+    def __init__(self, addresses: Addresses, counts=None):
+        """``counts``: the shared array the scheduler writes its ``COUNTS`` into (None in tests)."""
         self.context = zmq.asyncio.Context()
         self.to_tokenizers = push_socket(self.context, addresses.tokenizer, bind=True)
         self.inbox = pull_socket(self.context, addresses.api_server)
         # uid -> (the queue of the HTTP request it belongs to, its choice index there)
         self.routes: dict[str, tuple[asyncio.Queue, int]] = {}
         self.failure: str | None = None  # set when a worker process died: every request fails
+        self.counts = counts
+
+    def state(self) -> dict:
+        return dict(zip(COUNTS, self.counts[:])) if self.counts is not None else {}
 
     # --8<-- [start:receive-loop]
     async def receive_loop(self) -> None:
@@ -47,7 +61,9 @@ class Frontend:
                 self.deliver(message.uid, Output("", "error", error=message))
                 continue
             for i, uid in enumerate(message.uids):
-                self.deliver(uid, Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i], message.completion_tokens[i]))
+                output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
+                                message.completion_tokens[i])
+                self.deliver(uid, output)
 
     def deliver(self, uid: str, output: Output) -> None:
         route = self.routes.get(uid)
@@ -67,7 +83,7 @@ class Frontend:
         """Send one request per choice and yield ``(choice index, Output)`` as outputs arrive. When the
         consumer stops early (the client disconnected), every unfinished request is aborted."""
         if self.failure:
-            raise RuntimeError(self.failure)
+            raise WorkersDown(self.failure)
         outputs: asyncio.Queue = asyncio.Queue()
         for index, request in enumerate(requests):
             self.routes[request.uid] = (outputs, index)

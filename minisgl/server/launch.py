@@ -1,4 +1,4 @@
-"""Launch the server as a tree of processes (chapter 02 ran everything in one; chapter 03 splits it).
+"""Launch the server as a tree of processes (introduced in chapter 02).
 
     python -m minisgl                   # the API server (this process), then, as children:
       minisgl-scheduler                 # the model, the KV cache, the batching loop
@@ -29,30 +29,32 @@ from multiprocessing.connection import wait
 import uvicorn
 
 from ..args import ServerArgs
+from ..config import ServerConfig, resolve_config
 from ..ipc import Addresses
-from ..models import ModelConfig, resolve_model_path
-from ..scheduler.worker import run_scheduler
-from ..tokenizer.worker import run_tokenizer_worker
+from ..process import start_child
 from .api import create_app
-from .frontend import Frontend
+from .frontend import COUNTS, Frontend
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600
 
 
 # --8<-- [start:start-workers]
-def start_workers(args: ServerArgs, addresses: Addresses, counts) -> list:
+def start_workers(config: ServerConfig, addresses: Addresses, counts) -> list:
     """Start every child process and wait until each says it is ready."""
     context = mp.get_context("spawn")
     ready = context.Queue()
-    plan = [(run_scheduler, "minisgl-scheduler", (args, addresses, ready, counts))]
-    plan.append((run_tokenizer_worker, "minisgl-detokenizer", (args, addresses, "minisgl-detokenizer", args.num_tokenizer == 0, True, ready)))
-    for i in range(args.num_tokenizer):
+    # Targets are named, not imported: this process must not load the scheduler's torch.
+    scheduler, tokenizer = "minisgl.scheduler.worker:run_scheduler", "minisgl.tokenizer.worker:run_tokenizer_worker"
+    tokenizes_too = config.args.num_tokenizer == 0
+    processes = [
+        start_child(context, "minisgl-scheduler", scheduler, config, addresses, ready, counts),
+        start_child(context, "minisgl-detokenizer", tokenizer, config, addresses, "minisgl-detokenizer", tokenizes_too,
+                    True, ready),
+    ]
+    for i in range(config.args.num_tokenizer):
         name = f"minisgl-tokenizer-{i}"
-        plan.append((run_tokenizer_worker, name, (args, addresses, name, True, False, ready)))
-    processes = [context.Process(target=target, name=name, args=child_args, daemon=True) for target, name, child_args in plan]
-    for process in processes:
-        process.start()
+        processes.append(start_child(context, name, tokenizer, config, addresses, name, True, False, ready))
     waiting, deadline = {p.name for p in processes}, time.monotonic() + READY_TIMEOUT_S
     while waiting:
         try:
@@ -88,12 +90,11 @@ def stop_workers(processes: list, grace_s: float = 3.0) -> None:
 # --8<-- [start:serve]
 def serve(args: ServerArgs) -> int:
     """Run the server until Ctrl-C, SIGTERM or the death of a child; returns the exit code."""
-    args.model_path = str(resolve_model_path(args.model_path))
-    config = ModelConfig.from_path(args.model_path)  # fail here, clearly, before starting anything
+    config = resolve_config(args)  # every start-up fact, once; and a bad model folder fails here, clearly
     folder = tempfile.mkdtemp(prefix="minisgl-")  # the sockets of this server, and of no other
     addresses = Addresses.in_folder(folder)
     logger.info("sockets in %s", folder)
-    counts = mp.get_context("spawn").Array("i", 4, lock=False)  # running, waiting, free slots, slots
+    counts = mp.get_context("spawn").Array("i", len(COUNTS), lock=False)  # the scheduler writes, /state reads
     processes: list = []
     crashed: list[str] = []
     stopping = threading.Event()
@@ -105,15 +106,16 @@ def serve(args: ServerArgs) -> int:
 
     try:
         sock = bind(args.host, args.port)
-        processes += start_workers(args, addresses, counts)
-        frontend = Frontend(addresses)
+        processes += start_workers(config, addresses, counts)
+        frontend = Frontend(addresses, counts)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
             receiver = asyncio.create_task(frontend.receive_loop())
             loop = asyncio.get_running_loop()
-            threading.Thread(target=watch, args=(processes, stopping, crashed, loop, frontend, http), daemon=True).start()
-            logger.info("serving %s at http://%s:%d", args.model_name, args.host, sock.getsockname()[1])
+            watchdog_args = (processes, stopping, crashed, loop, frontend, http)
+            threading.Thread(target=watch, args=watchdog_args, daemon=True).start()
+            logger.info("serving %s at http://%s:%d", config.model_name, args.host, sock.getsockname()[1])
             yield
             # Shutting down (Ctrl-C, SIGTERM or a crash). Clean up here, not after run() returns:
             # uvicorn re-raises the signal that stopped it, and SIGTERM's default action ends the
@@ -122,9 +124,7 @@ def serve(args: ServerArgs) -> int:
             clean_up()
             logger.info("stopped")
 
-        counts_by_name = lambda: dict(zip(("running", "waiting", "free_slots", "total_slots"), counts[:]))  # noqa: E731
-        app = create_app(frontend, args.model_name, args.effective_context_length(config), lifespan,
-                         is_alive=lambda: not crashed, state=counts_by_name)
+        app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan)
         http = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
         http.run(sockets=[sock])
     except RuntimeError as error:  # a worker failed to start

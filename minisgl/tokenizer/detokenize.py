@@ -1,4 +1,4 @@
-"""Turning the scheduler's tokens back into text, in the detokenizer worker (chapter 03).
+"""Turning the scheduler's tokens back into text, in the detokenizer worker (introduced in chapter 03).
 
 The scheduler sends one message per step with the new token of every running request. For each, the
 detokenizer keeps a ``TextStream`` (incremental, UTF-8 safe, holding back what may start a stop

@@ -1,4 +1,4 @@
-"""Turning a request's text into token ids, in a tokenizer worker (chapter 03).
+"""Turning a request's text into token ids, in a tokenizer worker (introduced in chapter 03).
 
 Chat messages go through the model's chat template; a raw prompt is encoded as it is. Here, where the
 prompt's length is first known, we also check that prompt plus reply fit in the context, and fill in
@@ -9,16 +9,22 @@ from ..messages import TokenizeError, TokenizeRequest, UserRequest, pack_ids, un
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, context_length: int, vocab_size: int):
+    def __init__(self, tokenizer, context_length: int, vocab_size: int, chat_template: str | None):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.vocab_size = vocab_size
+        self.chat_template = chat_template  # resolved once at launch (config.py); None: the model has none
 
     # --8<-- [start:tokenize]
     def tokenize(self, request: TokenizeRequest) -> UserRequest | TokenizeError:
         if request.messages is not None:
+            if self.chat_template is None:
+                message = "this model has no chat template: send a prompt to /v1/completions"
+                return TokenizeError(request.uid, message, "messages")
             try:
-                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+                )
             except Exception as error:  # the template itself refused these messages
                 return TokenizeError(request.uid, f"the chat template rejected the messages: {error}", "messages")
             prompt_ids, field = self.tokenizer.encode(text, add_special_tokens=False), "messages"

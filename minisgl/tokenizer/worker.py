@@ -1,4 +1,4 @@
-"""The tokenizer and detokenizer processes (chapter 03).
+"""The tokenizer and detokenizer processes (introduced in chapter 03).
 
 One function runs either role. A tokenizer worker pulls ``TokenizeRequest``s from the API server and
 pushes ``UserRequest``s to the scheduler (or a ``TokenizeError`` back to the API server). The
@@ -10,12 +10,11 @@ import logging
 import traceback
 
 import zmq
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerFast
 
-from ..args import ServerArgs
+from ..config import ServerConfig
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
-from ..messages import ToDetokenizer, ToTokenizer, TokenizeError, TokenizeRequest, decoder, encode
-from ..models import ModelConfig
+from ..messages import ToDetokenizer, TokenizeError, TokenizeRequest, ToTokenizer, decoder, encode
 from ..process import become_child
 from .detokenize import Detokenizer
 from .tokenize import Tokenizer
@@ -24,18 +23,21 @@ logger = logging.getLogger(__name__)
 
 
 # --8<-- [start:worker]
-def run_tokenizer_worker(args: ServerArgs, addresses: Addresses, name: str, tokenize: bool, detokenize: bool, ready) -> None:
+def run_tokenizer_worker(
+    config: ServerConfig, addresses: Addresses, name: str, tokenize: bool, detokenize: bool, ready
+) -> None:
     become_child(name)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+    logging.basicConfig(level=config.args.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-        config = ModelConfig.from_path(args.model_path)
+        # The fast (Rust) tokenizer from tokenizer.json, named directly: AutoTokenizer would import torch
+        # to look up model classes, and this process never runs a model.
+        hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(config.model_path)
         context = zmq.Context()
         to_scheduler = push_socket(context, addresses.scheduler)
         to_api = push_socket(context, addresses.api_server)
         poller, handlers = zmq.Poller(), {}
         if tokenize:
-            tokenizer = Tokenizer(hf_tokenizer, args.effective_context_length(config), config.vocab_size)
+            tokenizer = Tokenizer(hf_tokenizer, config.context_length, config.vocab_size, config.chat_template)
             # The API server binds the PUSH end and round-robins over every connected tokenizer.
             requests = pull_socket(context, addresses.tokenizer, bind=False)
             handlers[requests] = (decoder(ToTokenizer), lambda m: tokenize_one(m, tokenizer, to_scheduler, to_api))

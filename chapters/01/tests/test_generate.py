@@ -111,7 +111,8 @@ def test_same_seed_same_text_different_seed_different_text(generator):
     prompt_ids = generator.encode("Write a short poem about autumn.")
 
     def run(seed):
-        return generator.generate(prompt_ids, SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_tokens=16)).token_ids
+        params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_tokens=16)
+        return generator.generate(prompt_ids, params).token_ids
 
     assert run(3) == run(3)
     assert run(3) != run(4)

@@ -1,4 +1,4 @@
-"""The server's command line: every option in one dataclass (chapter 02).
+"""The server's command line: every option in one dataclass (introduced in chapter 02).
 
 Option names follow SGLang's and mini-sglang's, so that what you learn here carries over.
 """
@@ -21,6 +21,7 @@ class ServerArgs:
     context_length: int = 2048
     max_prefill_length: int = 4096
     served_model_name: str = ""  # empty: the model folder's name
+    max_request_bytes: int = 1 << 20  # 1 MiB: far more than any prompt that fits the context
     log_level: str = "info"
 
     @property
@@ -38,6 +39,8 @@ HELP = {
     "context_length": "longest prompt + reply a request may have (the size of a KV cache slot)",
     "max_prefill_length": "prompt tokens in one prefill batch at most (a longer prompt still runs, alone)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
+    "max_request_bytes": "the largest request body accepted, in bytes; a larger one gets 413 before it is read whole,"
+    " so that one huge upload cannot fill the server's memory or tie up the tokenizer",
     "log_level": "debug, info, warning or error",
 }
 
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         args.model_path = str(default_model_path())
     if args.device != "auto" and not args.device.split(":")[0] in ("cpu", "cuda"):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    for name in ("max_running_requests", "context_length", "max_prefill_length"):
+    for name in ("max_running_requests", "context_length", "max_prefill_length", "max_request_bytes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return args

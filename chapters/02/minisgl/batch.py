@@ -1,4 +1,4 @@
-"""What one forward pass runs: a batch of requests, flattened into one row of tokens (chapter 02).
+"""What one forward pass runs: a batch of requests, flattened into one row of tokens (introduced in chapter 02).
 
 A leaf module like ``kv_cache.py``: the model and its layers read it, the engine and scheduler build it.
 

@@ -1,4 +1,4 @@
-"""The KV cache, one slot per running request (introduced in chapter 01, slots in chapter 02).
+"""The KV cache, one slot per running request (introduced in chapter 01).
 
 Attention needs the keys and values of every earlier token. Chapter 01 kept them for one sequence;
 a serving engine keeps them for every request it is running. The cache is allocated once, as two

@@ -1,4 +1,4 @@
-"""Choosing the next token of every request in a batch (introduced in chapter 01, batched in 02).
+"""Choosing the next token of every request in a batch (introduced in chapter 01).
 
 Given the logits of each request's last position, sampling
 
@@ -9,9 +9,8 @@ Given the logits of each request's last position, sampling
 3. draws one token from what is left, with the request's own ``torch.Generator`` so that a seed
    replays the same draws whatever else is in the batch.
 
-Chapter 01 did this for one request. Here every request brings its own parameters, and the filtering
-runs on the whole batch at once: sort each row once, then cut by rank (top-k) and by running
-probability (top-p) with per-row thresholds.
+Every request brings its own parameters, and the filtering runs on the whole batch at once: sort each
+row once, then cut by rank (top-k) and by running probability (top-p) with per-row thresholds.
 """
 
 from dataclasses import dataclass, field

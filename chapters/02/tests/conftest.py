@@ -1,4 +1,4 @@
-"""Fixtures for chapter 02's tests: tiny random checkpoints, engines and schedulers, a live server."""
+"""Fixtures for chapter 02's tests: tiny random checkpoints, engines and schedulers, a live server process."""
 
 from pathlib import Path
 
@@ -20,7 +20,8 @@ def build_tiny_checkpoint(architecture: str, folder: Path, **overrides) -> Path:
 
     settings = dict(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=architecture != "llama",
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+        tie_word_embeddings=architecture != "llama",
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=255, bos_token_id=1,
     ) | overrides
     config = {
@@ -130,14 +131,9 @@ def run_until_done():
 
 
 @pytest.fixture(scope="module")
-def server():
-    """The real server on a free port (float32, 4 slots); always stopped, even when a test fails."""
-    from minisgl.args import parse_args
-    from minisgl.server.launch import Server
+def server(request):
+    """This chapter's ``python -m minisgl`` as a process on a free port (float32, 4 slots); always stopped."""
+    from server_process import TEST_SERVER_ARGS, ServerProcess
 
-    instance = Server(parse_args(["--dtype", "float32", "--max-running-requests", "4", "--context-length", "512"]))
-    try:
-        instance.url = instance.start_in_background()
-        yield instance
-    finally:
-        instance.stop()
+    with ServerProcess(request.config.minisgl_root, *TEST_SERVER_ARGS) as process:
+        yield process

@@ -6,14 +6,16 @@ import sys
 
 def run(request, *args):
     return subprocess.run(
-        [sys.executable, "-m", "minisgl", *args], cwd=request.config.minisgl_root, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "minisgl", *args],
+        cwd=request.config.minisgl_root, capture_output=True, text=True, timeout=120,
     )
 
 
 def test_help_lists_the_server_options(request):
     result = run(request, "--help")
     assert result.returncode == 0
-    for option in ("--model-path", "--port", "--max-running-requests", "--context-length", "--max-prefill-length"):
+    for option in ("--model-path", "--port", "--max-running-requests", "--context-length", "--max-prefill-length",
+                   "--max-request-bytes"):
         assert option in result.stdout
 
 

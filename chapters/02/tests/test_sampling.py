@@ -61,6 +61,8 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
 
     seeded = SamplingParams(temperature=1.0, seed=7)
     alone = draws([seeded], 0)
-    crowded = draws([SamplingParams(temperature=0.5, top_k=5, seed=3), SamplingParams(), seeded, SamplingParams(temperature=1.0)], 2)
+    others = [SamplingParams(temperature=0.5, top_k=5, seed=3), SamplingParams(), seeded,
+              SamplingParams(temperature=1.0)]
+    crowded = draws(others, 2)
     assert alone == crowded
     assert alone != draws([SamplingParams(temperature=1.0, seed=8)], 0)

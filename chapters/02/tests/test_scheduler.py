@@ -66,7 +66,8 @@ def test_abort_frees_a_running_slot_and_drops_a_waiting_request(tiny_scheduler, 
     scheduler.abort("waiting")
     scheduler.receive(block=False)
     assert collector.finish == {"running": "abort", "waiting": "abort"}
-    assert scheduler.state() | {"steps": None} == {"running": 0, "waiting": 0, "free_slots": 1, "total_slots": 1, "steps": None}
+    idle = {"running": 0, "waiting": 0, "free_slots": 1, "total_slots": 1, "steps": None}
+    assert scheduler.state() | {"steps": None} == idle
 
 
 def test_a_request_that_cannot_fit_is_refused_before_it_is_queued(tiny_scheduler, collector):
@@ -103,7 +104,8 @@ def test_greedy_batching_is_exact_on_the_real_model(real_scheduler, tokenizer, c
     times: each one's greedy tokens equal what it gets served alone (float32)."""
 
     def chat(question):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        chat = [{"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
     jobs = {
@@ -143,7 +145,8 @@ def test_greedy_batching_is_exact_on_the_real_model(real_scheduler, tokenizer, c
     oracle = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     for rid, (prompt, max_tokens) in jobs.items():
         with torch.inference_mode():
-            expected = oracle.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)[0, len(prompt) :]
+            generated = oracle.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
+            expected = generated[0, len(prompt) :]
         assert alone[rid] == [t for t in expected.tolist() if t not in real_scheduler.eos_ids]
 
 

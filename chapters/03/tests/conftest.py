@@ -57,7 +57,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        num_key_value_heads=2, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         eos_token_id=255, bos_token_id=1,
     )
     torch.manual_seed(0)

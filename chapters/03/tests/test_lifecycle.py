@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from processes import is_alive, wait_until_gone
+from server_process import is_alive, wait_until_gone
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the process tree from Linux's /proc")
 
@@ -30,8 +30,10 @@ def names(pids):
 def test_workers_are_named(start_server):
     server = start_server("--num-tokenizer", "2")
     try:
-        assert {"minisgl-scheduler", "minisgl-detokenizer", "minisgl-tokenizer-0", "minisgl-tokenizer-1"} <= set(names(server.descendants()))
-        reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "One, two,", "max_tokens": 4}, timeout=120)
+        workers = {"minisgl-scheduler", "minisgl-detokenizer", "minisgl-tokenizer-0", "minisgl-tokenizer-1"}
+        assert workers <= set(names(server.descendants()))
+        body = {"model": MODEL, "prompt": "One, two,", "max_tokens": 4}
+        reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
     finally:
         server.stop()
@@ -41,7 +43,8 @@ def test_workers_are_named(start_server):
 def test_a_signal_stops_every_child_and_removes_the_sockets(start_server, stop_signal):
     server = start_server()
     children, sockets = server.descendants(), socket_folder(server)
-    assert len(children) >= 2 and sorted(p.name for p in sockets.iterdir()) == ["api.ipc", "detokenizer.ipc", "scheduler.ipc", "tokenizer.ipc"]
+    assert len(children) >= 2
+    assert sorted(p.name for p in sockets.iterdir()) == ["api.ipc", "detokenizer.ipc", "scheduler.ipc", "tokenizer.ipc"]
     server.process.send_signal(stop_signal)
     server.process.wait(30)
     assert wait_until_gone(children) == []
@@ -52,7 +55,8 @@ def test_a_dead_scheduler_fails_requests_in_flight_and_the_server_exits(start_se
     server = start_server()
     children = server.descendants()
     scheduler = next(pid for pid in children if names([pid]) == ["minisgl-scheduler"])
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400, "ignore_eos": True}
+    story = [{"role": "user", "content": "Write a long story."}]
+    body = {"model": MODEL, "messages": story, "max_tokens": 400, "ignore_eos": True}
     result = {}
 
     def long_request():
@@ -78,7 +82,8 @@ def test_two_servers_run_side_by_side(start_server):
     try:
         assert first.url != second.url
         for server in (first, second):
-            reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "The sky is", "max_tokens": 3}, timeout=120)
+            body = {"model": MODEL, "prompt": "The sky is", "max_tokens": 3}
+            reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
             assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
     finally:
         first.stop()

@@ -4,9 +4,11 @@ import msgspec
 import pytest
 
 from minisgl import messages as m
-from minisgl.sampling import SamplingParams
+from minisgl.core import SamplingParams
 
-PARAMS = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3, max_tokens=None, stop=["\n\n", "END"], ignore_eos=True)
+PARAMS = SamplingParams(
+    temperature=0.7, top_k=5, top_p=0.9, seed=3, max_tokens=None, stop=["\n\n", "END"], ignore_eos=True
+)
 
 EXAMPLES = [
     (m.ToTokenizer, m.TokenizeRequest("u-0", PARAMS, messages=[{"role": "user", "content": "日本語 😀"}])),
@@ -14,7 +16,8 @@ EXAMPLES = [
     (m.ToTokenizer, m.AbortRequest("u-2")),
     (m.ToScheduler, m.UserRequest("u-3", m.pack_ids(list(range(300))), PARAMS)),
     (m.ToScheduler, m.AbortRequest("u-4")),
-    (m.ToDetokenizer, m.BatchTokenOutput(["a", "b"], m.pack_ids([17, -1]), [None, "stop"], [m.NewRequestInfo("a", 12, ["x"])])),
+    (m.ToDetokenizer,
+     m.BatchTokenOutput(["a", "b"], m.pack_ids([17, -1]), [None, "stop"], [m.NewRequestInfo("a", 12, ["x"])])),
     (m.ToAPIServer, m.BatchTextOutput(["a"], ["héllo"], ["length"], [12], [7])),
     (m.ToAPIServer, m.TokenizeError("u-5", "too long", "prompt", "context_length_exceeded")),
 ]

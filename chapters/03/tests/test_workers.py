@@ -2,18 +2,27 @@
 
 import pytest
 
-from minisgl.messages import AbortRequest, BatchTokenOutput, NewRequestInfo, TokenizeError, TokenizeRequest, UserRequest, pack_ids, unpack_ids
-from minisgl.sampling import SamplingParams
+from minisgl.core import SamplingParams
+from minisgl.messages import (
+    AbortRequest,
+    BatchTokenOutput,
+    NewRequestInfo,
+    TokenizeError,
+    TokenizeRequest,
+    UserRequest,
+    pack_ids,
+    unpack_ids,
+)
 from minisgl.tokenizer.detokenize import Detokenizer
 from minisgl.tokenizer.tokenize import Tokenizer
-
 
 # ---- tokenizer ----
 
 def test_chat_goes_through_the_template_and_max_tokens_is_filled_in(tokenizer):
-    worker = Tokenizer(tokenizer, context_length=512, vocab_size=49152)
-    out = worker.tokenize(TokenizeRequest("u", SamplingParams(max_tokens=None), messages=[{"role": "user", "content": "Hi!"}]))
-    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], tokenize=True, add_generation_prompt=True)
+    worker = Tokenizer(tokenizer, context_length=512, vocab_size=49152, chat_template=tokenizer.chat_template)
+    chat = [{"role": "user", "content": "Hi!"}]
+    out = worker.tokenize(TokenizeRequest("u", SamplingParams(max_tokens=None), messages=chat))
+    expected = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert isinstance(out, UserRequest) and unpack_ids(out.prompt_ids) == list(expected)
     assert out.params.max_tokens == 512 - len(expected)
@@ -28,7 +37,7 @@ def test_chat_goes_through_the_template_and_max_tokens_is_filled_in(tokenizer):
     ],
 )
 def test_refusals_come_back_as_errors_naming_the_problem(tokenizer, request_kwargs, max_tokens, message):
-    worker = Tokenizer(tokenizer, context_length=512, vocab_size=49152)
+    worker = Tokenizer(tokenizer, context_length=512, vocab_size=49152, chat_template=tokenizer.chat_template)
     out = worker.tokenize(TokenizeRequest("u", SamplingParams(max_tokens=max_tokens), **request_kwargs))
     assert isinstance(out, TokenizeError) and message in out.message and out.uid == "u"
 
@@ -36,7 +45,8 @@ def test_refusals_come_back_as_errors_naming_the_problem(tokenizer, request_kwar
 # ---- scheduler ----
 
 def user_request(uid, length, **params):
-    return UserRequest(uid, pack_ids([(5 * i + len(uid)) % 200 + 3 for i in range(length)]), SamplingParams(ignore_eos=True, **params))
+    prompt = pack_ids([(5 * i + len(uid)) % 200 + 3 for i in range(length)])
+    return UserRequest(uid, prompt, SamplingParams(ignore_eos=True, **params))
 
 
 @pytest.mark.exercise("handle")

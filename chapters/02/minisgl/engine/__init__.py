@@ -1,4 +1,4 @@
-"""The engine: runs one batch through the model and samples each request's next token (chapter 02)."""
+"""The engine: runs one batch through the model and samples each request's next token (introduced in chapter 02)."""
 
 from .engine import Engine
 

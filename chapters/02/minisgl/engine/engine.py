@@ -1,4 +1,4 @@
-"""The engine runs one batch through the model and samples each request's next token (chapter 02).
+"""The engine runs one batch through the model and samples each request's next token (introduced in chapter 02).
 
 It owns what lives on the device: the model's weights and the KV cache. It knows nothing of queues,
 HTTP or text; the scheduler decides *which* requests run, the engine only runs them.

@@ -1,4 +1,4 @@
-"""Grouped-query self-attention over the KV cache, for a batch of requests (chapter 01, batched in 02).
+"""Grouped-query self-attention over the KV cache, for a batch of requests (introduced in chapter 01).
 
 Grouped-query attention (GQA) gives several query heads one shared key/value head: SmolLM2 has 9 query
 heads and 3 KV heads, so each KV head serves a group of 3 query heads and the KV cache is 3x smaller

@@ -1,4 +1,4 @@
-"""The scheduler: requests, the waiting queue and running set, and the loop (chapter 02)."""
+"""The scheduler: requests, the waiting queue and running set, and the loop (introduced in chapter 02)."""
 
 from .request import Request, RequestOutput
 from .scheduler import Scheduler

@@ -1,4 +1,4 @@
-"""A request and what the scheduler tells its caller about it (chapter 02).
+"""A request and what the scheduler tells its caller about it (introduced in chapter 02).
 
 A request is data: its prompt, its sampling parameters, what it has generated so far, and where it
 stands (waiting, running in a KV cache slot, finished). The scheduler owns every request it was given

@@ -1,4 +1,4 @@
-"""The scheduler loop: continuous batching in one process (chapter 02).
+"""The scheduler loop: continuous batching in one process (introduced in chapter 02).
 
 ``generate`` in chapter 01 ran one request from start to end. A server cannot: requests arrive while
 others are halfway through, and each wants a different number of tokens. The scheduler keeps two

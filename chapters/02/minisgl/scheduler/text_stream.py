@@ -1,4 +1,4 @@
-"""Incremental detokenization with stop strings (introduced in chapter 01, moved here in chapter 02).
+"""Incremental detokenization with stop strings (introduced in chapter 02).
 
 Text is handed out as it is produced. Two details make that correct: a token can end in the middle of
 a multi-byte UTF-8 character (tokenizers' ``DecodeStream`` holds such bytes back), and text that might

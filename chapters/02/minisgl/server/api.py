@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (chapter 02).
+"""The OpenAI-compatible HTTP API (introduced in chapter 02).
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events
 or not), ``GET /v1/models``, ``GET /health``, ``POST /generate`` (SGLang's native endpoint) and
@@ -10,7 +10,8 @@ their outputs from an ``asyncio.Queue`` that the scheduler fills with ``call_soo
 client goes away first, the handler aborts its requests, which frees their KV cache slots.
 
 Bad input never reaches the scheduler: it gets an OpenAI-shaped error, ``{"error": {"message", "type",
-"param", "code"}}``, with status 400 (404 for an unknown model), and the server goes on serving.
+"param", "code"}}``, with status 400 (404 for an unknown model, 413 for a body over
+``--max-request-bytes``), and the server goes on serving.
 """
 
 import asyncio
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from ..sampling import SamplingParams
 from ..scheduler import Request, RequestOutput, Scheduler
+from .body_limit import BodySizeLimit
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields
 
 
@@ -38,6 +40,19 @@ class APIError(Exception):
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def utf8_text(text: str, param: str) -> str:
+    """``text``, if it can be encoded as UTF-8; else a 400 naming the field it came from.
+
+    JSON may escape a lone surrogate (``"\\ud800"``). Python decodes it into a ``str`` that no UTF-8
+    encoder, the tokenizer's included, accepts: refused here, it cannot fail deeper down as a 500.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} holds text that is not valid Unicode (an unpaired surrogate)", param) from None
+    return text
 
 
 def sse(payload) -> str:
@@ -73,8 +88,11 @@ async def run_requests(scheduler: Scheduler, prompt_ids: list[int], params: list
 # --8<-- [end:run-requests]
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda: True) -> FastAPI:
+def create_app(
+    scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda: True, max_request_bytes: int = 1 << 20
+) -> FastAPI:
     app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server")
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     context_length = scheduler.engine.context_length
 
     @app.exception_handler(APIError)
@@ -156,7 +174,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:  # the template itself refused these messages
             raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from None
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)  # the template has the special tokens
+        # The template has added the special tokens.
+        prompt_ids = tokenizer.encode(utf8_text(text, "messages"), add_special_tokens=False)
         params = sampling_params(body, len(prompt_ids), "messages")
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         outputs = run_requests(scheduler, prompt_ids, params)
@@ -211,7 +230,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
                 raise APIError(400, "prompt token ids must be in the vocabulary", "prompt")
             prompt_ids = prompt
         else:
-            prompt_ids = tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode(utf8_text(prompt, "prompt"))
         params = sampling_params(body, len(prompt_ids), "prompt")
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         outputs = run_requests(scheduler, prompt_ids, params)
@@ -252,7 +271,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, is_alive=lambda
     async def generate(body: GenerateRequest, http: HTTPRequest):
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", "text")
-        prompt_ids = body.input_ids if body.input_ids is not None else tokenizer.encode(body.text)
+        prompt_ids = body.input_ids if body.input_ids is not None else tokenizer.encode(utf8_text(body.text, "text"))
         sp = dict(body.sampling_params)
         if "max_new_tokens" in sp:  # SGLang's name
             sp["max_tokens"] = sp.pop("max_new_tokens")

@@ -1,7 +1,7 @@
-"""Start the engine and the HTTP server in one process (chapter 02).
+"""Start the engine and the HTTP server in one process (introduced in chapter 02).
 
 The scheduler loop runs on a background thread; uvicorn serves the FastAPI app on the main thread (or,
-in tests, on a second background thread). Both share the ``Scheduler`` object: HTTP handlers call its
+in a notebook, on a second background thread). Both share the ``Scheduler`` object: HTTP handlers call its
 thread-safe ``submit``/``abort``, and everything else happens on the scheduler's thread.
 """
 
@@ -35,7 +35,9 @@ class Server:
         self.scheduler_thread = threading.Thread(
             target=self.scheduler.run_forever, args=(self.stop_event,), name="minisgl-scheduler", daemon=True
         )
-        self.app = create_app(self.scheduler, tokenizer, args.model_name, self.scheduler_thread.is_alive)
+        self.app = create_app(
+            self.scheduler, tokenizer, args.model_name, self.scheduler_thread.is_alive, args.max_request_bytes
+        )
         self.http: uvicorn.Server | None = None
         self.http_thread: threading.Thread | None = None
 
@@ -54,7 +56,8 @@ class Server:
         self.scheduler_thread.start()
         config = uvicorn.Config(self.app, log_level=self.args.log_level, timeout_graceful_shutdown=3)
         self.http = uvicorn.Server(config)
-        logger.info("serving %s at http://%s:%d", self.args.model_name, self.args.host, self.args.port)
+        # The port actually bound (--port 0 picks a free one): whoever started us reads the URL here.
+        logger.info("serving %s at http://%s:%d", self.args.model_name, self.args.host, sock.getsockname()[1])
         try:
             self.http.run(sockets=[sock])
         finally:
@@ -63,7 +66,7 @@ class Server:
     # --8<-- [end:server]
 
     def start_in_background(self) -> str:
-        """Serve on a free port from background threads; returns the base URL. For tests and notebooks."""
+        """Serve on a free port from background threads; returns the base URL. For notebooks."""
         sock = self._bind(0)
         port = sock.getsockname()[1]
         self.scheduler_thread.start()

@@ -1,4 +1,4 @@
-"""The shapes of requests the server accepts, as pydantic models (chapter 02).
+"""The shapes of requests the server accepts, as pydantic models (introduced in chapter 02).
 
 They follow OpenAI's API: a client written for OpenAI works unchanged. Fields we do not use (such as
 ``frequency_penalty``) are accepted and ignored, as most OpenAI-compatible servers do. Range checks
