@@ -11,27 +11,13 @@ real work, then reads ``VmRSS`` and the mapped libraries of every process of the
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        found += map(int, children)
-        todo += map(int, children)
-    return found
+sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit: its server-process helper
+from server_process import ServerProcess, descendants  # noqa: E402
 
 
 def describe(pid: int) -> tuple[str, int, bool]:
@@ -45,30 +31,13 @@ def describe(pid: int) -> tuple[str, int, bool]:
 
 
 def measure(root: Path, server_args: list[str]) -> list[tuple[str, int, bool]]:
-    server = subprocess.Popen([sys.executable, "-m", "minisgl", "--port", "0", *server_args], cwd=root,
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    found, serving = {}, threading.Event()
-
-    def read_log():
-        for line in server.stderr:
-            if " at http://" in line and "url" not in found:
-                found["url"] = line.rsplit(" at ", 1)[1].strip()
-                serving.set()
-        serving.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    try:
-        if not serving.wait(600) or "url" not in found:
-            raise SystemExit("the server did not start")
+    with ServerProcess(root, *server_args, ready_timeout=600) as server:
         body = json.dumps({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}).encode()
         headers = {"content-type": "application/json"}
-        request = urllib.request.Request(found["url"] + "/v1/chat/completions", body, headers)
-        urllib.request.urlopen(request, timeout=300).read()
+        request = urllib.request.Request(server.url + "/v1/chat/completions", body, headers)
+        urllib.request.urlopen(request, timeout=300).read()  # every process has done real work
         api_server = ("API server",) + describe(server.pid)[1:]
         return [api_server] + [describe(pid) for pid in descendants(server.pid)]
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(60)
 
 
 def main() -> None:
