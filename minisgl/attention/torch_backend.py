@@ -43,7 +43,7 @@ class TorchBackend:
         self.scale = kv_cache.k.shape[-1] ** -0.5  # 1 / sqrt(head_dim)
         self.metadata: TorchMetadata | None = None
 
-    def prepare(self, batch: Batch) -> None:
+    def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
         device = self.kv_cache.k.device
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         spans, offset = [], 0
@@ -53,7 +53,7 @@ class TorchBackend:
         self.metadata = TorchMetadata(
             is_prefill=batch.is_prefill,
             token_slots=as_tensor([slot for slot, _, new, _ in spans for _ in range(new)]),
-            positions=as_tensor(batch.positions),
+            positions=positions,
             slots=as_tensor(batch.slots),
             seq_lens=as_tensor(batch.seq_lens),
             max_seq_len=max(batch.seq_lens),

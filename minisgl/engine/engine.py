@@ -58,8 +58,9 @@ class Engine:
     def step(self, batch: Batch) -> list[int]:
         """Run the batch's new tokens and return the next token of each of its requests."""
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        self.attention.prepare(batch)  # once per batch; every layer reuses it
-        hidden = self.model(as_tensor(batch.input_ids), as_tensor(batch.positions), self.attention)
+        positions = as_tensor(batch.positions)
+        self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
+        hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
         last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
         logits = self.model.logits(hidden[last_tokens])  # only those are sampled
         requests = batch.requests
