@@ -158,20 +158,6 @@ def test_the_drift_check_suggests_the_move_of_an_unlisted_renamed_file(moved_sna
     assert problems == [f"tokenizer/stream.py: added in this chapter but not listed {hint}"]
 
 
-@pytest.mark.skipif(not PAIRS, reason="needs two chapters")
-def test_an_out_of_date_stored_diff_is_reported(tmp_path):
-    diffs = tmp_path / "diffs"
-    shutil.copytree(REPO_ROOT / "docs" / "diffs", diffs)
-    first = f"{PAIRS[0][0]}-{PAIRS[0][1]}.diff"
-    (diffs / first).write_text((diffs / first).read_text() + "+an edit the code never got\n")
-    (diffs / "98-99.diff").write_text("")
-    problems = tool.stored_diff_problems(diffs)
-    assert any(first in p and "out of date" in p and "diff --write" in p for p in problems), problems
-    assert any("98-99.diff" in p for p in problems), problems
-    (diffs / first).unlink()
-    assert any(first in p and "missing" in p for p in tool.stored_diff_problems(diffs))
-
-
 # --- diffs -----------------------------------------------------------------------------------------
 
 
@@ -276,38 +262,29 @@ def test_the_stat_shows_a_rename_with_its_real_counts(moved_snapshots):
     assert stat[-1] == " 7 files changed, 21 insertions(+), 11 deletions(-)"  # 1 + 10 + 10 added
 
 
-def render_snippet(path: Path) -> list[str]:
-    """What pymdownx.snippets, configured like the book, puts on the page for `--8<-- "path"`."""
-    import markdown
-
-    config = {"base_path": [str(path.parent)], "check_paths": True, "dedent_subsections": True}
-    md = markdown.Markdown(extensions=["pymdownx.snippets"], extension_configs={"pymdownx.snippets": config})
-    return md.preprocessors["snippet"].run([f'--8<-- "{path.name}"'])
-
-
-def test_the_book_shows_lines_that_look_like_snippet_markers_as_they_are(tmp_path):
-    raw = (
-        "diff --git a/minisgl/x.py b/minisgl/x.py\n"
-        "@@ -1,7 +1,7 @@\n"
-        "-    # --8<-- [start:ex-old]\n"  # a section marker: snippets would drop the line
-        "+    # --8<-- [end:new-name]\n"
-        " # ;--8<-- [start:escaped-already]\n"  # escaped in the source: must stay escaped on the page
-        ' --8<-- "does/not/exist.md"\n'  # an include: snippets would try to read the file
-        "---8<--\n"  # a block marker
-        "+;--8<-- 'x'\n"
-        "+text with --8<-- in the middle\n"
-    )
-    (tmp_path / "x.diff").write_text(tool.escape_for_the_book(raw))
-    assert render_snippet(tmp_path / "x.diff") == raw.split("\n")
+def test_counts_per_file_name_the_change(moved_snapshots):
+    counts = {c["path"]: c for c in tool.diff_counts(tool.package_diff(*moved_snapshots))}
+    assert counts["minisgl/tokenizer/stream.py"] == {
+        "path": "minisgl/tokenizer/stream.py", "from": "minisgl/scheduler/stream.py", "change": "moved",
+        "added": 1, "removed": 1,
+    }
+    assert counts["minisgl/helpers/util.py"]["change"] == "moved" and counts["minisgl/helpers/util.py"]["added"] == 0
+    assert {c["change"] for c in counts.values()} <= {"moved", "new", "changed", "removed"}
 
 
 @pytest.mark.parametrize("old,new", PAIRS)
-def test_the_book_shows_each_stored_diff_exactly(old, new):
-    stored = REPO_ROOT / "docs" / "diffs" / f"{old}-{new}.diff"
-    assert render_snippet(stored) == tool.chapter_diff(old, new).split("\n")
+def test_the_book_diff_is_the_diff_without_region_markers(old, new, tmp_path):
+    shown = tool.book_diff(old, new)
+    assert "--8<--" not in shown
+    # Apart from the markers it is the real change: applied to chapter `old` stripped of its markers, it
+    # gives chapter `new` stripped of its markers.
+    patched = apply_diff(shown, tool.without_region_markers(snapshot_root(old) / "minisgl", tmp_path / "old"),
+                         tmp_path / "work")
+    expected = tool.without_region_markers(snapshot_root(new) / "minisgl", tmp_path / "new")
+    assert tool.changed_files(patched, expected) == {}
     # The page wraps the diff in a ```diff fence; a context line " ```" of the code would close it early.
-    fences = [line for line in stored.read_text().splitlines() if line.lstrip().startswith(("```", "~~~"))]
-    assert not fences, f"{stored.name} has lines that close a ``` fence: wrap it in a longer fence (````diff)"
+    fences = [line for line in shown.splitlines() if line.lstrip().startswith(("```", "~~~"))]
+    assert not fences, f"the {old}-{new} diff has lines that close a ``` fence: wrap it in a longer fence (````diff)"
 
 
 # --- carrying a fix to the later chapters ---------------------------------------------------------

@@ -2,7 +2,6 @@
 
     python tools/chapters.py diff 01 02          # what chapter 02 changes, as a unified diff
     python tools/chapters.py diff 01 02 --stat   # the same, one line per file
-    python tools/chapters.py diff --write        # store each consecutive pair as docs/diffs/NN-MM.diff
     python tools/chapters.py check               # the drift check (tests/test_chapters.py runs it too)
     python tools/chapters.py carry 01            # carry the fixes made in chapters/01/minisgl to later chapters
     python tools/chapters.py carry 01 kv_cache.py --base HEAD~1   # the same for a fix committed already
@@ -23,17 +22,14 @@ chapter moves is one line ``old -> new`` (``scheduler/text_stream.py -> tokenize
   chapter forgot to declare), or a file is added or removed and not listed;
 - a listed file is in fact identical in both chapters (a stale list), or in neither;
 - a listed move ``old -> new`` is not one: ``old`` must exist only in the older chapter, ``new`` only
-  in the newer;
-- a stored ``docs/diffs/NN-MM.diff`` differs from a fresh diff (run ``diff --write`` again).
+  in the newer.
 
 The diffs detect moved files the way git does: a removed file and an added file that are at least
 half alike are one file renamed, shown as git's rename (``rename from``/``rename to`` and only the
 lines that changed), which ``git apply`` understands.
 
-The book shows each stored diff on the chapter's page ("What changed since the last chapter"). It is
-included with pymdownx.snippets, which would read a line of the diff that looks like a snippet
-marker as an instruction (include a file, or drop the line as a section marker), so the stored copy
-escapes such lines the way pymdownx.snippets expects: the page shows them exactly as in the code.
+The book shows each chapter's diff, and a table of its files, on the chapter's page ("What changed
+since the last chapter"), generated at build time by ``book_diff`` without the region marker comments.
 """
 
 import argparse
@@ -48,11 +44,6 @@ import tempfile
 from pathlib import Path
 
 from course import CHAPTERS_DIR, REPO_ROOT, chapters, snapshot_root
-
-DIFFS_DIR = REPO_ROOT / "docs" / "diffs"
-DIFF_NAME = re.compile(r"\d\d-\d\d\.diff")
-WRITE_HINT = "run `python tools/chapters.py diff --write`"
-
 
 # ------------------------------------------------------------------------------------------------
 # Diffs between two snapshots
@@ -175,24 +166,40 @@ def package_diff(old: Path, new: Path) -> str:
     return "".join(out)
 
 
+def diff_counts(diff: str) -> list[dict]:
+    """Per file of a diff: its ``path`` (in the newer chapter), ``from`` (its old path if it moved, else
+    None), ``change`` ("new", "changed", "moved", "removed"), and the lines ``added`` and ``removed``."""
+    files: list[dict] = []
+    in_hunk = False
+    for line in diff.splitlines():
+        if line.startswith("diff --git a/"):
+            a_name, b_name = line.removeprefix("diff --git a/").split(" b/", 1)
+            moved = a_name != b_name
+            files.append({"path": b_name, "from": a_name if moved else None, "change": "moved" if moved else "changed",
+                          "added": 0, "removed": 0})
+            in_hunk = False
+        elif not in_hunk and line.startswith("new file mode"):
+            files[-1]["change"] = "new"
+        elif not in_hunk and line.startswith("deleted file mode"):
+            files[-1]["change"] = "removed"
+        elif line.startswith("@@"):
+            in_hunk = True  # before the first hunk come the file names (--- a/..., +++ b/...)
+        elif in_hunk and line.startswith("+"):
+            files[-1]["added"] += 1
+        elif in_hunk and line.startswith("-"):
+            files[-1]["removed"] += 1
+    return files
+
+
 def diff_stat(diff: str) -> str:
     """One line per file (how many lines it adds and removes) and a total, like ``git diff --stat``.
 
     A moved file is one line ``old => new``.
     """
-    counts: dict[str, list[int]] = {}
-    current, in_hunk = None, False
-    for line in diff.splitlines():
-        if line.startswith("diff --git a/"):
-            a_name, b_name = line.removeprefix("diff --git a/").split(" b/", 1)
-            current = a_name if a_name == b_name else f"{a_name} => {b_name}"
-            counts[current], in_hunk = [0, 0], False
-        elif line.startswith("@@"):
-            in_hunk = True  # before the first hunk come the file names (--- a/..., +++ b/...)
-        elif in_hunk and line.startswith("+"):
-            counts[current][0] += 1
-        elif in_hunk and line.startswith("-"):
-            counts[current][1] += 1
+    counts = {
+        (f["path"] if f["from"] is None else f"{f['from']} => {f['path']}"): (f["added"], f["removed"])
+        for f in diff_counts(diff)
+    }
     if not counts:
         return " no file changes\n"
     width = max(len(name) for name in counts)
@@ -217,87 +224,40 @@ def chapter_diff(old: str, new: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The stored diffs the book includes (docs/diffs/NN-MM.diff)
+# The diff the book shows
 # ------------------------------------------------------------------------------------------------
 
-
-def snippet_patterns() -> tuple[re.Pattern, re.Pattern]:
-    """The two line patterns pymdownx.snippets acts on, taken from the installed pymdownx itself.
-
-    A line matching the first includes a file (``--8<-- "path"``) or opens and closes a block of paths
-    (``--8<--`` alone); a line matching the second is a section marker (``# --8<-- [start:name]``),
-    which snippets drops when it includes a whole file. Using pymdownx's own patterns keeps the
-    escaping below exactly in step with the version that builds the book.
-    """
-    from pymdownx.snippets import SnippetPreprocessor
-
-    return SnippetPreprocessor.RE_ALL_SNIPPETS, SnippetPreprocessor.RE_SNIPPET_SECTION
+# A region marker comment, ``# --8<-- [start:name]`` or ``# --8<-- [end:name]``: for tools, not readers.
+REGION_MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(start|end):[\w-]+\]\s*$")
 
 
-def escape_for_the_book(diff: str) -> str:
-    """Escape every line pymdownx.snippets would act on, so the book shows the diff as it is.
-
-    pymdownx.snippets' escape is a ``;`` in front of the marker (in front of any ``;`` already there):
-    snippets removes one ``;`` and shows the rest of the line untouched. A line like
-    ``-    # --8<-- [start:ex-kv-attention]`` becomes ``-    # ;--8<-- [start:ex-kv-attention]``.
-    """
-    include, section = snippet_patterns()
-    out = []
-    for line in diff.splitlines(keepends=True):
-        text = line.rstrip("\n")
-        match = include.match(text) or section.match(text)
-        if match:
-            at = match.start("escape")
-            line = line[:at] + ";" + line[at:]
-        out.append(line)
-    return "".join(out)
+def without_region_markers(package: Path, into: Path) -> Path:
+    """A copy of a package folder whose Python files have no region marker lines; returns the copy."""
+    for rel, path in package_files(package).items():
+        target = into / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".py":
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            target.write_text("".join(line for line in lines if not REGION_MARKER.match(line)), encoding="utf-8")
+        else:
+            shutil.copy2(path, target)
+    return into
 
 
 def book_diff(old: str, new: str) -> str:
-    """The diff from chapter ``old`` to ``new`` as stored in docs/diffs for the book."""
-    return escape_for_the_book(chapter_diff(old, new))
+    """The diff from chapter ``old`` to ``new`` as the book shows it: the region markers left out.
+
+    The book generates it at build time (tools/book.py), so there is no stored copy to keep up to date.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        before = without_region_markers(chapter_package(old), Path(tmp) / "old")
+        after = without_region_markers(chapter_package(new), Path(tmp) / "new")
+        return package_diff(before, after)
 
 
 def consecutive_pairs() -> list[tuple[str, str]]:
     numbers = chapters()
     return list(itertools.pairwise(numbers))
-
-
-def expected_diff_files() -> dict[str, str]:
-    """docs/diffs file name -> the content it should have now."""
-    return {f"{old}-{new}.diff": book_diff(old, new) for old, new in consecutive_pairs()}
-
-
-def write_diffs(diffs_dir: Path = DIFFS_DIR) -> list[Path]:
-    """Store each consecutive pair's diff, and remove stored diffs of pairs that no longer exist."""
-    diffs_dir.mkdir(parents=True, exist_ok=True)
-    expected = expected_diff_files()
-    for stale in diffs_dir.iterdir():
-        if DIFF_NAME.fullmatch(stale.name) and stale.name not in expected:
-            stale.unlink()
-    written = []
-    for name, text in expected.items():
-        (diffs_dir / name).write_text(text, encoding="utf-8")
-        written.append(diffs_dir / name)
-    return written
-
-
-def stored_diff_problems(diffs_dir: Path = DIFFS_DIR) -> list[str]:
-    """Check (c): every stored diff is present and the same as a fresh one."""
-    problems = []
-    expected = expected_diff_files()
-    shown = diffs_dir.relative_to(REPO_ROOT) if diffs_dir.is_relative_to(REPO_ROOT) else diffs_dir
-    for name, text in expected.items():
-        path = diffs_dir / name
-        if not path.is_file():
-            problems.append(f"{shown}/{name} is missing: {WRITE_HINT}")
-        elif path.read_text(encoding="utf-8") != text:
-            problems.append(f"{shown}/{name} is out of date with the code: {WRITE_HINT}")
-    if diffs_dir.is_dir():
-        for path in sorted(diffs_dir.iterdir()):
-            if DIFF_NAME.fullmatch(path.name) and path.name not in expected:
-                problems.append(f"{shown}/{path.name} is not a pair of consecutive chapters: {WRITE_HINT}")
-    return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +356,7 @@ def drift_problems(old: Path, new: Path, listed: list[str]) -> list[str]:
 
 
 def check() -> list[str]:
-    """The whole drift check of the repository: every chapter's changed.txt, then the stored diffs."""
+    """The whole drift check of the repository: every chapter's changed.txt."""
     problems = []
     for old, new in consecutive_pairs():
         changed_txt = CHAPTERS_DIR / new / "changed.txt"
@@ -405,7 +365,7 @@ def check() -> list[str]:
             continue
         for problem in drift_problems(chapter_package(old), chapter_package(new), read_changed_list(changed_txt)):
             problems.append(f"chapters/{new}/changed.txt: minisgl/{problem}")
-    return problems + stored_diff_problems()
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -642,9 +602,8 @@ def main() -> None:
     diff.add_argument("old", nargs="?", type=chapter_number, help="e.g. 01 (default: the second newest chapter)")
     diff.add_argument("new", nargs="?", type=chapter_number, help="e.g. 02 (default: the newest chapter)")
     diff.add_argument("--stat", action="store_true", help="one line per file instead of the diff")
-    diff.add_argument("--write", action="store_true", help="store every consecutive pair in docs/diffs/NN-MM.diff")
 
-    commands.add_parser("check", help="fail if a chapter's changed.txt or a stored diff disagrees with the code")
+    commands.add_parser("check", help="fail if a chapter's changed.txt disagrees with the code")
 
     carry_cmd = commands.add_parser("carry", help="carry fixes made in chapter NN's snapshot into the later chapters")
     carry_cmd.add_argument("chapter", type=chapter_number, help="the chapter whose snapshot has the fix, e.g. 01")
@@ -667,12 +626,6 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.command == "diff":
-        if args.write:
-            if args.old or args.new or args.stat:
-                diff.error("diff --write stores every consecutive pair; give it no chapters and no --stat")
-            for path in write_diffs():
-                print(f"wrote {path.relative_to(REPO_ROOT)}")
-            return
         if args.new is None:
             if args.old is not None or len(chapters()) < 2:
                 diff.error("give two chapters, e.g. `diff 01 02`")
@@ -684,7 +637,7 @@ def main() -> None:
         problems = check()
         if problems:
             sys.exit("\n".join(["drift check failed:", *problems]))
-        print(f"drift check passed: chapters {', '.join(chapters())}; changed.txt lists and docs/diffs are up to date")
+        print(f"drift check passed: chapters {', '.join(chapters())}; every changed.txt is up to date")
 
     elif args.command == "carry":
         prefix = f"chapters/{args.chapter}/minisgl/"
@@ -701,7 +654,7 @@ def main() -> None:
                 "then run `python tools/chapters.py check`"
             )
         if report:
-            print("next: `python tools/chapters.py check`, and `diff --write` if it says a stored diff is out of date")
+            print("next: `python tools/chapters.py check`")
 
     elif args.command == "freeze":
         if args.chapter != chapters()[-1]:
