@@ -33,6 +33,7 @@ is not in this checkout (chapter 02's page, seen from the branch ``chapter-01``)
 import re
 import sys
 import textwrap
+from html.parser import HTMLParser
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mkdocs.exceptions import PluginError  # noqa: E402
 
 from chapters import book_diff, diff_counts  # noqa: E402
-from course import REPO_ROOT, chapter_exercises, chapters  # noqa: E402
+from course import REPO_ROOT, chapter_exercises, chapters, snapshot_root  # noqa: E402
 
 INCLUDE = re.compile(r"""^(?P<indent>[ \t]*)-+8<-+[ \t]+"(?P<target>[^"]+)"[ \t]*$""")
 MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(?P<kind>start|end):(?P<name>[\w-]+)\]\s*$")
@@ -203,3 +204,53 @@ def on_page_markdown(markdown, page, config, files):
     except BookError as error:
         raise BookError(f"docs/{source}: {error}") from None
     return unlink_missing_chapters(markdown, Path(source).parent, files)
+
+
+# ------------------------------------------------------------------------------------------------
+# A check of the built site
+# ------------------------------------------------------------------------------------------------
+
+
+class VisibleText(HTMLParser):
+    """The text of a page that shows without opening anything: everything outside <details> blocks."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.depth = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "details":
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag == "details":
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth == 0:
+            self.parts.append(data)
+
+
+def visible_solutions(site: Path) -> list[str]:
+    """Lines of exercise solutions that a chapter page of the built ``site`` shows outside a <details>."""
+    problems = []
+    for chapter in chapters():
+        page = site / "chapters" / chapter / "index.html"
+        if not page.is_file():
+            continue
+        parser = VisibleText()
+        parser.feed(page.read_text(encoding="utf-8"))
+        visible = {line.strip() for line in "".join(parser.parts).splitlines()}
+        exercises = chapter_exercises(chapter)
+        # A line of a solution that the rest of the chapter's code also has gives nothing away.
+        elsewhere = set()
+        for path in (snapshot_root(chapter) / "minisgl").rglob("*.py"):
+            shown, _ = show_code(path.read_text(encoding="utf-8").splitlines(), set(exercises))
+            elsewhere.update(line.strip() for line in shown)
+        for name, path in exercises.items():
+            body = read_region(path.relative_to(REPO_ROOT).as_posix(), f"ex-{name}")
+            # Short lines (`return out`, `else:`) say little; the others are the solution.
+            telling = [line.strip() for line in body if len(line.strip()) >= 16 and line.strip() not in elsewhere]
+            problems += [f"chapters/{chapter}: exercise {name} shows {line!r}" for line in telling if line in visible]
+    return problems
