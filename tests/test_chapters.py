@@ -418,6 +418,8 @@ def test_branches_in_a_clone(tmp_path):
     # Run this working tree's tools (they may not be committed yet); branches only read committed files.
     for name in ("chapters.py", "course.py"):
         shutil.copy(REPO_ROOT / "tools" / name, clone / "tools" / name)
+    # On a chapter branch, the clone starts on that branch, which `branches` would have to replace: detach.
+    git(clone, "checkout", "-q", "--detach")
     status_before = git(clone, "status", "--porcelain")
     index_before = (clone / ".git" / "index").read_bytes()
     identity = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
@@ -436,6 +438,11 @@ def test_branches_in_a_clone(tmp_path):
     assert f"chapters/{first}/tests/" in tree and f"chapters/{first}/minisgl/" not in tree
     for later in numbers[1:]:
         assert f"chapters/{later}/" not in tree
+    docs = git(clone, "ls-tree", "-r", "--name-only", f"chapter-{first}", "docs/chapters/").split()
+    nav = git(clone, "show", f"chapter-{first}:mkdocs.yml")
+    assert f"docs/chapters/{first}.md" in docs and f"chapters/{first}.md" in nav
+    for later in numbers[1:]:
+        assert not [p for p in docs if p.startswith(f"docs/chapters/{later}")] and f"chapters/{later}" not in nav
     page = git(clone, "show", f"chapter-{first}:docs/chapters/{first}.md")
     assert '--8<-- "minisgl/' in page and f'"chapters/{first}/minisgl/' not in page
     newest = numbers[-1]

@@ -532,13 +532,25 @@ def in_head(path: str, root: Path = REPO_ROOT) -> bool:
     return found.returncode == 0
 
 
+# A chapter's pages in the book: docs/chapters/NN.md and its notebook, docs/chapters/NN-notebook.ipynb.
+PAGE_SUFFIXES = (".md", "-notebook.ipynb")
+
+
+def nav_without(config: str, numbers: list[str]) -> str:
+    """mkdocs.yml without the nav entries of chapters ``numbers`` (lines naming ``chapters/NN.md`` or its notebook)."""
+    pages = tuple(f"chapters/{n}{suffix}" for n in numbers for suffix in PAGE_SUFFIXES)
+    return "".join(line for line in config.splitlines(keepends=True) if not line.rstrip().endswith(pages))
+
+
 def make_branches(root: Path = REPO_ROOT) -> list[str]:
     """Create or replace ``chapter-NN`` for every chapter committed in HEAD; returns a line per branch.
 
     Branch chapter-NN is one commit on top of HEAD whose tree is HEAD's with
       - the top-level ``minisgl/`` replaced by chapter NN's snapshot (``chapters/NN/minisgl``),
       - that copy removed (it is now the top level) and the chapter's page pointed back at ``minisgl/``,
-      - the folders of the later chapters removed.
+      - the folders of the later chapters removed, with their book pages and notebooks, and their
+        entries in the book's nav (mkdocs.yml), so that the branch's book builds with ``--strict``.
+        (Links to the pages that are gone become plain text when the book is built: tools/book.py.)
     Only git plumbing on a temporary index file is used: the working tree and the real index are never
     touched, and only committed files count (uncommitted edits are not in the branches).
     """
@@ -556,9 +568,14 @@ def make_branches(root: Path = REPO_ROOT) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             env = os.environ | {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             git("read-tree", head, env=env, root=root)  # the temporary index = HEAD's tree
-            remove = later + (["minisgl", f"chapters/{chapter}/minisgl"] if frozen else [])
+            later_pages = [f"docs/chapters/{n}{suffix}" for n in numbers[i + 1 :] for suffix in PAGE_SUFFIXES]
+            remove = later + later_pages + (["minisgl", f"chapters/{chapter}/minisgl"] if frozen else [])
             if remove:
                 git("rm", "--cached", "-r", "-q", "--ignore-unmatch", "--", *remove, env=env, root=root)
+            if later and in_head("mkdocs.yml", root):
+                config = git("cat-file", "blob", f"{head}:mkdocs.yml", root=root, raw=True)
+                blob = git("hash-object", "-w", "--stdin", stdin=nav_without(config, numbers[i + 1 :]), root=root)
+                git("update-index", "--cacheinfo", f"100644,{blob},mkdocs.yml", env=env, root=root)
             if frozen:
                 # The snapshot's tree, already stored in git, becomes the top-level minisgl/.
                 git("read-tree", "--prefix=minisgl/", f"{head}:chapters/{chapter}/minisgl", env=env, root=root)

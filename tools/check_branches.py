@@ -1,0 +1,92 @@
+"""Check the chapter branches as a learner gets them (introduced in chapter 03).
+
+``python tools/chapters.py branches`` makes a branch ``chapter-NN`` per chapter: the repository as of
+the end of that chapter, its snapshot as the top-level ``minisgl/`` and the later chapters gone. A
+learner who checks one out expects what main gives: a book that builds and tests that pass. This
+script makes the branches in a throwaway clone (from committed files only, like the command itself)
+and, for each chapter but the newest (whose branch has main's tree), in a worktree of that branch:
+
+- builds the branch's book with ``mkdocs build --strict``;
+- runs the branch's own tests: ``pytest tests chapters/NN``.
+
+    python tools/check_branches.py          # every branch; the "branches" step of `make test`
+    python tools/check_branches.py 01       # only chapter-01
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from course import REPO_ROOT
+
+PYTHON = sys.executable
+# A commit needs a name; the clone may run where git has none configured (a CI machine).
+IDENTITY = {"GIT_AUTHOR_NAME": "minisgl", "GIT_AUTHOR_EMAIL": "minisgl@localhost",
+            "GIT_COMMITTER_NAME": "minisgl", "GIT_COMMITTER_EMAIL": "minisgl@localhost"}
+# Files the book needs that setup fetches rather than git stores (tools/fetch_assets.py).
+FETCHED = ["docs/assets/javascripts/mermaid.min.js"]
+
+
+def run(command: list[str], cwd: Path, env: dict | None = None) -> bool:
+    print(f"$ {' '.join(command)}", flush=True)
+    return subprocess.run(command, cwd=cwd, env=env, check=False).returncode == 0
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = os.environ | IDENTITY
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, env=env).stdout.strip()
+
+
+def check_branch(clone: Path, chapter: str, work: Path) -> list[str]:
+    """Build and test branch chapter-NN in a worktree; returns what failed."""
+    tree = work / f"chapter-{chapter}"
+    git(clone, "worktree", "add", "-q", "--detach", str(tree), f"chapter-{chapter}")
+    for rel in FETCHED:
+        if (REPO_ROOT / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / rel, tree / rel)
+    env = os.environ | {"NO_MKDOCS_2_WARNING": "1"}
+    failed = []
+    site = work / f"site-{chapter}"
+    if not run([PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)], tree, env):
+        failed.append(f"chapter-{chapter}: the book does not build with --strict")
+    pytest = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", f"chapters/{chapter}"]
+    if not run(pytest, tree, env | IDENTITY):
+        failed.append(f"chapter-{chapter}: its tests fail (pytest tests chapters/{chapter})")
+    return failed
+
+
+def main() -> None:
+    wanted = sys.argv[1:]
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="minisgl-branches-") as tmp:
+        clone = Path(tmp) / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+        git(clone, "checkout", "-q", "--detach")  # `branches` refuses to replace the branch checked out
+        made = subprocess.run([PYTHON, "tools/chapters.py", "branches"], cwd=clone, capture_output=True, text=True,
+                              env=os.environ | IDENTITY, check=False)
+        if made.returncode != 0:
+            sys.exit(f"could not make the branches: {made.stderr.strip()}")
+        numbers = [line.split()[0].removeprefix("chapter-") for line in made.stdout.splitlines() if line.strip()]
+        for chapter in numbers:
+            if wanted and chapter not in wanted:
+                continue
+            if chapter == numbers[-1]:
+                print(f"chapter-{chapter}: the newest chapter; its branch has main's tree, which the other steps check")
+                continue
+            started = time.perf_counter()
+            problems = check_branch(clone, chapter, Path(tmp))
+            verdict = "FAILED" if problems else "ok"
+            print(f"chapter-{chapter}: {verdict} in {time.perf_counter() - started:.0f}s", flush=True)
+            failed += problems
+    if failed:
+        sys.exit("\n".join(["chapter branches failed:", *failed]))
+    print("every chapter branch builds its book and passes its tests")
+
+
+if __name__ == "__main__":
+    main()
