@@ -26,7 +26,9 @@ Run it from the repository root (``make bench`` calls it too):
     python benchmarks/generate_single.py [--model-path DIR] [--repeats 3] [--new-tokens 128]
                                          [--dtypes float32 bfloat16]
 
-The table is printed and written to ``benchmarks/results/generate_single.md``.
+The table is printed and written to ``benchmarks/results/generate_single.md``, with the same numbers
+and how they were measured in ``generate_single.json`` beside it; then ``plot_results.render`` draws
+chapter 01's plot from that JSON.
 """
 
 import argparse
@@ -35,12 +37,14 @@ import functools
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from plot_results import column_key, dumps, render
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -52,6 +56,7 @@ from minisgl.sampling import SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
 RESULTS = Path(__file__).resolve().parent / "results" / "generate_single.md"
+COLUMNS = ["dtype", "minisgl tok/s", "transformers tok/s", "ratio (ours / transformers)", "tokens equal (prefix)"]
 
 
 def timed(fn, *args) -> tuple[float, list[int]]:
@@ -105,6 +110,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_commit() -> str:
+    """The commit measured (chapter 01's snapshot lives in it), marked if the snapshot has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "chapters/01"], cwd=root, capture_output=True, text=True, check=False
+        )
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: SmolLM2-135M-Instruct)")
@@ -116,10 +136,11 @@ def main():
         parser.error("--new-tokens must be at least 2 (decode time is the difference from a 1-token run)")
     model_path = Path(args.model_path) if args.model_path else require_default_model()
 
-    load_before = os.getloadavg()[0]  # other work on the machine skews every number; say how much there was
-    if load_before > 0.5:
+    load_before = os.getloadavg()  # other work on the machine skews every number; say how much there was
+    commit = git_commit()
+    if load_before[0] > 0.5:
         # With 2 cores, one busy neighbour can make a 2-thread decode several times slower.
-        print(f"warning: load average is {load_before:.2f}; results will be noisy", file=sys.stderr)
+        print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
     rows = []
     bar = tqdm(total=len(args.dtypes) * 2 * (1 + args.repeats), desc="generate_single", unit="run")
     for dtype in args.dtypes:
@@ -139,42 +160,72 @@ def main():
             bar,
         )
         same = common_prefix(tokens["minisgl"], tokens["transformers"])
-        rows.append((dtype, rates["minisgl"], rates["transformers"], same, len(prompt_ids)))
+        mine, theirs_rate = rates["minisgl"], rates["transformers"]
+        # Rounded as the table prints them: the JSON holds exactly the table's numbers.
+        values = [dtype, round(mine, 1), round(theirs_rate, 1), round(mine / theirs_rate, 2), same]
+        rows.append(dict(zip(map(column_key, COLUMNS), values)))
+        prompt_tokens = len(prompt_ids)
         del gen, hf
     bar.close()
 
+    load_after = os.getloadavg()
+    result = {
+        "benchmark": "generate_single",
+        "title": "Single-request decode speed",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in load_after],
+        "versions": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()
+        },
+        "commit": commit,
+        "command": " ".join(["python benchmarks/generate_single.py", *sys.argv[1:]]),
+        "model": model_path.name,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     lines = [
-        "# Single-request decode speed",
+        f"# {result['title']}",
         "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads (of {os.cpu_count()} cores)",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']}, {result['torch_threads']} torch threads (of {result['cores']} cores)",
         (
-            f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-            f"(the run itself adds up to {torch.get_num_threads()})"
+            f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+            f"(the run itself adds up to {result['torch_threads']})"
         ),
-        f"- torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- {', '.join(f'{name} {v}' for name, v in result['versions'].items())}",
+        f"- commit: {commit}",
         (
-            f"- model: {model_path.name}; prompt of {rows[0][4]} tokens; {args.new_tokens} new tokens, greedy; "
+            f"- model: {model_path.name}; prompt of {prompt_tokens} tokens; {args.new_tokens} new tokens, greedy; "
             f"median of {args.repeats} repeats after one warm-up"
         ),
         f"- decode tok/s = {args.new_tokens - 1} / (time for {args.new_tokens} new tokens - time for 1)",
-        f"- command: `{' '.join(['python benchmarks/generate_single.py', *sys.argv[1:]])}`",
+        f"- command: `{result['command']}`",
         "",
-        "| dtype | minisgl tok/s | transformers tok/s | ratio (ours / transformers) | tokens equal (prefix) |",
+        "| " + " | ".join(COLUMNS) + " |",
         "|---|---:|---:|---:|---:|",
     ]
-    for dtype, mine, hf_rate, same, _ in rows:
-        lines.append(f"| {dtype} | {mine:.1f} | {hf_rate:.1f} | {mine / hf_rate:.2f} | {same}/{args.new_tokens} |")
+    for row in rows:
+        dtype, mine, theirs_rate, ratio, same = row.values()
+        lines.append(f"| {dtype} | {mine:.1f} | {theirs_rate:.1f} | {ratio:.2f} | {same}/{args.new_tokens} |")
     lines += [
         "",
         "tokens equal (prefix): how many leading greedy tokens the two made alike. In bfloat16 the two",
         "implementations round differently, so their greedy tokens may part early; float32 must match.",
     ]
     table = "\n".join(lines) + "\n"
+    sidecar = RESULTS.with_suffix(".json")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(table)
+    sidecar.write_text(dumps(result))
     print("\n" + table)
-    print(f"written to {RESULTS}")
+    print(f"written to {RESULTS} and {sidecar}")
+    render(sidecar)  # chapter 01's plot and its fragment for the book
 
 
 if __name__ == "__main__":

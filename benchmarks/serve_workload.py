@@ -44,7 +44,9 @@ Run it from the repository root:
     python benchmarks/serve_workload.py [--requests 64] [--concurrency 1 8 32] [--chapter top]
                                         [--max-running-requests 32] [--dtype bfloat16] [--skip-transformers]
 
-The table is printed and written to ``benchmarks/results/serve_workload.md`` (``--output`` to change).
+The table is printed and written to ``benchmarks/results/serve_workload.md`` (``--output`` to change),
+with the same numbers and how they were measured in ``serve_workload.json`` beside it; then
+``plot_results.render`` draws the chapter plot from that JSON if a chapter page shows this result.
 """
 
 import argparse
@@ -52,6 +54,7 @@ import asyncio
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -67,6 +70,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from plot_results import column_key, dumps, render
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -218,6 +222,17 @@ def chapter_root(chapter: str) -> Path:
     return root
 
 
+def engine_label(chapter: str) -> str:
+    return "minisgl" if chapter == "top" else f"minisgl ch{chapter}"
+
+
+def chapter_number(chapter: str) -> str:
+    """``top`` as the chapter it is: the newest, the highest-numbered folder in ``chapters/``."""
+    if chapter != "top":
+        return chapter
+    return max(p.name for p in (REPO_ROOT / "chapters").iterdir() if p.name.isdigit())
+
+
 def start_server(chapter: str, args) -> ServerProcess:
     """That chapter's ``python -m minisgl`` on a free port, with the benchmark's options; its log in a file."""
     options = [
@@ -292,7 +307,7 @@ async def run_concurrency(url: str, model: str, workload: Workload, indices: lis
 
 
 def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
-    label = "minisgl" if chapter == "top" else f"minisgl ch{chapter}"
+    label = engine_label(chapter)
     rows = []
     with start_server(chapter, args) as server:
         tqdm.write(f"{label}: server up at {server.url} (log {server.log_path})")
@@ -411,47 +426,119 @@ def git_commit() -> str:
         return "unknown"
 
 
-def report(
-    args, rows: list[Row], workload: Workload, computed: int | None, loads: tuple, elapsed: float, commit: str
-) -> str:
+TITLE = "Serving throughput: chat workload, minisgl server vs transformers static batching"
+# The table's columns and the decimals each one prints (None: as it is). The JSON holds the same rounded
+# numbers, under the keys column_key makes of these names.
+COLUMNS = {
+    "engine": None, "mode": None, "requests": None, "output tokens": None, "wall s": 1, "output tok/s": 1,
+    "TTFT p50 s": 2, "TTFT p99 s": 2, "ITL p50 ms": 0, "CPU s": 0, "tok / CPU s": 1, "load at start": 2,
+}
+
+
+def rounded(value, digits: int | None):
+    if digits is None:
+        return value
+    if math.isnan(value):
+        return None  # nothing measured (JSON has no NaN); the table prints n/a
+    return round(value) if digits == 0 else round(value, digits)
+
+
+def table_row(r: Row) -> dict:
+    """One row of the table, keyed as in the JSON and rounded as the table prints it."""
+    values = [
+        r.engine, r.mode, r.requests, r.output_tokens, r.wall_s, r.tok_s, percentile(r.ttft, 50),
+        percentile(r.ttft, 99), percentile(r.itl, 50) * 1000, r.cpu_s, r.tok_cpu_s, r.load,
+    ]
+    return {column_key(name): rounded(v, digits) for (name, digits), v in zip(COLUMNS.items(), values)}
+
+
+def cell(value, digits: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if digits else str(value)
+
+
+def headlines(rows: list[Row], batch_size: int) -> list[dict]:
+    """Each of our engines at its highest concurrency against transformers' static batches, when they ran."""
+    hf = next((r for r in rows if r.engine == "transformers"), None)
+    if hf is None:
+        return []
+    found = []
+    for engine in dict.fromkeys(r.engine for r in rows if r.engine != "transformers"):
+        best = max((r for r in rows if r.engine == engine), key=lambda r: int(r.mode.split()[-1]))  # 32 by default
+        found.append({
+            "engine": engine, "mode": best.mode, "versus": f"transformers static batch {batch_size}",
+            "tok_s_ratio": round(best.tok_s / hf.tok_s, 2), "tok_cpu_s_ratio": round(best.tok_cpu_s / hf.tok_cpu_s, 2),
+        })
+    return found
+
+
+def describe(args, workload: Workload, loads: tuple, elapsed: float, commit: str, model_path: Path) -> dict:
+    """How the run was made: the JSON's fields beside the rows, and the lines above the table."""
     prompt_lens = [len(p) for p in workload.prompt_ids]
     max_tokens = workload.max_tokens
+    return {
+        "benchmark": "serve_workload",
+        "title": TITLE,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "elapsed_min": round(elapsed / 60, 1),
+        "machine": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_before": [round(x, 2) for x in loads[0]],
+        "load_after": [round(x, 2) for x in loads[1]],
+        "versions": {
+            "python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx")},
+        },
+        "commit": commit,
+        "command": " ".join(["python benchmarks/serve_workload.py", *sys.argv[1:]]),
+        "model": model_path.name,
+        "server": (
+            f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
+            f"--context-length {args.context_length}"
+        ),
+        "dtype": args.dtype,
+        "run_from": [chapter_root(c).relative_to(REPO_ROOT).as_posix() for c in args.chapter],
+        "threads": args.threads or None,
+        "workload": {
+            "requests": args.requests, "seed": args.seed,
+            "prompt_tokens_min": min(prompt_lens), "prompt_tokens_max": max(prompt_lens),
+            "prompt_tokens_median": round(statistics.median(prompt_lens)),
+            "max_tokens_min": min(max_tokens), "max_tokens_max": max(max_tokens),
+            "max_tokens_mean": round(statistics.mean(max_tokens)), "max_tokens_total": sum(max_tokens),
+        },
+    }
+
+
+def report(args, run: dict, table: list[dict], best: list[dict], computed: int | None) -> str:
+    """The markdown result: how the run was made, the table, the headline ratios."""
+    work = run["workload"]
     c1 = min(args.c1_requests, args.requests)
-    servers = ", ".join(
-        f"`{chapter_root(c).relative_to(REPO_ROOT).as_posix()}/`" if c != "top" else "the repository root"
-        for c in args.chapter
-    )
-    threads = f"; OMP_NUM_THREADS={args.threads} for both engines" if args.threads else "; torch's default threads"
-    columns = [
-        "engine", "mode", "requests", "output tokens", "wall s", "output tok/s", "TTFT p50 s", "TTFT p99 s",
-        "ITL p50 ms", "CPU s", "tok / CPU s", "load at start",
-    ]
+    servers = ", ".join("the repository root" if place == "." else f"`{place}/`" for place in run["run_from"])
+    threads = f"; OMP_NUM_THREADS={run['threads']} for both engines" if run["threads"] else "; torch's default threads"
     lines = [
-        "# Serving throughput: chat workload, minisgl server vs transformers static batching",
+        f"# {run['title']}",
         "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; whole run {elapsed / 60:.1f} min",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores; server and client share them",
+        f"- date: {run['date']}; whole run {run['elapsed_min']:.1f} min",
+        f"- machine: {run['machine']}, {run['cores']} cores; server and client share them",
         (
-            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in loads[0])}; "
-            f"after: {' / '.join(f'{x:.2f}' for x in loads[1])}"
+            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in run['load_before'])}; "
+            f"after: {' / '.join(f'{x:.2f}' for x in run['load_after'])}"
         ),
         (
-            f"- python {platform.python_version()}, torch {version('torch')}, "
-            f"transformers {version('transformers')}, fastapi {version('fastapi')}, uvicorn {version('uvicorn')}, "
-            f"httpx {version('httpx')}; minisgl commit {commit} (at the start)"
+            f"- {', '.join(f'{name} {v}' for name, v in run['versions'].items())}; "
+            f"minisgl commit {run['commit']} (at the start)"
         ),
+        f"- model: {run['model']}",
+        f"- server: `{run['server']}`, run from {servers}{threads}",
         (
-            f"- server: `python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-            f"--context-length {args.context_length}`, run from {servers}{threads}"
-        ),
-        (
-            f"- workload: {args.requests} chat requests (seed {args.seed}); "
-            f"prompts {min(prompt_lens)}..{max(prompt_lens)} tokens (median {statistics.median(prompt_lens):.0f}); "
-            f"max_tokens {min(max_tokens)}..{max(max_tokens)} "
-            f"(mean {statistics.mean(max_tokens):.0f}, total {sum(max_tokens)}); "
+            f"- workload: {work['requests']} chat requests (seed {work['seed']}); "
+            f"prompts {work['prompt_tokens_min']}..{work['prompt_tokens_max']} tokens "
+            f"(median {work['prompt_tokens_median']}); max_tokens {work['max_tokens_min']}..{work['max_tokens_max']} "
+            f"(mean {work['max_tokens_mean']}, total {work['max_tokens_total']}); "
             "temperature 0, ignore_eos, streamed"
         ),
-        f"- command: `{' '.join(['python benchmarks/serve_workload.py', *sys.argv[1:]])}`",
+        f"- command: `{run['command']}`",
     ]
     if 1 in args.concurrency and c1 < args.requests:
         lines.append(
@@ -460,30 +547,24 @@ def report(
         )
     lines += [
         "",
-        "| " + " | ".join(columns) + " |",
-        "|---|---|" + "---:|" * (len(columns) - 2),
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---:|" * (len(COLUMNS) - 2),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.engine} | {r.mode} | {r.requests} | {r.output_tokens} | {r.wall_s:.1f} | {r.tok_s:.1f} | "
-            f"{percentile(r.ttft, 50):.2f} | {percentile(r.ttft, 99):.2f} | {percentile(r.itl, 50) * 1000:.0f} | "
-            f"{r.cpu_s:.0f} | {r.tok_cpu_s:.1f} | {r.load:.2f} |"
-        )
-    hf = next((r for r in rows if r.engine == "transformers"), None)
+    for row in table:
+        lines.append("| " + " | ".join(cell(v, digits) for v, digits in zip(row.values(), COLUMNS.values())) + " |")
     lines.append("")
+    hf = next((row for row in table if row["engine"] == "transformers"), None)
     if hf is not None:
-        for engine in dict.fromkeys(r.engine for r in rows if r.engine != "transformers"):
-            ours = [r for r in rows if r.engine == engine]
-            best = max(ours, key=lambda r: int(r.mode.split()[-1]))  # the highest concurrency, 32 by default
+        for b in best:
             lines.append(
-                f"**{engine} at {best.mode} / transformers static batch {args.batch_size}: "
-                f"{best.tok_s / hf.tok_s:.2f}x output tokens/s** ({best.tok_cpu_s / hf.tok_cpu_s:.2f}x per CPU second)"
+                f"**{b['engine']} at {b['mode']} / {b['versus']}: {b['tok_s_ratio']:.2f}x output tokens/s** "
+                f"({b['tok_cpu_s_ratio']:.2f}x per CPU second)"
             )
         lines += [
             "",
             (
-                f"transformers computed {computed} tokens for {hf.output_tokens} useful ones "
-                f"({100 * (1 - hf.output_tokens / computed):.0f}% wasted on members already done, waiting for "
+                f"transformers computed {computed} tokens for {hf['output_tokens']} useful ones "
+                f"({100 * (1 - hf['output_tokens'] / computed):.0f}% wasted on members already done, waiting for "
                 "the longest of their batch)."
             ),
         ]
@@ -561,11 +642,21 @@ def main():
         rows.append(hf_row)
 
     elapsed = time.perf_counter() - started
-    table = report(args, rows, workload, computed, (load_before, os.getloadavg()), elapsed, commit)
+    run = describe(args, workload, (load_before, os.getloadavg()), elapsed, commit, model_path)
+    table, best = [table_row(r) for r in rows], headlines(rows, args.batch_size)
+    text = report(args, run, table, best, computed)
+    chapters = {engine_label(c): chapter_number(c) for c in args.chapter}  # "minisgl" -> "03", say
+    result = {
+        **run, "rows": [{**row, "chapter": chapters.get(row["engine"])} for row in table], "headlines": best,
+        "transformers_computed_tokens": computed,
+    }
+    sidecar = args.output.with_suffix(".json")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
-    print("\n" + table)
-    print(f"written to {args.output}")
+    args.output.write_text(text)
+    sidecar.write_text(dumps(result))
+    print("\n" + text)
+    print(f"written to {args.output} and {sidecar}")
+    render(sidecar)  # the chapter plot, if a chapter page shows this result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,496 @@
+"""The book's numbers: chapter plots (PNG) and short markdown fragments, made from the benchmarks' JSON results.
+
+Every benchmark writes its result twice: ``benchmarks/results/NAME.md`` for people to read, and
+``NAME.json`` beside it for programs: the table's rows (the same rounded numbers) and how they were
+measured (date, machine, cores, load averages, versions, command, commit). For each result that a
+chapter page shows (``FIGURES``) this script draws ``docs/assets/benchmarks/chNN-*.png`` and writes
+``benchmarks/results/NAME.book.md``: one line on where and how the numbers were measured, a table of
+the few columns that make the chapter's point, and the plot. The chapter page includes that fragment
+(``--8<-- "benchmarks/results/NAME.book.md"``), so it always shows what the last run measured.
+
+The benchmark scripts call ``render`` right after writing their result; ``make bench`` runs this script
+after them. By hand, from the repository root:
+
+    python benchmarks/plot_results.py                   # every figure and fragment, from results/NAME.json
+    python benchmarks/plot_results.py --from-markdown   # first make any missing NAME.json from NAME.md
+
+``--from-markdown`` is for results measured before the benchmarks wrote JSON: it reads the numbers
+and the metadata back out of the markdown, exactly as printed there.
+"""
+
+import argparse
+import itertools
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a server
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+ASSETS = REPO_ROOT / "docs" / "assets" / "benchmarks"
+FROM_PAGE = "../assets/benchmarks"  # ASSETS as a chapter page (docs/chapters/NN.md) links to it
+
+# About 8 inches at 120 dpi: 960 px, shown at the book's column width (~800 px) with 10 pt text still
+# about 14 px high.
+FIGSIZE, DPI = (8, 3.8), 120
+# Okabe-Ito colours: distinguishable with any colour vision, and dark enough to read on white.
+BLUE, ORANGE, GREEN, VERMILLION, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"
+CAPTION_GREY = "#444444"
+
+plt.rcParams.update({
+    "font.size": 10.5,
+    "axes.titlesize": 11.5,
+    "axes.labelsize": 10.5,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    # Opaque white, not transparent: the book's dark theme would put dark text on a dark page.
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+})
+
+
+def column_key(header: str) -> str:
+    """A table column's key in the JSON: "TTFT p50 s" -> "ttft_p50_s", "tok / CPU s" -> "tok_cpu_s"."""
+    return re.sub(r"[^a-z0-9]+", "_", header.lower()).strip("_")
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------- shared pieces of figures and fragments
+
+
+def bar_panel(ax, labels: list[str], values: list[float], colors: list[str], title: str, ylabel: str, decimals: int):
+    """One panel of bars, each labelled with its value as the table prints it."""
+    bars = ax.bar(range(len(values)), values, width=0.62, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.{decimals}f}" for v in values], padding=2, fontsize=10)
+    ax.set_xticks(range(len(values)), labels)
+    ax.tick_params(axis="x", length=0)
+    ax.set_ylim(0, max(values) * 1.2)  # room for the value labels above the tallest bar
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+
+
+def caption(result: dict) -> str:
+    """The figure's last line: where and when it was measured, and how busy the machine was."""
+    before, after = result["load_before"][0], result["load_after"][0]
+    return (
+        f"{result['machine']}, {result['cores']} cores · {result['date'][:10]} · "
+        f"load average (1 min) {before:.2f} before, {after:.2f} after"
+    )
+
+
+def heading(fig, title: str, handles: list | None = None):
+    """The figure's title, with the colour legend under it if there is one."""
+    if handles is None:
+        fig.suptitle(title, fontweight="bold", fontsize=12)
+    else:
+        # The legend's own title is the figure's: constrained layout makes room for an outside legend, but
+        # lays a suptitle over it.
+        fig.legend(
+            handles=handles, loc="outside upper center", ncols=len(handles), frameon=False, title=title,
+            title_fontproperties={"weight": "bold", "size": 12},
+        )
+
+
+def save(fig, png: str) -> Path:
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    path = ASSETS / png
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: reruns differ only in numbers
+    plt.close(fig)
+    return path
+
+
+def table(header: list[str], rows: list[list], align: str) -> list[str]:
+    """A markdown table; ``align`` has an ``l`` or ``r`` per column."""
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def fragment(lead: str, header: list[str], rows: list[list], align: str, png: str, alt: str) -> str:
+    return "\n".join([lead, "", *table(header, rows, align), "", f"![{alt}]({FROM_PAGE}/{png})", ""])
+
+
+def measured(result: dict) -> str:
+    """The fragment's opening words: when, on what, how loaded."""
+    before, after = result["load_before"][0], result["load_after"][0]
+    return (
+        f"Measured {result['date'][:10]} on {result['machine']} ({result['cores']} cores), "
+        f"load average (1 min) {before:.2f} before the run and {after:.2f} after"
+    )
+
+
+# ---------------------------------------------------------------- chapter 01: one request, decode speed
+
+
+def decode_figure(result: dict):
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+    width, x = 0.36, range(len(rows))
+    ours = [r["minisgl_tok_s"] for r in rows]
+    theirs = [r["transformers_tok_s"] for r in rows]
+    for offset, values, color in [(-width / 2, ours, BLUE), (width / 2, theirs, ORANGE)]:
+        bars = ax.bar([i + offset for i in x], values, width, color=color)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=10)
+    ticks = [f"{r['dtype']}\nminisgl / transformers: {r['ratio_ours_transformers']:.2f}x" for r in rows]
+    ax.set_xticks(x, ticks)
+    ax.tick_params(axis="x", length=0)
+    ax.set_ylim(0, max(ours + theirs) * 1.2)
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"One request, greedy, {result['new_tokens']} new tokens ({result['model']})")
+    handles = [
+        Patch(color=BLUE, label="minisgl, chapter 01 (Generator)"), Patch(color=ORANGE, label="transformers generate")
+    ]
+    heading(fig, "Chapter 01: decoding one request, minisgl vs transformers", handles)
+    fig.supxlabel(caption(result), fontsize=10, color=CAPTION_GREY)
+    return fig
+
+
+def decode_fragment(result: dict, png: str) -> str:
+    lead = (
+        f"{measured(result)}; {result['torch_threads']} torch threads, {result['model']}, one request with a "
+        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, greedy, median of "
+        f"{result['repeats']} runs: `{result['command']}`."
+    )
+    header = ["dtype", "minisgl tok/s", "transformers tok/s", "minisgl / transformers", "same greedy tokens"]
+    rows = [
+        [
+            r["dtype"], f"{r['minisgl_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
+            f"{r['ratio_ours_transformers']:.2f}x", f"{r['tokens_equal_prefix']}/{result['new_tokens']}",
+        ]
+        for r in result["rows"]
+    ]
+    alt = "Decode tokens per second of one request: minisgl chapter 01 and transformers, in float32 and bfloat16"
+    return fragment(lead, header, rows, "lrrrr", png, alt)
+
+
+# ---------------------------------------------------------------- chapters 02 on: the server under a workload
+
+
+def engine_colors(rows: list[dict]) -> dict[str, str]:
+    """transformers in orange, each of our engines in its own colour, in the order of the table."""
+    ours = iter([BLUE, GREEN, VERMILLION, PURPLE])
+    engines = dict.fromkeys(r["engine"] for r in rows)
+    return {engine: ORANGE if engine == "transformers" else next(ours) for engine in engines}
+
+
+def serve_figure(result: dict, title: str, panels: list[tuple], tick, legend=None):
+    """One bar per table row in each panel: (column key, panel title, y label, decimals)."""
+    rows = result["rows"]
+    colors = engine_colors(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=FIGSIZE, layout="constrained")
+    for ax, (key, name, ylabel, decimals) in zip(axes, panels):
+        ticks, values = [tick(result, r) for r in rows], [r[key] for r in rows]
+        bar_panel(ax, ticks, values, [colors[r["engine"]] for r in rows], name, ylabel, decimals)
+    handles = [Patch(color=color, label=legend(result, engine)) for engine, color in colors.items()] if legend else None
+    heading(fig, title, handles)
+    workload = result["workload"]
+    fig.supxlabel(
+        f"{caption(result)}\n{result['model']}, {result['dtype']}, {workload['requests']} streamed chat requests, "
+        f"{workload['max_tokens_total']} output tokens",
+        fontsize=10, color=CAPTION_GREY,
+    )
+    return fig
+
+
+def chapter_of(row: dict) -> str:
+    return row["chapter"] or "?"
+
+
+def continuous_tick(result: dict, row: dict) -> str:
+    if row["engine"] == "transformers":
+        return row["mode"].replace("static batch ", "static\nbatch ")
+    tick = row["mode"].replace("concurrency ", "c=")
+    if row["requests"] < result["workload"]["requests"]:
+        tick += f"\n({row['requests']} req.)"  # concurrency 1 runs only the first requests
+    return tick
+
+
+def continuous_legend(result: dict, engine: str) -> str:
+    if engine == "transformers":
+        return "transformers generate, static batches"
+    row = next(r for r in result["rows"] if r["engine"] == engine)
+    return f"minisgl chapter {chapter_of(row)}: c = clients in flight"
+
+
+def continuous_figure(result: dict):
+    return serve_figure(
+        result,
+        "Chapter 02: continuous batching vs transformers' static batching",
+        [
+            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
+            ("ttft_p50_s", "Time to first token, p50 (s)", "seconds", 2),
+        ],
+        continuous_tick,
+        continuous_legend,
+    )
+
+
+def continuous_fragment(result: dict, png: str) -> str:
+    workload = result["workload"]
+    lead = (
+        f"{measured(result)}; server and client share the cores. {result['model']}, "
+        f"{result['dtype']}, {workload['requests']} streamed chat requests "
+        f"(prompts {workload['prompt_tokens_min']}..{workload['prompt_tokens_max']} tokens, max_tokens "
+        f"{workload['max_tokens_min']}..{workload['max_tokens_max']}): `{result['command']}`."
+    )
+    hf = next((r for r in result["rows"] if r["engine"] == "transformers"), None)
+    header = ["engine", "batching", "requests", "output tok/s", "TTFT p50 s", "ITL p50 ms"]
+    if hf:
+        header.insert(4, "vs transformers")
+    rows = []
+    for r in result["rows"]:
+        row = [
+            r["engine"], r["mode"], r["requests"], f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"]
+        ]
+        if hf:
+            row.insert(4, f"{r['output_tok_s'] / hf['output_tok_s']:.2f}x")
+        rows.append(row)
+    alt = "Bar charts of the table: output tokens per second and median time to first token of each row"
+    return fragment(lead, header, rows, "llrrrrr" if hf else "llrrrr", png, alt)
+
+
+def split_tick(result: dict, row: dict) -> str:
+    # Chapter 03 split the server into processes; the chapters after it keep the split.
+    shape = "one process" if chapter_of(row) in ("01", "02") else "process tree"
+    return f"chapter {chapter_of(row)}\n{shape}"
+
+
+def split_figure(result: dict):
+    clients = result["rows"][0]["mode"].replace("concurrency ", "")
+    return serve_figure(
+        result,
+        f"Chapter 03: one process (chapter 02) vs the process tree, {clients} clients",
+        [
+            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
+            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
+            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
+        ],
+        split_tick,
+    )
+
+
+def split_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
+    lead = (
+        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
+        f"workload, server and client sharing the cores: `{result['command']}`."
+    )
+    base = rows[0]
+    header = ["server", "output tok/s", f"vs chapter {chapter_of(base)}", "TTFT p50 s", "ITL p50 ms", "tok / CPU s"]
+    table_rows = [
+        [
+            split_tick(result, r).replace("\n", ", "), f"{r['output_tok_s']:.1f}",
+            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"],
+            f"{r['tok_cpu_s']:.1f}",
+        ]
+        for r in rows
+    ]
+    alt = "Bar charts of the table: output tokens per second, median time to first token and median inter-token latency"
+    return fragment(lead, header, table_rows, "lrrrrr", png, alt)
+
+
+# The results that chapter pages show: result name -> (PNG, figure, fragment).
+FIGURES = {
+    "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
+    "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
+    "serve_ch02_vs_ch03": ("ch03-process-split.png", split_figure, split_fragment),
+}
+
+
+def render(result_path: Path) -> list[Path]:
+    """The plot and fragment made from one JSON result, if a chapter page shows it; returns what it wrote."""
+    result_path = Path(result_path).resolve()
+    if result_path.parent != RESULTS or result_path.stem not in FIGURES:
+        print(f"{result_path.name}: no chapter page shows this result, so no plot")  # a trial run, say
+        return []
+    png, figure, make_fragment = FIGURES[result_path.stem]
+    result = json.loads(result_path.read_text())
+    written = [save(figure(result), png)]
+    fragment_path = RESULTS / f"{result_path.stem}.book.md"
+    fragment_path.write_text(make_fragment(result, png))
+    written.append(fragment_path)
+    for path in written:
+        print(f"written {path.relative_to(REPO_ROOT)}")
+    return written
+
+
+# ---------------------------------------------------------------- results measured before the JSON sidecars
+
+
+def need(pattern: str, text: str, path: Path) -> re.Match:
+    match = re.search(pattern, text, re.MULTILINE)
+    if match is None:
+        raise SystemExit(f"{path}: no line matches {pattern!r}; was it written by an older script?")
+    return match
+
+
+def number(cell: str):
+    """A table cell as the JSON holds it: "18.0" and "128" as numbers, "5/128" (how many of all) as 5."""
+    if re.fullmatch(r"-?\d+", cell):
+        return int(cell)
+    if re.fullmatch(r"-?\d+\.\d+", cell):
+        return float(cell)
+    if match := re.fullmatch(r"(\d+)/\d+", cell):
+        return int(match[1])
+    return cell
+
+
+def first_table(lines: list[str]) -> list[dict]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in block]
+    keys = [column_key(header) for header in cells[0]]
+    return [dict(zip(keys, map(number, row))) for row in cells[2:]]  # cells[1] is the |---| rule
+
+
+def loads(text: str) -> list[float]:
+    return [float(x) for x in text.split(" / ")]
+
+
+def versions(text: str) -> dict[str, str]:
+    return dict(item.split(" ", 1) for item in text.split(", "))
+
+
+def chapter_at(commit: str | None) -> str:
+    """Which chapter the top-level package was at a commit: the highest chapters/NN folder then (now if unknown)."""
+    names = []
+    if commit:
+        listing = subprocess.run(
+            ["git", "ls-tree", "--name-only", commit.split()[0], "chapters/"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+        )
+        names = [Path(line).name for line in listing.stdout.split()]
+    if not names:
+        names = [p.name for p in (REPO_ROOT / "chapters").iterdir()]
+    return max(name for name in names if name.isdigit())
+
+
+def decode_from_markdown(path: Path, text: str) -> dict:
+    machine = need(r"^- machine: (.+), (\d+) torch threads \(of (\d+) cores\)", text, path)
+    load = need(r"^- load average \(1 min\) before / after: ([\d.]+) / ([\d.]+)", text, path)
+    model = need(
+        r"^- model: (.+?); prompt of (\d+) tokens; (\d+) new tokens, greedy; median of (\d+) repeats", text, path
+    )
+    return {
+        "benchmark": "generate_single",
+        "title": text.splitlines()[0].removeprefix("# "),
+        "date": need(r"^- date: (\S+)", text, path)[1],
+        "machine": machine[1],
+        "cores": int(machine[3]),
+        "torch_threads": int(machine[2]),
+        "load_before": [float(load[1])],
+        "load_after": [float(load[2])],
+        "versions": versions(need(r"^- (torch .+)$", text, path)[1]),
+        "commit": commit[1] if (commit := re.search(r"^- commit: (.+)$", text, re.MULTILINE)) else None,
+        "command": need(r"^- command: `([^`]+)`", text, path)[1],
+        "model": model[1],
+        "prompt_tokens": int(model[2]),
+        "new_tokens": int(model[3]),
+        "repeats": int(model[4]),
+        "rows": first_table(text.splitlines()),
+        "converted_from": path.name,
+    }
+
+
+def serve_from_markdown(path: Path, text: str) -> dict:
+    load = need(r"^- load average \(1, 5, 15 min\) before: ([\d. /]+); after: ([\d. /]+)$", text, path)
+    machine = need(r"^- machine: (.+), (\d+) cores", text, path)
+    software = need(r"^- (python .+); minisgl commit (.+) \(at the start\)$", text, path)
+    server = need(r"^- server: `([^`]+)`, run from (.+); (.+)$", text, path)
+    work = need(
+        r"^- workload: (\d+) chat requests \(seed (\d+)\); prompts (\d+)\.\.(\d+) tokens \(median (\d+)\); "
+        r"max_tokens (\d+)\.\.(\d+) \(mean (\d+), total (\d+)\)",
+        text, path,
+    )
+    command = need(r"^- command: `([^`]+)`", text, path)[1]
+    model = re.search(r"^- model: (.+)$", text, re.MULTILINE)
+    threads = re.search(r"OMP_NUM_THREADS=(\d+)", server[3])
+    commit = software[2]
+    rows = first_table(text.splitlines())
+    for row in rows:  # "minisgl" is the top-level package: the newest chapter at that commit
+        label = re.fullmatch(r"minisgl(?: ch(\d+))?", row["engine"])
+        row["chapter"] = None if label is None else label[1] or chapter_at(commit)
+    headlines = [
+        {"engine": m[1], "mode": m[2], "versus": m[3], "tok_s_ratio": float(m[4]), "tok_cpu_s_ratio": float(m[5])}
+        for m in re.finditer(
+            r"^\*\*(.+?) at (.+?) / (transformers static batch \d+): ([\d.]+)x output tokens/s\*\* "
+            r"\(([\d.]+)x per CPU second\)",
+            text, re.MULTILINE,
+        )
+    ]
+    computed = re.search(r"^transformers computed (\d+) tokens", text, re.MULTILINE)
+    return {
+        "benchmark": "serve_workload",
+        "title": text.splitlines()[0].removeprefix("# "),
+        "date": need(r"^- date: ([^;]+);", text, path)[1],
+        "elapsed_min": float(need(r"whole run ([\d.]+) min", text, path)[1]),
+        "machine": machine[1],
+        "cores": int(machine[2]),
+        "load_before": loads(load[1]),
+        "load_after": loads(load[2]),
+        "versions": versions(software[1]),
+        "commit": commit,
+        "command": command,
+        # Older results did not name the model: without --model-path it was the default one.
+        "model": model[1] if model else "SmolLM2-135M-Instruct" if "--model-path" not in command else None,
+        "server": server[1],
+        "dtype": need(r"--dtype (\S+)", server[1], path)[1],
+        "run_from": ["." if place == "the repository root" else place.strip("`/") for place in server[2].split(", ")],
+        "threads": int(threads[1]) if threads else None,
+        "workload": {
+            "requests": int(work[1]), "seed": int(work[2]),
+            "prompt_tokens_min": int(work[3]), "prompt_tokens_max": int(work[4]), "prompt_tokens_median": int(work[5]),
+            "max_tokens_min": int(work[6]), "max_tokens_max": int(work[7]), "max_tokens_mean": int(work[8]),
+            "max_tokens_total": int(work[9]),
+        },
+        "rows": rows,
+        "headlines": headlines,
+        "transformers_computed_tokens": int(computed[1]) if computed else None,
+        "converted_from": path.name,
+    }
+
+
+def from_markdown(path: Path) -> dict:
+    text = path.read_text()
+    if text.startswith("# Single-request decode speed"):
+        return decode_from_markdown(path, text)
+    if text.startswith("# Serving throughput"):
+        return serve_from_markdown(path, text)
+    raise SystemExit(f"{path}: not a result of generate_single.py or serve_workload.py")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--from-markdown", action="store_true",
+        help="first write NAME.json from NAME.md for each chapter result that has no JSON yet",
+    )
+    args = parser.parse_args()
+    missing = []
+    for name in FIGURES:
+        result = RESULTS / f"{name}.json"
+        if args.from_markdown and not result.exists():
+            result.write_text(dumps(from_markdown(RESULTS / f"{name}.md")))
+            print(f"written {result.relative_to(REPO_ROOT)} from {name}.md")
+        if result.exists():
+            render(result)
+        else:
+            missing.append(name)
+    if missing:
+        raise SystemExit(f"no JSON result for {', '.join(missing)}: run its benchmark, or this with --from-markdown")
+
+
+if __name__ == "__main__":
+    main()
