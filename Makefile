@@ -1,9 +1,9 @@
 # The course's commands. Each one sets up what it needs first, and setting up twice does nothing twice.
 #   make serve               launch the OpenAI-compatible server on the default model (port 1919)
 #   make test                the whole test suite (what CI runs)
-#   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out
+#   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out (FORCE=1: start over)
 #   make docs                serve the book at http://127.0.0.1:8000
-#   make bench               the benchmarks
+#   make bench               the benchmarks, then the book's plots of their results
 #   make lock                re-pin constraints.txt to what .venv has now
 
 PYTHON3 ?= python3
@@ -16,6 +16,7 @@ CHAPTER ?= 01
 
 setup: $(VENV)/.installed
 	@$(PYTHON) tools/prepare_model.py
+	@$(PYTHON) tools/fetch_assets.py
 
 # Reinstall only when the dependencies change. torch==2.13.0 comes from constraints.txt: on the course
 # machines that is a CPU wheel on local disk, where a looser pin could pull a multi-GB CUDA build.
@@ -33,14 +34,19 @@ test: setup
 	$(PYTHON) tools/run_tests.py $(STEPS)
 
 learn: setup
-	$(PYTHON) tools/learn.py $(CHAPTER)
+	$(PYTHON) tools/learn.py $(CHAPTER) $(if $(FORCE),--force)
 
 docs: setup
 	$(PYTHON) -m mkdocs serve
 
+# One result per chapter page: 01 against transformers, 02 against transformers' static batching,
+# 03 against chapter 02 (the same workload, one run). Each writes its table and plot for the book.
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
-	$(PYTHON) benchmarks/serve_workload.py
+	$(PYTHON) benchmarks/serve_workload.py --chapter 02
+	$(PYTHON) benchmarks/serve_workload.py --chapter 02 top --concurrency 32 --skip-transformers \
+		--output benchmarks/results/serve_ch02_vs_ch03.md
+	$(PYTHON) benchmarks/plot_results.py
 
 lock: $(VENV)/.installed
 	$(PYTHON) -m pip freeze --exclude-editable | grep -v -i '^minisgl' | sed -E 's/^(torch==[0-9.]+)\+.*/\1/' > constraints.txt
