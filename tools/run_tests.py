@@ -7,8 +7,12 @@ Steps, each in its own process (chapters cannot share one: each imports its own 
 - ``chapter NN``: ``pytest chapters/NN``, the chapter's tests against its reference snapshot;
 - ``repository``: ``pytest tests``, the top-level package and the repository's own checks;
 - ``notebooks``: every chapter's notebook executed top to bottom;
-- ``book``: ``mkdocs build --strict``;
-- ``exercises``: every exercise's tests fail on its stub (``tools/check_exercises.py``).
+- ``book``: ``tools/check_book.py``: ``mkdocs build --strict``, then the pages a learner reads opened
+  in headless Chromium with the network blocked (diagrams drawn and readable, no raw markdown, code
+  that fits); where Chromium is missing and cannot be installed, that part says SKIPPED;
+- ``exercises``: every exercise's tests fail on its stub (``tools/check_exercises.py``);
+- ``branches``: each chapter branch a learner can check out (``tools/chapters.py branches``) builds its
+  own book with ``--strict`` and passes its own tests (``tools/check_branches.py``).
 
 Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 
@@ -20,7 +24,6 @@ Every step runs even when an earlier one fails; the exit code is non-zero if any
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 from course import REPO_ROOT, chapters
@@ -30,14 +33,14 @@ ENV = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice abou
 
 
 def steps() -> dict[str, list[str]]:
-    site = tempfile.mkdtemp(prefix="minisgl-site-")
     pytest = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     found = {"lint": [PYTHON, "-m", "ruff", "check", "minisgl", "tools", "benchmarks", "tests", "chapters"]}
     found |= {f"chapter {c}": pytest + [f"chapters/{c}"] for c in chapters()}
     found["repository"] = pytest + ["tests"]
     found["notebooks"] = [PYTHON, "tools/run_notebooks.py"]
-    found["book"] = [PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", site]
+    found["book"] = [PYTHON, "tools/check_book.py"]
     found["exercises"] = [PYTHON, "tools/check_exercises.py"]
+    found["branches"] = [PYTHON, "tools/check_branches.py"]
     return found
 
 
