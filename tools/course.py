@@ -7,8 +7,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS_DIR = REPO_ROOT / "chapters"
 LEARN_DIR = REPO_ROOT / "learn"
 
-# `# --8<-- [start:ex-rope]` ... `# --8<-- [end:ex-rope]`: region markers (the scissors are pymdownx.snippets'), which
-# the book also uses to pull code from the snapshot.
+# `# --8<-- [start:ex-rope]` ... `# --8<-- [end:ex-rope]`: region markers, which the book's hook
+# (tools/book.py) also reads to pull code from the snapshot.
 EXERCISE_START = re.compile(r"^(?P<indent>\s*)# --8<-- \[start:ex-(?P<name>[\w-]+)\]\s*$")
 EXERCISE_END = re.compile(r"^\s*# --8<-- \[end:ex-(?P<name>[\w-]+)\]\s*$")
 
