@@ -4,6 +4,10 @@
   ``make learn CHAPTER=NN``) instead of the chapter's reference snapshot; ``--learn=PATH`` names
   another workspace folder (one that contains ``minisgl/``).
 - ``@pytest.mark.exercise("rope")`` ties a test to an exercise, so that ``-k rope`` selects it.
+  ``@pytest.mark.exercise("rope", focused=True)`` marks the exercise's one focused test: a small, direct
+  check whose failure says what is wrong. Focused tests run first (otherwise the order stays as
+  collected), so ``-k rope -x`` stops at it; each carries the junit property ``focused_exercise`` for
+  ``tools/check_exercises.py``.
 - ``@pytest.mark.cuda`` and ``@pytest.mark.ranks(n, backend="gloo")`` skip a test, with the reason,
   on a machine without the GPUs it needs (``tests/kit/gpu_markers.py`` decides).
 - The shared test kit ``tests/kit/`` (the server as a process, the OpenAI contract tests) is importable
@@ -42,10 +46,18 @@ def pytest_configure(config):
         config.addinivalue_line("markers", line)
 
 
+def is_focused(item) -> bool:
+    return any(mark.kwargs.get("focused") for mark in item.iter_markers("exercise"))
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         for mark in item.iter_markers("exercise"):
             item.extra_keyword_matches.update(mark.args)
+            if mark.kwargs.get("focused"):
+                item.user_properties.extend(("focused_exercise", name) for name in mark.args)
+    # A stable sort: the focused tests move to the front, everything else keeps its order.
+    items.sort(key=lambda item: not is_focused(item))
 
 
 def pytest_runtest_setup(item):

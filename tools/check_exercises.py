@@ -6,6 +6,12 @@ no test, or when a selected test passes on the stub (a test that cannot notice a
 test that ``-k`` picked up by accident because its name contains the exercise's). That the same tests
 pass on the reference is checked by the chapter's own test run.
 
+The same run checks the exercise's focused test (``@pytest.mark.exercise(NAME, focused=True)``): exactly
+one selected test is focused on it, and it is the first to fail, so that ``-k NAME -x`` stops there.
+The junit report lists the tests in the order they ran (``-x`` changes where a run stops, not its
+order) and names each focused test's exercise in a ``focused_exercise`` property (the root conftest.py
+adds it).
+
     python tools/check_exercises.py [01 02 ...]
 """
 
@@ -19,17 +25,36 @@ from course import REPO_ROOT, chapter_exercises, chapters, exercises, snapshot_r
 from learn import make_workspace
 
 
-def run_selected(chapter: str, name: str, learn: Path, report: Path) -> dict[str, bool]:
-    """Run chapter's tests selected by ``-k name`` against workspace ``learn``; returns test id -> passed."""
+def run_selected(chapter: str, name: str, learn: Path, report: Path) -> list[tuple[str, bool, set[str]]]:
+    """Run chapter's tests selected by ``-k name`` against workspace ``learn``; returns, in the order they ran,
+    each test's id, whether it passed, and the exercises it is the focused test of."""
     command = [sys.executable, "-m", "pytest", f"chapters/{chapter}", "-q", "-p", "no:cacheprovider", "-k", name]
-    command += [f"--junitxml={report}", f"--learn={learn}"]
+    command += ["-p", "no:randomly", f"--junitxml={report}", f"--learn={learn}"]
     # Failing tests are expected (stubs fail); the results come from the junit report, not the exit code.
     subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-    results = {}
+    results = []
     for case in ET.parse(report).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"
-        results[test_id] = not any(child.tag in ("failure", "error") for child in case)
+        passed = not any(child.tag in ("failure", "error") for child in case)
+        focused = {p.get("value") for p in case.iter("property") if p.get("name") == "focused_exercise"}
+        results.append((test_id, passed, focused))
     return results
+
+
+def verdict(name: str, on_stub: list[tuple[str, bool, set[str]]]) -> str:
+    """What is wrong with an exercise's tests, run on its stub (in the order they ran), or "ok"."""
+    if not on_stub:
+        return "selects no test"
+    passing_on_stub = [test_id for test_id, passed, _ in on_stub if passed]
+    if passing_on_stub:
+        return f"passes on the stub: {', '.join(passing_on_stub)}"
+    focused = [test_id for test_id, _, names in on_stub if name in names]
+    if len(focused) != 1:
+        return f"has {len(focused)} focused tests, expected exactly one{': ' if focused else ''}{', '.join(focused)}"
+    first_failing = next(test_id for test_id, passed, _ in on_stub if not passed)
+    if first_failing != focused[0]:
+        return f"-x stops at {first_failing}, not at its focused test {focused[0]}"
+    return "ok"
 
 
 def check(chapter: str) -> list[str]:
@@ -41,15 +66,11 @@ def check(chapter: str) -> list[str]:
             workspace = Path(tmp) / "workspace"
             make_workspace(chapter, workspace, only={name})
             on_stub = run_selected(chapter, name, workspace, Path(tmp) / "stub.xml")
-        passing_on_stub = [t for t, ok in on_stub.items() if ok]
-        verdict = "ok"
-        if not on_stub:
-            verdict = "selects no test"
-        elif passing_on_stub:
-            verdict = f"passes on the stub: {', '.join(passing_on_stub)}"
-        print(f"chapter {chapter} exercise {name}: {len(on_stub)} test(s), {verdict}", flush=True)
-        if verdict != "ok":
-            problems.append(f"chapter {chapter} exercise {name}: {verdict}")
+        found = verdict(name, on_stub)
+        focused = next((test_id.rpartition("::")[2] for test_id, _, names in on_stub if name in names), None)
+        print(f"chapter {chapter} exercise {name}: {len(on_stub)} test(s), focused {focused}, {found}", flush=True)
+        if found != "ok":
+            problems.append(f"chapter {chapter} exercise {name}: {found}")
     return problems
 
 
@@ -58,7 +79,7 @@ def main() -> None:
     problems = [p for chapter in selected for p in check(chapter)]
     if problems:
         sys.exit("\n".join(["exercise check failed:", *problems]))
-    print("every exercise's tests fail on its stub")
+    print("every exercise's tests fail on its stub, its focused test first")
 
 
 if __name__ == "__main__":
