@@ -11,7 +11,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-from course import chapter_exercises, chapters, snapshot_root, stub_exercises
+from check_exercises import verdict
+from course import CHAPTERS_DIR, chapter_exercises, chapters, snapshot_root, stub_exercises
 from learn import make_workspace
 
 
@@ -48,6 +49,63 @@ def test_the_book_documents_every_exercise(chapter):
     assert len(names) >= 3, f"chapter {chapter} has fewer than three exercises"
     for name in names:
         assert f"-k {name}" in page, f"docs/chapters/{chapter}.md does not say how to test exercise {name}"
+
+
+def focused_marks(chapter: str) -> list[str]:
+    """The exercise names of every ``@pytest.mark.exercise(..., focused=True)`` in a chapter's tests."""
+    names = []
+    for path in sorted((CHAPTERS_DIR / chapter / "tests").rglob("*.py")):
+        for args in re.findall(r"mark\.exercise\(([^)]*)\)", path.read_text()):
+            if re.search(r"\bfocused\s*=\s*True\b", args):
+                names += re.findall(r"[\"']([\w-]+)[\"']", args)
+    return names
+
+
+@pytest.mark.parametrize("chapter", chapters())
+def test_every_exercise_has_exactly_one_focused_test(chapter):
+    marked = focused_marks(chapter)
+    for name in chapter_exercises(chapter):
+        assert marked.count(name) == 1, (
+            f"chapter {chapter}: exercise {name} has {marked.count(name)} tests marked "
+            f"@pytest.mark.exercise({name!r}, focused=True); it needs exactly one"
+        )
+
+
+class FakeItem:
+    """The parts of a pytest item that the root conftest's collection hook reads and writes."""
+
+    def __init__(self, name, *marks):
+        self.name, self.marks = name, [m.mark for m in marks]
+        self.extra_keyword_matches, self.user_properties = set(), []
+
+    def iter_markers(self, name):
+        return (m for m in self.marks if m.name == name)
+
+
+def test_focused_tests_move_to_the_front_and_the_rest_keep_their_order(request):
+    root_conftest = request.config.pluginmanager.get_plugin(str(REPO_ROOT / "conftest.py"))  # as pytest loaded it
+    items = [
+        FakeItem("end_to_end", pytest.mark.exercise("rope", "kv")),
+        FakeItem("unmarked"),
+        FakeItem("focused_kv", pytest.mark.exercise("kv", focused=True)),
+        FakeItem("other", pytest.mark.exercise("rope")),
+        FakeItem("focused_rope", pytest.mark.exercise("rope", focused=True)),
+    ]
+    root_conftest.pytest_collection_modifyitems(items)
+    assert [i.name for i in items] == ["focused_kv", "focused_rope", "end_to_end", "unmarked", "other"]
+    assert items[0].extra_keyword_matches == {"kv"} and items[2].extra_keyword_matches == {"rope", "kv"}
+    assert items[0].user_properties == [("focused_exercise", "kv")] and items[2].user_properties == []
+
+
+def test_the_exercise_check_wants_one_focused_test_failing_first():
+    focused, other = ("t::focused", False, {"rope"}), ("t::other", False, set())
+    assert verdict("rope", [focused, other]) == "ok"
+    assert verdict("rope", []) == "selects no test"
+    assert verdict("rope", [focused, ("t::other", True, set())]) == "passes on the stub: t::other"
+    assert verdict("rope", [other]) == "has 0 focused tests, expected exactly one"
+    assert verdict("rope", [("t::kv", False, {"kv"}), other]) == "has 0 focused tests, expected exactly one"
+    assert verdict("rope", [focused, ("t::again", False, {"rope"})]).startswith("has 2 focused tests")
+    assert verdict("rope", [other, focused]) == "-x stops at t::other, not at its focused test t::focused"
 
 
 SOURCE = '''def f(x):
@@ -125,3 +183,44 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
     monkeypatch.setenv("MINISGL_CACHE", str(tmp_path))
     assert default_model_path() == tmp_path / "models" / "SmolLM2-135M-Instruct"
+
+
+# An absolute path of the machine that ran a notebook: a home, work or temporary folder.
+MACHINE_PATH = re.compile(r"(?<![\w.])(/home/|/root/|/work/|/tmp/|/var/folders/|/Users/|[A-Z]:\\Users)")
+
+
+def notebook_outputs(chapter: str) -> list[tuple[int, str, str]]:
+    """(cell number, output kind, text) of every stored output of chapter's notebook."""
+    import json
+
+    notebook = json.loads((REPO_ROOT / "chapters" / chapter / "notebook.ipynb").read_text())
+    found = []
+    for number, cell in enumerate(notebook["cells"]):
+        for output in cell.get("outputs", []):
+            kind = output.get("name") or output["output_type"]
+            text = output.get("text") or output.get("data", {}).get("text/plain") or output.get("traceback") or ""
+            found.append((number, kind, "".join(text) if isinstance(text, list) else text))
+    return found
+
+
+@pytest.mark.parametrize("chapter", chapters())
+def test_notebook_outputs_carry_no_path_of_the_machine_that_ran_them(chapter):
+    found = [(n, MACHINE_PATH.search(text)[0]) for n, _, text in notebook_outputs(chapter) if MACHINE_PATH.search(text)]
+    assert not found, f"chapters/{chapter}/notebook.ipynb: outputs of cells {found} show an absolute path; " \
+        "print paths relative to the repository and run `python tools/run_notebooks.py NN --write`"
+
+
+@pytest.mark.parametrize("chapter", chapters())
+def test_notebook_outputs_have_no_errors_or_warnings(chapter):
+    outputs = notebook_outputs(chapter)
+    assert outputs, f"chapters/{chapter}/notebook.ipynb has no stored outputs: run it with --write"
+    bad = [(n, kind) for n, kind, text in outputs
+           if kind in ("error", "stderr") or re.search(r"\w+Warning\b|IProgress not found", text)]
+    assert not bad, f"chapters/{chapter}/notebook.ipynb: cells with errors, stderr or warnings: {bad}"
+
+
+def test_the_notebook_path_check_catches_a_machine_path():
+    for text in ("/work/main/minisgl/__init__.py", "in /home/ana/minisgl", "/tmp/tmpab12/x.sock", "C:\\Users\\x"):
+        assert MACHINE_PATH.search(text), text
+    for text in ("chapters/01/minisgl/__init__.py", "/proc/1/status", "/v1/chat/completions", "a/work/b"):
+        assert not MACHINE_PATH.search(text), text
