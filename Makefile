@@ -40,12 +40,14 @@ docs: setup
 	$(PYTHON) -m mkdocs serve
 
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
-# 03 against chapter 02 (the same workload, one run). Each writes its table and plot for the book.
+# 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run). Each writes its
+# table and plot for the book.
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 top --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_ch02_vs_ch03.md
+	$(PYTHON) benchmarks/tp_decode.py
 	$(PYTHON) benchmarks/plot_results.py
 
 lock: $(VENV)/.installed

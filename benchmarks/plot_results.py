@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a server
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,15 +91,15 @@ def caption(result: dict) -> str:
     )
 
 
-def heading(fig, title: str, handles: list | None = None):
-    """The figure's title, with the colour legend under it if there is one."""
+def heading(fig, title: str, handles: list | None = None, ncols: int | None = None):
+    """The figure's title, with the colour legend under it if there is one (in one row, unless ``ncols``)."""
     if handles is None:
         fig.suptitle(title, fontweight="bold", fontsize=12)
     else:
         # The legend's own title is the figure's: constrained layout makes room for an outside legend, but
         # lays a suptitle over it.
         fig.legend(
-            handles=handles, loc="outside upper center", ncols=len(handles), frameon=False, title=title,
+            handles=handles, loc="outside upper center", ncols=ncols or len(handles), frameon=False, title=title,
             title_fontproperties={"weight": "bold", "size": 12},
         )
 
@@ -301,11 +302,103 @@ def split_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "lrrrrr", png, alt)
 
 
+# ---------------------------------------------------------------- chapter 04: tensor parallelism on this machine
+
+
+def tp_pairs(rows: list[dict], dtype: str) -> list[tuple[dict, dict]]:
+    """(TP 1 row, TP n row) per batch size: the table lists them one after the other."""
+    mine = [r for r in rows if r["dtype"] == dtype]
+    return list(zip(mine[::2], mine[1::2]))
+
+
+def tp_figure(result: dict):
+    tp, rows = result["tp"], result["rows"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=FIGSIZE, layout="constrained", squeeze=False)
+    width = 0.36
+    for ax, dtype in zip(axes[0], dtypes):
+        pairs = tp_pairs(rows, dtype)
+        x = range(len(pairs))
+        one = [a["step_ms"] for a, _ in pairs]
+        many = [b["step_ms"] for _, b in pairs]
+        comm = [min(b["collective_ms"], b["step_ms"]) for _, b in pairs]  # count x latency, within the step
+        left = ax.bar([i - width / 2 for i in x], one, width, color=BLUE)
+        ax.bar_label(left, labels=[f"{v:.1f}" for v in one], padding=2, fontsize=10)
+        ax.bar([i + width / 2 for i in x], comm, width, color=VERMILLION)
+        right = ax.bar([i + width / 2 for i in x], [m - c for m, c in zip(many, comm)], width, bottom=comm, color=GREEN)
+        labels = [f"{b['step_ms']:.1f}\n{b['collective_share']}% collectives" for _, b in pairs]
+        ax.bar_label(right, labels=labels, padding=2, fontsize=9.5)
+        waited = [b["in_collectives_ms"] for _, b in pairs]  # measured inside the step, waits included
+        ax.hlines(waited, [i + 0.02 for i in x], [i + width - 0.02 for i in x], colors="black", linestyles="--")
+        ticks = [f"batch {a['batch']}\nTP {tp}: {b['speed_vs_tp1']:.2f}x speed" for a, b in pairs]
+        ax.set_xticks(x, ticks)
+        ax.tick_params(axis="x", length=0)
+        ax.set_xlim(-0.7, len(pairs) - 0.3)  # one batch size or several: bars of the same width
+        ax.set_ylim(0, max(one + many) * 1.3)
+        ax.set_title(f"{dtype}: median decode step")
+        ax.set_ylabel("ms per decode step")
+    count = sum(result["collectives"].values())
+    handles = [
+        Patch(color=BLUE, label=f"TP 1 ({result['threads']['1']} threads)"),
+        Patch(color=GREEN, label=f"TP {tp}: rest of the step"),
+        Patch(color=VERMILLION, label=f"TP {tp}: {count} collectives, count × latency"),
+        Line2D([], [], color="black", linestyle="--", label=f"TP {tp} rank 0: time inside them, waits included"),
+    ]
+    heading(fig, f"Chapter 04: a decode step at TP 1 and TP {tp} on {result['cores']} CPU cores", handles, ncols=2)
+    fig.supxlabel(
+        f"{caption(result)}\n{result['model']}, {result['prompt_len']}-token prompts, median of {result['steps']} "
+        f"steps; TP {tp}: {tp} processes × {result['threads'][str(tp)]} thread, gloo",
+        fontsize=10, color=CAPTION_GREY,
+    )
+    return fig
+
+
+def tp_fragment(result: dict, png: str) -> str:
+    tp, threads = result["tp"], result["threads"]
+    lead = (
+        f"{measured(result)}; {result['model']}, TP 1 with {threads['1']} threads against TP {tp} as {tp} processes "
+        f"of {threads[str(tp)]} thread (gloo on one machine), {result['prompt_len']}-token prompts, greedy, median "
+        f"of {result['steps']} decode steps: `{result['command']}`."
+    )
+    header = [
+        "dtype", "batch", "TP 1 step ms", f"TP {tp} step ms", f"TP {tp} speed", "collectives per step",
+        "all-reduce µs", "count × latency ms", f"share of TP {tp} step",
+    ]
+    rows = [
+        [
+            a["dtype"], a["batch"], f"{a['step_ms']:.1f}", f"{b['step_ms']:.1f}", f"{b['speed_vs_tp1']:.2f}x",
+            b["collectives_per_step"], b["all_reduce_us"], f"{b['collective_ms']:.1f}", f"{b['collective_share']}%",
+        ]
+        for dtype in dict.fromkeys(r["dtype"] for r in result["rows"])
+        for a, b in tp_pairs(result["rows"], dtype)
+    ]
+    alt = f"Bar chart of the table: median decode step at TP 1 and TP {tp}, with the collectives' share of TP {tp}"
+    paper = [
+        [
+            p["link"], p["dtype"], p["batch"], f"{p['latency_us'][0]}-{p['latency_us'][1]}", p["bandwidth_gb_s"],
+            f"{p['total_ms'][0]:.2f}-{p['total_ms'][1]:.2f}", f"{p['here_ms']:.1f}",
+        ]
+        for p in result["paper"]
+    ]
+    here = f"here ms (gloo, {result['cores']} cores)"
+    paper_header = ["link", "dtype", "batch", "latency µs each", "GB/s", "collectives per step ms", here]
+    return "\n".join([
+        fragment(lead, header, rows, "lrrrrrrrr", png, alt),
+        f"On paper, the same TP {tp} step's collectives elsewhere: count × latency + bytes each GPU sends / "
+        "bandwidth (compute not included; latencies approximate). Sources: "
+        + "; ".join(f"{link['link']}: {link['source']}" for link in result["links"]) + ".",
+        "",
+        *table(paper_header, paper, "llrrrrr"),
+        "",
+    ])
+
+
 # The results that chapter pages show: result name -> (PNG, figure, fragment).
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
     "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
     "serve_ch02_vs_ch03": ("ch03-process-split.png", split_figure, split_fragment),
+    "tp_decode": ("ch04-tensor-parallel.png", tp_figure, tp_fragment),
 }
 
 

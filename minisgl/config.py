@@ -40,6 +40,8 @@ def resolve_config(args: ServerArgs) -> ServerConfig:
     if raw is None:
         raise FileNotFoundError(f"no config.json in model folder {path}")
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
+    heads = raw["num_attention_heads"]
+    check_tp_size(args.tp_size, heads, raw.get("num_key_value_heads", heads), raw["intermediate_size"])
     max_positions = raw.get("max_position_embeddings", 2048)
     if args.context_length > max_positions:
         logger.info("--context-length %d is longer than the model's %d positions: using %d",
@@ -54,6 +56,37 @@ def resolve_config(args: ServerArgs) -> ServerConfig:
         chat_template=chat_template(path, tokenizer_config),
     )
 # --8<-- [end:server-config]
+
+
+# --8<-- [start:check-tp-size]
+def tensor_parallel_problem(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> str | None:
+    """Why a model cannot be split across ``tp_size`` ranks, or None if it can (introduced in chapter 04).
+
+    Every rank gets the same number of query heads and the same slice of the MLP. KV heads are split
+    the same way when there are at least as many as ranks; with fewer, each is held by a group of ranks
+    (replicated), which works when the ranks divide evenly among them. The vocabulary need not divide:
+    the embedding and the LM head pad it (``layers/embedding.py``).
+    """
+    if num_heads % tp_size:
+        return f"does not divide the model's {num_heads} attention heads"
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        return f"and the model's {num_kv_heads} KV heads do not divide one another"
+    if intermediate_size % tp_size:
+        return f"does not divide the model's {intermediate_size} MLP intermediate features"
+    return None
+
+
+def check_tp_size(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+    """Refuse a TP size the model cannot be split by, naming the numbers and the sizes that work."""
+    if tp_size < 1:
+        raise ValueError(f"--tp-size must be at least 1, got {tp_size}")
+    problem = tensor_parallel_problem(tp_size, num_heads, num_kv_heads, intermediate_size)
+    if problem:
+        sizes = [n for n in range(1, num_heads + 1)
+                 if tensor_parallel_problem(n, num_heads, num_kv_heads, intermediate_size) is None]
+        raise ValueError(f"--tp-size {tp_size} {problem}: use a TP size the model can be split by "
+                         f"({', '.join(map(str, sizes))})")
+# --8<-- [end:check-tp-size]
 
 
 def local_model_folder(name_or_path: str) -> Path:

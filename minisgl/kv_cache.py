@@ -10,6 +10,9 @@ carries. Keeping them apart lets a later chapter change how memory is handed out
 cache) without touching the tensors, and the tensors (their layout, their device) without touching
 the scheduler.
 
+Under tensor parallelism each rank caches only the KV heads its attention uses (``kv_heads`` is this
+rank's count): the cache, like the weights, is split across the ranks.
+
 A slot is sized for the longest sequence we accept, which wastes memory on short requests; chapter 05
 replaces slots with pages.
 """

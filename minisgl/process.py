@@ -18,6 +18,11 @@ def start_child(context, name: str, target: str, *args):
     return process
 
 
+def scheduler_name(rank: int, tp_size: int) -> str:
+    """The scheduler process's name: one per tensor-parallel rank, numbered when there are several."""
+    return "minisgl-scheduler" if tp_size == 1 else f"minisgl-scheduler-{rank}"
+
+
 def run_target(target: str, *args) -> None:
     module, function = target.split(":")
     getattr(importlib.import_module(module), function)(*args)

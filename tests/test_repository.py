@@ -106,6 +106,8 @@ def test_the_exercise_check_wants_one_focused_test_failing_first():
     assert verdict("rope", [("t::kv", False, {"kv"}), other]) == "has 0 focused tests, expected exactly one"
     assert verdict("rope", [focused, ("t::again", False, {"rope"})]).startswith("has 2 focused tests")
     assert verdict("rope", [other, focused]) == "-x stops at t::other, not at its focused test t::focused"
+    cases = [("t::focused[2]", False, {"rope"}), ("t::focused[3]", False, {"rope"}), other]
+    assert verdict("rope", cases) == "ok"  # the cases of one parametrized test are one test
 
 
 SOURCE = '''def f(x):

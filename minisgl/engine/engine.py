@@ -4,6 +4,11 @@ It owns what lives on the device: the model's weights, the KV cache's tensors an
 backend that reads them. It knows nothing of queues, HTTP or text, nor of who holds which KV cache
 slot: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
 (``core.py``); the engine only runs it.
+
+Under tensor parallelism every rank has an engine, and every rank's engine runs every batch: each with
+its share of the weights and of the KV cache (``distributed.tp_info()`` says which), all meeting in
+the model's collectives. Each ends with the logits of the whole vocabulary, so each samples the same
+tokens, given the same seeds.
 """
 
 from itertools import accumulate
@@ -13,7 +18,9 @@ import torch
 
 from ..attention import TorchBackend
 from ..core import Batch
+from ..distributed import tp_info
 from ..kv_cache import KVCache
+from ..layers import kv_head_shard
 from ..models import load_model
 from ..sampling import make_generator, sample
 
@@ -44,9 +51,9 @@ class Engine:
         if context_length > c.max_position_embeddings:
             raise ValueError(f"context_length {context_length} is more than the model's {c.max_position_embeddings}")
         self.context_length = context_length
-        self.kv_cache = KVCache(
-            c.num_layers, num_slots, context_length, c.num_kv_heads, c.head_dim, self.dtype, self.device
-        )
+        tp = tp_info()
+        _, kv_heads = kv_head_shard(c.num_kv_heads, tp.rank, tp.size)  # this rank caches its own KV heads only
+        self.kv_cache = KVCache(c.num_layers, num_slots, context_length, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = TorchBackend(self.kv_cache)
 
     def new_generator(self, seed: int | None) -> torch.Generator:
@@ -55,14 +62,18 @@ class Engine:
 
     # --8<-- [start:engine-step]
     @torch.inference_mode()
-    def step(self, batch: Batch) -> list[int]:
-        """Run the batch's new tokens and return the next token of each of its requests."""
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32."""
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         positions = as_tensor(batch.positions)
         self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
         hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
         last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
-        logits = self.model.logits(hidden[last_tokens])  # only those are sampled
+        return self.model.logits(hidden[last_tokens])  # only those are sampled
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[int]:
+        """Run the batch's new tokens and return the next token of each of its requests (the same on every rank)."""
         requests = batch.requests
-        return sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        return sample(self.forward(batch), [r.params for r in requests], [r.generator for r in requests])
     # --8<-- [end:engine-step]

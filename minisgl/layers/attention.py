@@ -4,12 +4,17 @@ The projections q, k and v read the same input, so they are one fused ``qkv`` ma
 it from the checkpoint's three tensors). After rotating q and k, the block hands them, with v, to the
 attention backend (``minisgl/attention/``), which stores the new keys and values in the KV cache and
 attends over each request's cached sequence. What stays here is the same whatever the backend.
+
+With tensor parallelism each rank holds some of the heads (``qkv`` is column-parallel, split by heads),
+attends with those alone, and the output projection ``o`` (row-parallel) sums the ranks' parts. The
+constructor takes the model's head counts; ``self.num_heads`` and ``self.num_kv_heads`` are this rank's.
 """
 
 import torch
 from torch import nn
 
 from ..attention import AttentionBackend
+from .linear import QKVParallelLinear, RowParallelLinear
 from .norm import RMSNorm
 from .rotary import apply_rotary
 
@@ -29,11 +34,11 @@ class Attention(nn.Module):
     ):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o = nn.Linear(q_size, hidden_size, bias=o_bias)
+        self.qkv = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=qkv_bias)
+        # this rank's heads, and the sizes of its q, k and v within the fused output
+        self.num_heads, self.num_kv_heads, self.head_dim = self.qkv.num_heads, self.qkv.num_kv_heads, head_dim
+        self.split_sizes = self.qkv.split_sizes
+        self.o = RowParallelLinear(num_heads * head_dim, hidden_size, bias=o_bias)
         # Qwen3 normalizes each head of q and k before the rotation, which keeps logits tame.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None

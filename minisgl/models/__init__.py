@@ -4,14 +4,17 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..distributed import tp_info
+from .config import ModelConfig, check_tensor_parallel
 from .decoder import CausalLM
 from .weights import load_weights
 
 
 def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> CausalLM:
-    """Build the model for ``model_path``'s config and fill it with the checkpoint's weights."""
+    """Build the model for ``model_path``'s config and fill it with the checkpoint's weights: this rank's
+    share of them, under tensor parallelism (``distributed.tp_info()``)."""
     config = ModelConfig.from_path(model_path)
+    check_tensor_parallel(config, tp_info().size)
     # Build on the meta device (shapes only, no memory, no random init), then allocate the real
     # storage once: every parameter is about to be overwritten by the checkpoint anyway.
     with torch.device("meta"):
@@ -22,4 +25,4 @@ def load_model(model_path: str | Path, dtype: torch.dtype = torch.float32, devic
     return model.eval()
 
 
-__all__ = ["CausalLM", "ModelConfig", "load_model", "load_weights"]
+__all__ = ["CausalLM", "ModelConfig", "check_tensor_parallel", "load_model", "load_weights"]

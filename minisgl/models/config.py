@@ -11,12 +11,15 @@ Qwen3       Qwen3ForCausalLM       ``attention_bias``      ``attention_bias``   
 ==========  =====================  ======================  ====================  ===========================
 
 Settings this course does not implement (RoPE scaling, MLP biases, sliding-window attention) are
-refused with an error here, rather than silently giving wrong output later.
+refused with an error here, rather than silently giving wrong output later. So is a tensor-parallel
+size that the model's heads or MLP cannot be split by (``check_tensor_parallel``).
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..config import check_tp_size
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -95,3 +98,10 @@ class ModelConfig:
             eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
             raw["eos_token_id"] = list(dict.fromkeys(eos + extra))
         return cls.from_dict(raw)
+
+
+# --8<-- [start:check-tensor-parallel]
+def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
+    """Refuse a TP size the model cannot be split by (the launcher checks the same, before any rank starts)."""
+    check_tp_size(tp_size, config.num_heads, config.num_kv_heads, config.intermediate_size)
+# --8<-- [end:check-tensor-parallel]

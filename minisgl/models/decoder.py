@@ -8,14 +8,18 @@ layer is pre-norm:
 
 Activations are plain [tokens, hidden] matrices with no batch dimension: a batch of requests is laid
 end to end, and only the attention backend knows which tokens belong together.
+
+Under tensor parallelism every rank builds this same model from parallel layers (``layers/linear.py``,
+``layers/embedding.py``), which read the rank and the TP size from ``distributed.tp_info()`` and keep
+only their share of each weight. Between the layers, every rank holds the same full [tokens, hidden]
+activations: the norms and the residual additions are computed on every rank, identically.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionBackend
-from ..layers import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from ..layers import Attention, ParallelLMHead, RMSNorm, RotaryEmbedding, SwiGLU, VocabParallelEmbedding
 from .config import ModelConfig
 
 
@@ -48,12 +52,12 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Small models reuse the embedding matrix as the output projection ("tied" embeddings).
         self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else ParallelLMHead(config.vocab_size, config.hidden_size)
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
     # --8<-- [end:model-init]
@@ -73,7 +77,7 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores over the vocabulary, in float32 so that sampling sees every bit of them."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """Scores over the whole vocabulary, on every rank, in float32 so that sampling sees every bit of them."""
+        head = self.embed if self.lm_head is None else self.lm_head  # tied: the embedding's block scores
+        return head.logits(hidden).float()
     # --8<-- [end:model-forward]

@@ -3,9 +3,13 @@
 A checkpoint is a folder with ``model.safetensors``, or with several shards listed by
 ``model.safetensors.index.json``. Our module names differ from the checkpoint's, and we fuse q/k/v
 into one matrix and gate/up into another, so loading is driven by one table: for every checkpoint
-tensor the model needs, the slice of our parameter it fills (``checkpoint_layout``). A tensor the
+tensor the model needs, the part of it this rank keeps and the slice of our parameter it fills
+(``checkpoint_layout``, a ``Shard`` per tensor, asked of the layers that hold them). A tensor the
 table names but the checkpoint lacks is an error; a tensor the checkpoint has but the table does not
 name (a tied ``lm_head``, say) is ignored.
+
+Under tensor parallelism every rank reads the checkpoint itself and cuts each tensor as it reads it:
+one whole tensor at a time passes through memory, and no rank ever holds the whole model.
 """
 
 import json
@@ -14,34 +18,33 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..layers import Shard, whole
 from .decoder import CausalLM
 
 
 # --8<-- [start:checkpoint-layout]
-def checkpoint_layout(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the view of our parameter that it fills."""
-    layout = {"model.embed_tokens.weight": model.embed.weight.data, "model.norm.weight": model.norm.weight.data}
+def checkpoint_layout(model: CausalLM) -> dict[str, Shard]:
+    """Checkpoint tensor name -> what this rank keeps of it, and where."""
+    layout = {"model.embed_tokens.weight": model.embed.shard(), "model.norm.weight": whole(model.norm.weight)}
     if model.lm_head is not None:
-        layout["lm_head.weight"] = model.lm_head.weight.data
+        layout["lm_head.weight"] = model.lm_head.shard()
     for i, layer in enumerate(model.layers):
         prefix, attn = f"model.layers.{i}.", layer.attn
         for part in ("weight", "bias"):
-            fused = getattr(attn.qkv, part)
-            if fused is not None:
-                q, k, v = fused.data.split(attn.split_sizes)
-                layout |= {f"{prefix}self_attn.{name}_proj.{part}": t for name, t in zip("qkv", (q, k, v))}
-        layout[f"{prefix}self_attn.o_proj.weight"] = attn.o.weight.data
+            if getattr(attn.qkv, part) is not None:
+                for index, name in enumerate("qkv"):
+                    layout[f"{prefix}self_attn.{name}_proj.{part}"] = attn.qkv.shard(part, index)
+        layout[f"{prefix}self_attn.o_proj.weight"] = attn.o.shard("weight")
         if attn.o.bias is not None:
-            layout[f"{prefix}self_attn.o_proj.bias"] = attn.o.bias.data
+            layout[f"{prefix}self_attn.o_proj.bias"] = attn.o.shard("bias")
         if attn.q_norm is not None:
-            layout[f"{prefix}self_attn.q_norm.weight"] = attn.q_norm.weight.data
-            layout[f"{prefix}self_attn.k_norm.weight"] = attn.k_norm.weight.data
-        gate, up = layer.mlp.gate_up.weight.data.chunk(2)
-        layout[f"{prefix}mlp.gate_proj.weight"] = gate
-        layout[f"{prefix}mlp.up_proj.weight"] = up
-        layout[f"{prefix}mlp.down_proj.weight"] = layer.mlp.down.weight.data
-        layout[f"{prefix}input_layernorm.weight"] = layer.input_norm.weight.data
-        layout[f"{prefix}post_attention_layernorm.weight"] = layer.post_attn_norm.weight.data
+            layout[f"{prefix}self_attn.q_norm.weight"] = whole(attn.q_norm.weight)
+            layout[f"{prefix}self_attn.k_norm.weight"] = whole(attn.k_norm.weight)
+        layout[f"{prefix}mlp.gate_proj.weight"] = layer.mlp.gate_up.shard("weight", 0)
+        layout[f"{prefix}mlp.up_proj.weight"] = layer.mlp.gate_up.shard("weight", 1)
+        layout[f"{prefix}mlp.down_proj.weight"] = layer.mlp.down.shard("weight")
+        layout[f"{prefix}input_layernorm.weight"] = whole(layer.input_norm.weight)
+        layout[f"{prefix}post_attention_layernorm.weight"] = whole(layer.post_attn_norm.weight)
     return layout
 # --8<-- [end:checkpoint-layout]
 
@@ -77,11 +80,11 @@ def load_weights(model: CausalLM, model_path: str | Path) -> None:
         for file, names in by_file.items():
             with safe_open(file, framework="pt") as f:
                 for name in names:
-                    tensor, target = f.get_tensor(name), layout[name]
-                    if tensor.shape != target.shape:
+                    tensor, shard = f.get_tensor(name), layout[name]
+                    if tuple(tensor.shape) != shard.full_shape:
                         raise ValueError(
                             f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(target.shape)}"
+                            f"the model expects {shard.full_shape}"
                         )
-                    target.copy_(tensor)  # casts to the model's dtype and device
+                    shard.load(tensor)  # this rank's part only; the whole tensor is dropped next
 # --8<-- [end:load-weights]
