@@ -37,13 +37,13 @@ import functools
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from machine import cpu_model, git_commit
 from plot_results import column_key, dumps, render
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
@@ -103,28 +103,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """The commit measured (chapter 01's snapshot lives in it), marked if the snapshot has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "chapters/01"], cwd=root, capture_output=True, text=True, check=False
-        )
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: SmolLM2-135M-Instruct)")
@@ -137,7 +115,7 @@ def main():
     model_path = Path(args.model_path) if args.model_path else require_default_model()
 
     load_before = os.getloadavg()  # other work on the machine skews every number; say how much there was
-    commit = git_commit()
+    commit = git_commit("chapters/01")
     if load_before[0] > 0.5:
         # With 2 cores, one busy neighbour can make a 2-thread decode several times slower.
         print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)

@@ -60,7 +60,6 @@ import platform
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from machine import cpu_model, git_commit
 from plot_results import column_key, dumps, render
 from tqdm import tqdm
 
@@ -405,27 +405,6 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
 # ---------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "minisgl", "chapters"], cwd=REPO_ROOT, capture_output=True, text=True,
-            check=False,  # no answer: no note of uncommitted changes
-        )
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 TITLE = "Serving throughput: chat workload, minisgl server vs transformers static batching"
 # The table's columns and the decimals each one prints (None: as it is). The JSON holds the same rounded
 # numbers, under the keys column_key makes of these names.
@@ -629,7 +608,7 @@ def main():
         parser.error(f"requests {too_long} do not fit in --context-length {args.context_length}")
 
     # Other sessions commit while this runs: the commit at the start is the code the servers load.
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl", "chapters")
     if load_before[0] > 1.0:
         warning = f"warning: load average is {load_before[0]:.2f} on {os.cpu_count()} cores; results will be noisy"
         print(warning, file=sys.stderr)

@@ -53,7 +53,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -61,6 +60,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from machine import cpu_model, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the top-level minisgl: chapter 04's, the one with tensor parallelism
@@ -349,26 +349,6 @@ def span(pair: list[float]) -> str:
 # ---------------------------------------------------------------- the report
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "minisgl"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        )
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def why(result: dict) -> list[str]:
     """The numbers that say why TP is not faster here, one line per dtype and batch size."""
     tp, lines = result["tp"], []
@@ -510,7 +490,7 @@ def main():
         "collective_repeats": args.collective_repeats, "seed": args.seed,
     }
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
     if load_before[0] > 0.5:
         print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
     results = {}
