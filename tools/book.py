@@ -30,6 +30,7 @@ A ``.md`` path is included as Markdown (a benchmark's table, say). And a link to
 is not in this checkout (chapter 02's page, seen from the branch ``chapter-01``) becomes plain text.
 """
 
+import posixpath
 import re
 import sys
 import textwrap
@@ -40,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mkdocs.exceptions import PluginError  # noqa: E402
 
+from chapters import REGION_MARKER as MARKER  # noqa: E402
 from chapters import book_diff, diff_counts  # noqa: E402
 from course import REPO_ROOT, chapter_exercises, chapters, snapshot_root  # noqa: E402
 
 INCLUDE = re.compile(r"""^(?P<indent>[ \t]*)-+8<-+[ \t]+"(?P<target>[^"]+)"[ \t]*$""")
-MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(?P<kind>start|end):(?P<name>[\w-]+)\]\s*$")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)")
 PAGE_CHAPTER = re.compile(r"^chapters/(\d\d)\.md$")
 CHAPTER_LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>(?:[\w./-]*/)?(?:chapters/)?\d\d(?:\.md|-notebook\.ipynb))"
@@ -187,10 +188,7 @@ def unlink_missing_chapters(markdown: str, page_dir: Path, files) -> str:
     """Turn links to chapter pages that this checkout does not have into their plain text."""
 
     def replace(match: re.Match) -> str:
-        target = (page_dir / match["target"]).as_posix()
-        target = "/".join(part for part in target.split("/") if part not in (".", ""))
-        while "/../" in f"/{target}":
-            target = re.sub(r"(^|/)[^/]+/\.\.(/|$)", r"\1", target, count=1)
+        target = posixpath.normpath((page_dir / match["target"]).as_posix())  # "chapters/../setup.md" -> "setup.md"
         return match[0] if files.get_file_from_path(target) else match["text"]
 
     return CHAPTER_LINK.sub(replace, markdown)

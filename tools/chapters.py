@@ -228,7 +228,7 @@ def chapter_diff(old: str, new: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 # A region marker comment, ``# --8<-- [start:name]`` or ``# --8<-- [end:name]``: for tools, not readers.
-REGION_MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(start|end):[\w-]+\]\s*$")
+REGION_MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(?P<kind>start|end):(?P<name>[\w-]+)\]\s*$")
 
 
 def without_region_markers(package: Path, into: Path) -> Path:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from chapters import git
 from course import REPO_ROOT
 
 PYTHON = sys.executable
@@ -36,15 +37,10 @@ def run(command: list[str], cwd: Path, env: dict | None = None) -> bool:
     return subprocess.run(command, cwd=cwd, env=env, check=False).returncode == 0
 
 
-def git(cwd: Path, *args: str) -> str:
-    env = os.environ | IDENTITY
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, env=env).stdout.strip()
-
-
 def check_branch(clone: Path, chapter: str, work: Path) -> list[str]:
     """Build and test branch chapter-NN in a worktree; returns what failed."""
     tree = work / f"chapter-{chapter}"
-    git(clone, "worktree", "add", "-q", "--detach", str(tree), f"chapter-{chapter}")
+    git("worktree", "add", "-q", "--detach", str(tree), f"chapter-{chapter}", root=clone)
     for rel in FETCHED:
         if (REPO_ROOT / rel).is_file():
             (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="minisgl-branches-") as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-        git(clone, "checkout", "-q", "--detach")  # `branches` refuses to replace the branch checked out
+        git("checkout", "-q", "--detach", root=clone)  # `branches` refuses to replace the branch checked out
         made = subprocess.run([PYTHON, "tools/chapters.py", "branches"], cwd=clone, capture_output=True, text=True,
                               env=os.environ | IDENTITY, check=False)
         if made.returncode != 0:

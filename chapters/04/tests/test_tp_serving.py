@@ -8,7 +8,6 @@ import concurrent.futures
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import time
 import httpx
 import pytest
 
+from ranks import free_port
 from server_process import TEST_SERVER_ARGS, ServerProcess, descendants, is_alive, wait_until_gone
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def chat(url: str, content: str, timeout: float = 120, **body) -> httpx.Response:
