@@ -1,0 +1,79 @@
+"""The engine runs one batch through the model and samples each request's next token (introduced in chapter 02).
+
+It owns what lives on the device: the model's weights, the KV cache's tensors and the attention
+backend that reads them. It knows nothing of queues, HTTP or text, nor of who holds which KV cache
+slot: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
+(``core.py``); the engine only runs it.
+
+Under tensor parallelism every rank has an engine, and every rank's engine runs every batch: each with
+its share of the weights and of the KV cache (``distributed.tp_info()`` says which), all meeting in
+the model's collectives. Each ends with the logits of the whole vocabulary, so each samples the same
+tokens, given the same seeds.
+"""
+
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+
+from ..attention import TorchBackend
+from ..core import Batch
+from ..distributed import tp_info
+from ..kv_cache import KVCache
+from ..layers import kv_head_shard
+from ..models import load_model
+from ..sampling import make_generator, sample
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` picks bfloat16 where the hardware computes it fast, else float32 (float16 on old GPUs)."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, dtype: str, device: str, num_slots: int, context_length: int):
+        """``context_length``: the longest prompt + reply a slot holds (``config.py`` clamps it to the model's)."""
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(model_path, self.dtype, self.device)
+        self.config = c = self.model.config
+        if context_length > c.max_position_embeddings:
+            raise ValueError(f"context_length {context_length} is more than the model's {c.max_position_embeddings}")
+        self.context_length = context_length
+        tp = tp_info()
+        _, kv_heads = kv_head_shard(c.num_kv_heads, tp.rank, tp.size)  # this rank caches its own KV heads only
+        self.kv_cache = KVCache(c.num_layers, num_slots, context_length, kv_heads, c.head_dim, self.dtype, self.device)
+        self.attention = TorchBackend(self.kv_cache)
+
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        """A request's own random stream, on the device that samples."""
+        return make_generator(seed, self.device)
+
+    # --8<-- [start:engine-step]
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        positions = as_tensor(batch.positions)
+        self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
+        hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
+        last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
+        return self.model.logits(hidden[last_tokens])  # only those are sampled
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[int]:
+        """Run the batch's new tokens and return the next token of each of its requests (the same on every rank)."""
+        requests = batch.requests
+        return sample(self.forward(batch), [r.params for r in requests], [r.generator for r in requests])
+    # --8<-- [end:engine-step]
