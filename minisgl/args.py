@@ -18,7 +18,10 @@ class ServerArgs:
     port: int = 1919
     max_running_requests: int = 32
     context_length: int = 2048
-    max_prefill_length: int = 4096
+    chunked_prefill_size: int = 512  # prompt tokens run in one step at most, a long prompt in chunks (0: whole)
+    page_size: int = 16  # tokens per KV cache page
+    num_pages: int = 0  # KV cache pages; 0: as many as --max-running-requests requests of --context-length need
+    cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
     max_request_bytes: int = 1 << 20  # 1 MiB
@@ -39,7 +42,10 @@ HELP = {
     "port": "port to listen on",
     "max_running_requests": "requests decoded together at most (one KV cache slot each)",
     "context_length": "longest prompt + reply a request may have (the size of a KV cache slot)",
-    "max_prefill_length": "prompt tokens in one prefill batch at most (a longer prompt still runs, alone)",
+    "chunked_prefill_size": "prompt tokens run in one step at most; a longer prompt is prefilled in chunks (0: whole)",
+    "page_size": "tokens per KV cache page",
+    "num_pages": "KV cache pages (0: enough for --max-running-requests requests of --context-length tokens)",
+    "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
     "max_request_bytes": "a request body larger than this is refused with 413 before it is read whole",
@@ -55,7 +61,8 @@ HELP = {
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
-    choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"]}
+    choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
+               "cache_type": ["radix", "naive"]}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # a switch: present or not
@@ -71,10 +78,13 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.num_tokenizer < 0:
         parser.error("--num-tokenizer must be 0 or more")
-    for name in ("max_running_requests", "context_length", "max_prefill_length", "max_request_bytes", "tp_size",
+    for name in ("max_running_requests", "context_length", "page_size", "max_request_bytes", "tp_size",
                  "nnodes", "dist_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("chunked_prefill_size", "num_pages"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     if args.tp_size % args.nnodes:
         parser.error(f"--tp-size {args.tp_size} does not split evenly over --nnodes {args.nnodes}")
     if not 0 <= args.node_rank < args.nnodes:

@@ -32,6 +32,7 @@ class ServerConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]  # any of these ends a reply (unless ignore_eos)
     chat_template: str | None  # the Jinja template that turns messages into a prompt; None: chats refused
+    num_pages: int  # KV cache pages, the spare page 0 included
 
 
 def resolve_config(args: ServerArgs) -> ServerConfig:
@@ -54,6 +55,7 @@ def resolve_config(args: ServerArgs) -> ServerConfig:
         vocab_size=raw["vocab_size"],
         eos_token_ids=eos_token_ids(path, raw, tokenizer_config),
         chat_template=chat_template(path, tokenizer_config),
+        num_pages=kv_cache_pages(args, min(args.context_length, max_positions)),
     )
 # --8<-- [end:server-config]
 
@@ -87,6 +89,18 @@ def check_tp_size(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_
         raise ValueError(f"--tp-size {tp_size} {problem}: use a TP size the model can be split by "
                          f"({', '.join(map(str, sizes))})")
 # --8<-- [end:check-tp-size]
+
+
+def kv_cache_pages(args: ServerArgs, context_length: int) -> int:
+    """The pool's pages, the spare page included (introduced in chapter 05): --num-pages, or by default as
+    many as --max-running-requests requests of the whole context length would fill. The pool must hold at
+    least one request of the whole context length, or such a request would wait forever."""
+    per_request = -(-context_length // args.page_size)
+    num_pages = args.num_pages or args.max_running_requests * per_request + 1
+    if num_pages - 1 < per_request:
+        raise ValueError(f"--num-pages {num_pages} holds {num_pages - 1} usable pages of {args.page_size} tokens, "
+                         f"fewer than one request of --context-length {context_length} needs ({per_request})")
+    return num_pages
 
 
 def local_model_folder(name_or_path: str) -> Path:

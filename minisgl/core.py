@@ -50,14 +50,16 @@ class SamplingParams:
 @dataclass(eq=False)
 class Request:
     """A request is data: its prompt, its sampling parameters, what it has generated so far, and where
-    it stands (waiting, running in a KV cache slot, finished)."""
+    it stands (waiting, prefilling, running, finished) and where its keys and values are (its pages)."""
 
     uid: str
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None  # the KV cache slot the scheduler gave it, while running
+    pages: list[int] = field(default_factory=list)  # its page table: position p lives in page pages[p // page_size]
     cached_len: int = 0  # how many of prompt + output have keys and values in the cache
+    prefix_len: int = 0  # how many prompt tokens it found in the prefix cache (reported as cached_tokens)
+    node: Any = None  # the prefix cache's node it holds locked, while admitted
     finish_reason: str | None = None
     generator: Any = None  # its own random stream (a torch.Generator), made by the engine on admission
     announced: bool = False  # has the detokenizer been told about it (stop strings, prompt length)?
@@ -85,27 +87,24 @@ class Batch:
     token on its own, then run on one [tokens, hidden] matrix with no wasted rows. Only attention
     needs to know which tokens belong together, and it reads that from ``new_lens`` and ``seq_lens``.
 
-    - a **prefill** batch holds the whole prompt of each newly admitted request;
-    - a **decode** batch holds exactly one token per running request: the one sampled last step.
+    One batch may mix both phases: a running request brings one new token (its last sampled one), a
+    request being prefilled brings the next chunk of its prompt (``new_lens`` says how many tokens each
+    runs). A request is sampled only when its chunk reaches the end of its tokens (``sample``): a chunk
+    in the middle of a prompt gives no token, since what follows it is already known.
     """
 
     requests: list[Request]
-    is_prefill: bool
+    new_lens: list[int]  # how many new tokens each request runs in this pass
     input_ids: list[int] = field(init=False)  # the new tokens of every request, end to end
     positions: list[int] = field(init=False)  # each new token's position in its own sequence
-    new_lens: list[int] = field(init=False)  # how many new tokens each request has
-    seq_lens: list[int] = field(init=False)  # each request's length once this batch has run
+    seq_lens: list[int] = field(init=False)  # each request's length in the cache once this batch has run
+    sample: list[bool] = field(init=False)  # whether this pass gives the request its next token
 
     def __post_init__(self):
-        self.input_ids, self.positions, self.new_lens, self.seq_lens = [], [], [], []
-        for request in self.requests:
-            new = request.uncached_ids()
-            self.input_ids += new
-            self.positions += range(request.cached_len, request.cached_len + len(new))
-            self.new_lens.append(len(new))
-            self.seq_lens.append(request.cached_len + len(new))
-
-    @property
-    def slots(self) -> list[int]:
-        return [request.slot for request in self.requests]
+        self.input_ids, self.positions, self.seq_lens, self.sample = [], [], [], []
+        for request, new in zip(self.requests, self.new_lens, strict=True):
+            self.input_ids += request.uncached_ids()[:new]
+            self.positions += range(request.cached_len, request.cached_len + new)
+            self.seq_lens.append(request.cached_len + new)
+            self.sample.append(request.cached_len + new == request.seq_len)
 # --8<-- [end:batch]

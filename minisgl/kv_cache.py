@@ -1,34 +1,33 @@
-"""The KV cache's storage: one slot per running request (introduced in chapter 01).
+"""The KV cache's storage: a pool of pages (introduced in chapter 01).
 
 Attention needs the keys and values of every earlier token, for every request the engine is running.
-The cache is allocated once, as two tensors [layers, slots, max_seq_len, kv_heads, head_dim]: position
-p of the request in slot s lives at ``k[layer, s, p]``.
+The cache is one pool of ``num_pages`` pages of ``page_size`` tokens, allocated once, for each layer
+a tensor [num_pages * page_size, kv_heads, head_dim] ("token-major": a token's keys are one row). A
+request's page table (``Request.pages``, the scheduler's) says which pages hold its tokens: position
+p lives at row ``pages[p // page_size] * page_size + p % page_size``. Page 0 is the spare page, never
+handed out, where padding reads.
 
-This class is only the storage, and the engine owns it. *Which* slot belongs to which request is the
-scheduler's business (``scheduler/slots.py``): the two meet only through the slot number a request
-carries. Keeping them apart lets a later chapter change how memory is handed out (pages, a prefix
-cache) without touching the tensors, and the tensors (their layout, their device) without touching
-the scheduler.
-
-Under tensor parallelism each rank caches only the KV heads its attention uses (``kv_heads`` is this
-rank's count): the cache, like the weights, is split across the ranks.
-
-A slot is sized for the longest sequence we accept, which wastes memory on short requests; chapter 05
-replaces slots with pages.
+This class is only the storage, and the engine owns it. *Which* page belongs to which request, and
+which pages the prefix cache keeps, is the scheduler's business (``scheduler/pages.py``,
+``scheduler/radix.py``). Under tensor parallelism each rank caches its own KV heads only.
 """
 
 import torch
 
 
 class KVCache:
-    def __init__(self, num_layers, num_slots, max_seq_len, num_kv_heads, head_dim, dtype, device):
-        shape = (num_layers, num_slots, max_seq_len, num_kv_heads, head_dim)
-        # Zeros, not garbage: masked positions are multiplied by 0 in attention, and 0 * NaN is NaN.
+    def __init__(self, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device):
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        # Zeros, not garbage: padded positions read the spare page, and 0 * NaN would be NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_seq_len = max_seq_len
-        self.num_slots = num_slots
+        self.num_pages, self.page_size = num_pages, page_size
 
     def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key and value caches of one layer, [slots, max_seq_len, kv_heads, head_dim] each (views)."""
+        """The key and value caches of one layer, [num_pages * page_size, kv_heads, head_dim] each (views)."""
         return self.k[layer_id], self.v[layer_id]
+
+
+def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """What one page costs, keys and values of every layer: for sizing the pool to a memory budget."""
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

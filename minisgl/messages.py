@@ -74,6 +74,7 @@ class NewRequestInfo(msgspec.Struct):
     uid: str
     prompt_tokens: int
     stop: list[str]
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache already held
 
 
 class BatchTokenOutput(msgspec.Struct, tag=True):
@@ -96,6 +97,7 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     finish_reasons: list[str | None]
     prompt_tokens: list[int]
     completion_tokens: list[int]
+    cached_tokens: list[int]
 
 
 ToTokenizer = TokenizeRequest | AbortRequest

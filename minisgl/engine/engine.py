@@ -42,8 +42,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, model_path: str | Path, dtype: str, device: str, num_slots: int, context_length: int):
-        """``context_length``: the longest prompt + reply a slot holds (``config.py`` clamps it to the model's)."""
+    def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
+                 context_length: int):
+        """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
+        spare); ``context_length``: the longest prompt + reply a request may have (``config.py`` clamps it)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
@@ -53,7 +55,7 @@ class Engine:
         self.context_length = context_length
         tp = tp_info()
         _, kv_heads = kv_head_shard(c.num_kv_heads, tp.rank, tp.size)  # this rank caches its own KV heads only
-        self.kv_cache = KVCache(c.num_layers, num_slots, context_length, kv_heads, c.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = TorchBackend(self.kv_cache)
 
     def new_generator(self, seed: int | None) -> torch.Generator:
@@ -72,8 +74,15 @@ class Engine:
         return self.model.logits(hidden[last_tokens])  # only those are sampled
 
     @torch.inference_mode()
-    def step(self, batch: Batch) -> list[int]:
-        """Run the batch's new tokens and return the next token of each of its requests (the same on every rank)."""
-        requests = batch.requests
-        return sample(self.forward(batch), [r.params for r in requests], [r.generator for r in requests])
+    def step(self, batch: Batch) -> list[int | None]:
+        """Run the batch's new tokens and return the next token of each request that ``batch.sample`` says
+        to sample, None for the others (a chunk in the middle of a prompt); the same on every rank."""
+        logits = self.forward(batch)
+        chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
+        if not chosen:
+            return [None] * len(batch.requests)
+        requests = [batch.requests[b] for b in chosen]
+        rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
+        tokens = iter(sample(rows, [r.params for r in requests], [r.generator for r in requests]))
+        return [next(tokens) if wanted else None for wanted in batch.sample]
     # --8<-- [end:engine-step]

@@ -51,9 +51,10 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
             torch.set_num_threads(share_of_cores(args.tp_size // args.nnodes))
             init_distributed(rank, args.tp_size, args.dist_init_addr, device, args.dist_timeout)
             check_same_settings(config)
-        slots = args.max_running_requests
-        engine = Engine(config.model_path, args.dtype, str(device), slots, config.context_length)
-        scheduler = Scheduler(engine, slots, args.max_prefill_length, set(config.eos_token_ids))
+        num_pages = config.num_pages
+        engine = Engine(config.model_path, args.dtype, str(device), num_pages, args.page_size, config.context_length)
+        scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
+                              args.cache_type)
         inbox = to_detokenizer = None
         if rank == 0:
             context = zmq.Context()
@@ -63,7 +64,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
         ready.put((name, traceback.format_exc()))
         return
     ready.put((name, None))
-    logger.info("ready on %s in %s: %d slots of %d tokens", engine.device, engine.dtype, slots, config.context_length)
+    logger.info("ready on %s in %s: %d pages of %d tokens, %s cache", engine.device, engine.dtype, num_pages - 1,
+                args.page_size, args.cache_type)
     try:
         with torch.inference_mode():
             serve_steps(scheduler, inbox, to_detokenizer, counts, args.tp_check_lockstep)
@@ -86,10 +88,11 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
     tp = tp_info()
     messages = decoder(ToScheduler)
     while True:
-        idle = not scheduler.waiting and not scheduler.running
+        idle = not scheduler.has_work
         if tp.rank == 0:
-            slots = scheduler.slots
-            counts[:] = [len(scheduler.running), len(scheduler.waiting), slots.num_free, slots.num_slots]
+            state = scheduler.state()
+            counts[:] = [state["running"], state["waiting"], state["free_pages"], state["cached_pages"],
+                         state["in_use_pages"], state["total_pages"], scheduler.prompt_tokens, scheduler.prefix_hits]
         for message in next_messages(inbox, messages, idle):
             scheduler.handle(message)
         try:
@@ -137,8 +140,9 @@ def with_seed(message):
 
 # What every rank must agree on, or the ranks would step differently: the model, the KV cache's size,
 # the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
-SHARED_SETTINGS = ("context_length", "vocab_size", "eos_token_ids")
-SHARED_ARGS = ("dtype", "max_running_requests", "max_prefill_length", "tp_size", "nnodes", "tp_check_lockstep")
+SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
+SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "cache_type", "tp_size",
+               "nnodes", "tp_check_lockstep")
 
 
 def check_same_settings(config: ServerConfig) -> None:

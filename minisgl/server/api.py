@@ -179,7 +179,9 @@ def sse(payload) -> str:
 def usage(finals: dict[int, Output]) -> dict:
     prompt_tokens = next(iter(finals.values())).prompt_tokens if finals else 0
     completion = sum(out.completion_tokens for out in finals.values())
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = next(iter(finals.values())).cached_tokens if finals else 0  # of the prompt counted above
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # --8<-- [start:respond]

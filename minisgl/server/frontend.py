@@ -22,7 +22,9 @@ from ..messages import AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest
 
 logger = logging.getLogger(__name__)
 
-COUNTS = ("running", "waiting", "free_slots", "total_slots")  # what the scheduler publishes, in this order
+# What the scheduler publishes, in this order: requests, KV cache pages, and prompt tokens seen and found cached.
+COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
+          "cached_tokens")
 
 
 class WorkersDown(Exception):
@@ -35,6 +37,7 @@ class Output:
     finish_reason: str | None  # None while running; then "stop", "length", "abort" or "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     error: TokenizeError | None = None  # the request was refused before it ran
 
 
@@ -50,7 +53,11 @@ class Frontend:
         self.counts = counts
 
     def state(self) -> dict:
-        return dict(zip(COUNTS, self.counts[:])) if self.counts is not None else {}
+        if self.counts is None:
+            return {}
+        state = dict(zip(COUNTS, self.counts[:]))
+        state["prefix_hit_rate"] = round(state["cached_tokens"] / max(state["prompt_tokens"], 1), 4)
+        return state
 
     # --8<-- [start:receive-loop]
     async def receive_loop(self) -> None:
@@ -62,7 +69,7 @@ class Frontend:
                 continue
             for i, uid in enumerate(message.uids):
                 output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
-                                message.completion_tokens[i])
+                                message.completion_tokens[i], message.cached_tokens[i])
                 self.deliver(uid, output)
 
     def deliver(self, uid: str, output: Output) -> None:

@@ -19,6 +19,7 @@ class DetokenizeState:
     stream: TextStream
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class Detokenizer:
@@ -29,8 +30,10 @@ class Detokenizer:
     # --8<-- [start:detokenize]
     def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
         for info in batch.new_requests:
-            self.states[info.uid] = DetokenizeState(TextStream(self.tokenizer, info.stop), info.prompt_tokens)
-        out = BatchTextOutput([], [], [], [], [])
+            self.states[info.uid] = DetokenizeState(
+                TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
+            )
+        out = BatchTextOutput([], [], [], [], [], [])
         aborts = []
         for uid, token, finish in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons):
             state = self.states.get(uid)
@@ -58,5 +61,6 @@ class Detokenizer:
                 out.finish_reasons.append(finish)
                 out.prompt_tokens.append(state.prompt_tokens)
                 out.completion_tokens.append(state.completion_tokens)
+                out.cached_tokens.append(state.cached_tokens)
         return out, aborts
     # --8<-- [end:detokenize]
