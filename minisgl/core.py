@@ -4,7 +4,7 @@ This is the contract between the scheduler, which decides *what* runs, and the e
 
 - ``SamplingParams``: how a request wants its tokens chosen; it travels in messages from the API
   server to the scheduler;
-- ``Request``: one request as the scheduler tracks it (its tokens, its KV cache slot, its state);
+- ``Request``: one request as the scheduler tracks it (its tokens, its page table, its state);
 - ``Batch``: what one forward pass runs, in plain Python lists; the engine turns it into tensors.
 
 The module imports no torch, on purpose: the API server and the tokenizer processes use these types

@@ -46,7 +46,7 @@ class TokenizeRequest(msgspec.Struct, tag=True):
 
 
 class AbortRequest(msgspec.Struct, tag=True):
-    """Stop a request and free its KV cache slot: the client went away, or a stop string was seen."""
+    """Stop a request and free its KV cache pages: the client went away, or a stop string was seen."""
 
     uid: str
 

@@ -2,7 +2,7 @@
 
 It owns what lives on the device: the model's weights, the KV cache's tensors and the attention
 backend that reads them. It knows nothing of queues, HTTP or text, nor of who holds which KV cache
-slot: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
+page: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
 (``core.py``); the engine only runs it.
 
 Under tensor parallelism every rank has an engine, and every rank's engine runs every batch: each with

@@ -1,4 +1,4 @@
-"""The scheduler: the waiting queue and running set, KV cache slots, and the loop (introduced in chapter 02)."""
+"""The scheduler: its queues, KV cache pages, the prefix cache and the loop (introduced in chapter 02)."""
 
 from .scheduler import Scheduler
 

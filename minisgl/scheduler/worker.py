@@ -40,7 +40,7 @@ IDLE_POLL_MS = 100
 
 # --8<-- [start:run-scheduler]
 def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, rank: int = 0) -> None:
-    """``counts`` is a shared array the API server reads for /state: running, waiting, free slots, slots."""
+    """``counts`` is a shared array the API server reads for /state (``server/frontend.py``'s ``COUNTS``)."""
     args = config.args
     name = scheduler_name(rank, args.tp_size)
     become_child(name)

@@ -7,7 +7,7 @@ or not), ``GET /v1/models``, ``GET /health``, ``POST /generate`` (SGLang's nativ
 The handlers run on the asyncio event loop of the API server process, which holds neither the model
 nor the tokenizer: a handler checks the body, turns it into one ``TokenizeRequest`` per choice
 (``n``), and reads the outputs through the ``Frontend`` (``frontend.py``). If the client goes away
-first, the frontend aborts its requests, which frees their KV cache slots in the scheduler.
+first, the frontend aborts its requests, which frees their KV cache pages in the scheduler.
 
 Bad input gets an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, with status
 400 (404 for an unknown model, 413 for a body over ``--max-request-bytes``), and the server goes on

@@ -4,7 +4,7 @@ HTTP handlers run on the asyncio event loop. ``Frontend.generate`` sends a ``Tok
 choice to the tokenizer workers and yields the outputs that the detokenizer sends back. One task,
 ``receive_loop``, reads the API server's socket and hands each output to the queue of the request it
 belongs to. If the client goes away first, the handler sends an ``AbortRequest``, which frees the
-request's KV cache slot in the scheduler.
+request's KV cache pages in the scheduler.
 
 The frontend also owns what the API reports about the server: whether a worker process died (then
 every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts.

@@ -4,7 +4,7 @@ The scheduler sends one message per step with the new token of every running req
 detokenizer keeps a ``TextStream`` (incremental, UTF-8 safe, holding back what may start a stop
 string). When a stop string appears, the request is over as far as the client is concerned: the
 text before it is sent with ``finish_reason="stop"``, and an abort goes back to the scheduler to free
-the KV cache slot. Tokens the scheduler produced meanwhile are dropped here, so no text past a stop
+its KV cache pages. Tokens the scheduler produced meanwhile are dropped here, so no text past a stop
 string ever reaches the client.
 """
 
@@ -45,7 +45,7 @@ class Detokenizer:
                 state.completion_tokens += 1
                 text, hit_stop = state.stream.add(token)
                 if hit_stop:
-                    if finish is None:  # the scheduler would go on: stop it and free the slot
+                    if finish is None:  # the scheduler would go on: stop it and free its pages
                         aborts.append(AbortRequest(uid))
                     finish = "stop"  # and never flush: what follows the stop string stays unsent
                 elif finish is not None:
