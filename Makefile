@@ -40,14 +40,21 @@ docs: setup
 	$(PYTHON) -m mkdocs serve
 
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
-# 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run). Each writes its
-# table and plot for the book.
+# 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run); 05 against
+# chapter 03 (one run), radix against naive on shared prefixes, capacity in pages against slots, and
+# chunked prefill against none. Each writes its table and plot for the book. Frozen chapters are named
+# by number: `top` is the newest chapter, whichever that is.
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02
-	$(PYTHON) benchmarks/serve_workload.py --chapter 02 top --concurrency 32 --skip-transformers \
+	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_ch02_vs_ch03.md
 	$(PYTHON) benchmarks/tp_decode.py
+	$(PYTHON) benchmarks/serve_workload.py --chapter 03 top --concurrency 32 --skip-transformers \
+		--output benchmarks/results/serve_ch03_vs_ch05.md
+	$(PYTHON) benchmarks/shared_prefix.py
+	$(PYTHON) benchmarks/capacity.py
+	$(PYTHON) benchmarks/chunked_prefill.py
 	$(PYTHON) benchmarks/plot_results.py
 
 lock: $(VENV)/.installed

@@ -23,10 +23,11 @@ For each dtype and page size, each layout is timed
   wrote it, to show what SDPA is worth.
 
 All variants compute the same thing, and are checked against ``paged_decode_attention`` before timing.
-In each of ``--repeats`` (100) rounds every variant runs once, in a shuffled order, so that noise from the
-machine hits all alike; the table shows the median in milliseconds, after two warm-up calls each.
+In each of ``--repeats`` (100) rounds every variant of every dtype and page size runs once, in a shuffled
+order, so that noise from the machine hits all alike; the table shows the median in milliseconds, after two
+warm-up calls each.
 
-Run it from the repository root (``make bench`` calls it too):
+Run it from the repository root:
 
     python benchmarks/kv_layout.py [--page-sizes 1 16] [--dtypes float32 bfloat16] [--repeats 100]
 
@@ -163,7 +164,8 @@ def check(w: dict, calls: dict, dtype: torch.dtype) -> None:
 
 
 def measure(calls: dict, repeats: int, rng: random.Random, bar: tqdm) -> dict:
-    """Median ms of each call; in each round every call runs once, in a shuffled order."""
+    """Median ms of each call; in each round every call runs once, in a shuffled order, so that a busy spell
+    of the machine slows every dtype, page size, layout and variant alike rather than one of them."""
     for call in calls.values():  # warm-up: first calls pay for allocator growth and oneDNN's kernel choice
         call()
         call()
@@ -237,7 +239,7 @@ def report(args, rows: list[dict], load_before, load_after, lengths: list[int]) 
             f"each; {args.heads} query heads, {args.kv_heads} KV heads, head_dim {args.head_dim}; pages in "
             f"scrambled order; one layer"
         ),
-        f"- median ms of {args.repeats} rounds (every variant once per round, shuffled) after two warm-up calls",
+        f"- median ms of {args.repeats} rounds (every variant of every row once a round, shuffled) after two warm-ups",
         f"- command: `{command}`",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -279,21 +281,24 @@ def main():
     load_before = os.getloadavg()  # other work on the machine skews every number; say how much there was
     if load_before[0] > 0.5:
         print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
-    rows, rng = [], random.Random(args.seed)
-    bar = tqdm(total=len(args.dtypes) * len(args.page_sizes) * args.repeats, desc="kv_layout", unit="round")
+    calls, lengths = {}, []
     for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
         for page_size in args.page_sizes:
-            bar.set_postfix_str(f"{dtype_name}, page size {page_size}")
-            w = workload(args, page_size, dtype, args.seed)
-            calls = variants(w)
-            check(w, calls, dtype)
-            ms = measure(calls, args.repeats, rng, bar)
+            w = workload(args, page_size, getattr(torch, dtype_name), args.seed)
+            config = variants(w)
+            check(w, config, getattr(torch, dtype_name))
+            calls |= {(dtype_name, page_size, *key): call for key, call in config.items()}
+            lengths = w["seq_lens"].tolist()
+    bar = tqdm(total=args.repeats, desc="kv_layout", unit="round")
+    ms = measure(calls, args.repeats, random.Random(args.seed), bar)
+    bar.close()
+    rows = []
+    for dtype_name in args.dtypes:
+        for page_size in args.page_sizes:
             for layout in LAYOUTS:
                 row = {"dtype": dtype_name, "page size": page_size, "layout": layout}
-                rows.append(row | {what: ms[key_layout, what] for key_layout, what in ms if key_layout == layout})
-    bar.close()
-    table = report(args, rows, load_before, os.getloadavg(), w["seq_lens"].tolist())
+                rows.append(row | {key[-1]: t for key, t in ms.items() if key[:3] == (dtype_name, page_size, layout)})
+    table = report(args, rows, load_before, os.getloadavg(), lengths)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print("\n" + table)

@@ -302,6 +302,241 @@ def split_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "lrrrrr", png, alt)
 
 
+# ---------------------------------------------------------------- chapter 05: pages and a prefix cache vs slots
+
+
+def kv_tick(result: dict, row: dict) -> str:
+    """ "chapter 03\nslots", "chapter 05\npages, radix": what the server's log said its KV cache was."""
+    kv = row.get("kv_cache") or ""
+    if "pages" in kv:
+        kind = "pages, " + kv.split(", ")[-1].removesuffix(" cache") if ", " in kv else "pages"
+    else:
+        kind = "slots" if "slots" in kv else "?"
+    return f"chapter {chapter_of(row)}\n{kind}"
+
+
+def paged_figure(result: dict):
+    clients = result["rows"][0]["mode"].replace("concurrency ", "")
+    return serve_figure(
+        result,
+        f"Chapter 05: paged KV cache + prefix cache vs chapter 03's slots, {clients} clients",
+        [
+            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
+            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
+            ("ttft_p99_s", "TTFT p99 (s)", "seconds", 2),
+            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
+        ],
+        kv_tick,
+    )
+
+
+def paged_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
+    defaults = result.get("top_defaults") or {}
+    knobs = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in defaults.items() if name != "num_pages")
+    lead = (
+        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
+        f"workload, server and client sharing the cores, both servers `{result['server']}` "
+        f"(chapter 05 at its defaults: {knobs}; its pages hold as many tokens as chapter 03's slots): "
+        f"`{result['command']}`."
+    )
+    base = rows[0]
+    header = [
+        "server", "KV cache", "output tok/s", f"vs chapter {chapter_of(base)}", "TTFT p50 s", "TTFT p99 s",
+        "ITL p50 ms", "prompt cached",
+    ]
+    table_rows = [
+        [
+            f"chapter {chapter_of(r)}", r.get("kv_cache") or "?", f"{r['output_tok_s']:.1f}",
+            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
+            r["itl_p50_ms"], "n/a" if r.get("prompt_cached") is None else f"{r['prompt_cached']}%",
+        ]
+        for r in rows
+    ]
+    alt = (
+        "Bar charts of the table: output tokens per second, time to first token p50 and p99, and median "
+        "inter-token latency of chapter 03 and chapter 05"
+    )
+    return fragment(lead, header, table_rows, "llrrrrrr", png, alt)
+
+
+def grouped_panel(ax, groups: list[str], series: list[tuple[str, list[float]]], colors: list[str], title: str,
+                  ylabel: str, decimals: int, suffix: str = ""):
+    """Bars side by side in each group, one per series (label, values per group), labelled with their values."""
+    width = 0.8 / len(series)
+    for k, ((_, values), color) in enumerate(zip(series, colors)):
+        x = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(x, values, width, color=color)
+        ax.bar_label(bars, labels=[f"{v:.{decimals}f}{suffix}" for v in values], padding=2, fontsize=9.5)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.tick_params(axis="x", length=0)
+    ax.set_ylim(0, max(v for _, values in series for v in values) * 1.22 or 1)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+
+
+def verdict_words(met: bool) -> str:
+    return "target met" if met else "target not met"
+
+
+def shared_prefix_figure(result: dict):
+    rows = result["rows"]
+    parts = list(dict.fromkeys(r["workload"] for r in rows))
+    caches = list(dict.fromkeys(r["cache"] for r in rows))
+    colors = [BLUE if c == "radix" else VERMILLION for c in caches]
+    by = {(r["workload"], r["cache"]): r for r in rows}
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE, layout="constrained")
+    panels = [
+        ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2, ""),
+        ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1, ""),
+        ("prefix_hit", "Prefix hit rate (%)", "% of prompt tokens", 0, "%"),
+    ]
+    for ax, (key, title, ylabel, decimals, suffix) in zip(axes, panels):
+        series = [(c, [by[p, c][key] for p in parts]) for c in caches]
+        grouped_panel(ax, [p.replace(" ", "\n", 1) for p in parts], series, colors, title, ylabel, decimals, suffix)
+    names = {"radix": "--cache-type radix (prefix cache)", "naive": "--cache-type naive (no sharing)"}
+    handles = [Patch(color=color, label=names[c]) for c, color in zip(caches, colors)]
+    heading(fig, f"Chapter 05: shared prefixes, radix cache vs none, {result['concurrency']} clients", handles)
+    work = result["workload"]
+    fig.supxlabel(
+        f"{caption(result)}\n{work['system_prompt']['requests']} requests sharing a "
+        f"{work['system_prompt']['system_prompt_tokens']}-token system prompt; {work['multi_turn']['conversations']} "
+        f"chats × {work['multi_turn']['turns']} turns; max_tokens {work['max_tokens']}",
+        fontsize=10, color=CAPTION_GREY,
+    )
+    return fig
+
+
+def shared_prefix_fragment(result: dict, png: str) -> str:
+    work = result["workload"]
+    lead = (
+        f"{measured(result)}; the chapter 05 server once per cache type, server and client sharing the cores; "
+        f"{result['model']}, {result['dtype']}, {result['concurrency']} clients: "
+        f"{work['system_prompt']['requests']} requests sharing a {work['system_prompt']['system_prompt_tokens']}-token "
+        f"system prompt, then {work['multi_turn']['conversations']} chats of {work['multi_turn']['turns']} turns "
+        f"resending the conversation, max_tokens {work['max_tokens']}: `{result['command']}`."
+    )
+    header = ["workload", "cache", "prompt tokens", "TTFT p50 s", "TTFT p99 s", "output tok/s", "prefix hit"]
+    rows = [
+        [
+            r["workload"], r["cache"], r["prompt_tokens"], f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
+            f"{r['output_tok_s']:.1f}", f"{r['prefix_hit']:.0f}%",
+        ]
+        for r in result["rows"]
+    ]
+    verdicts = [
+        f"**{v['workload']}**: radix TTFT p50 {v['ttft_p50_ratio']:.2f}x lower (target {v['ttft_target']:g}x), "
+        f"output tok/s {v['tok_s_ratio']:.2f}x higher (target {v['tok_s_target']:g}x): {verdict_words(v['met'])}."
+        for v in result["verdicts"]
+    ]
+    alt = "Bar charts of the table: TTFT p50, output tokens per second and prefix hit rate, radix against naive"
+    return fragment(lead, header, rows, "llrrrrr", png, alt) + "\n" + "\n\n".join(verdicts) + "\n"
+
+
+def capacity_tick(row: dict) -> str:
+    """ "slots\ncomputed", "pages, radix\nseen in /state"."""
+    kind = row["kv_cache"].split(" ")[0]
+    if ", " in row["kv_cache"]:
+        kind += ", " + row["kv_cache"].split(", ")[-1].removesuffix(" cache")
+    return f"{kind}\n{row['how']}"
+
+
+def repeats(n: int) -> str:
+    return f"{n} repeat" + ("" if n == 1 else "s")
+
+
+def capacity_figure(result: dict):
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+    colors = [ORANGE if r["kv_cache"].startswith("slots") else BLUE if r["how"] == "computed" else GREEN for r in rows]
+    labels = [capacity_tick(r) for r in rows]
+    bar_panel(ax, labels, [r["requests_at_once"] for r in rows], colors,
+              f"Requests of the workload at once in {result['budget_tokens']} tokens of KV cache "
+              f"({result['slots']} slots of {result['context_length']}, or pages of {result['page_size']})",
+              "requests at once", 0)
+    ax.axhline(result["workload"]["requests"], color=CAPTION_GREY, linestyle=":", linewidth=1)
+    ax.set_ylim(0, max(ax.get_ylim()[1], result["workload"]["requests"] * 1.1))
+    handles = [
+        Patch(color=ORANGE, label="chapter 03: one slot of --context-length per request"),
+        Patch(color=BLUE, label="chapter 05: pages, computed"),
+        Patch(color=GREEN, label="chapter 05: pages, seen in /state under load"),
+    ]
+    heading(fig, "Chapter 05: capacity, pages against slots, one KV memory budget", handles, ncols=2)
+    work = result["workload"]
+    fig.supxlabel(
+        f"{caption(result)}\n{work['requests']} requests of the serving workload (prompt + max_tokens "
+        f"{work['tokens_min']}..{work['tokens_max']}, mean {work['tokens_mean']}); dotted: all of them",
+        fontsize=10, color=CAPTION_GREY,
+    )
+    return fig
+
+
+def capacity_fragment(result: dict, png: str) -> str:
+    work = result["workload"]
+    lead = (
+        f"{measured(result)}; {work['requests']} requests of the serving workload (seed {work['seed']}, prompt + "
+        f"max_tokens {work['tokens_min']}..{work['tokens_max']} tokens, mean {work['tokens_mean']}), KV memory for "
+        f"{result['budget_tokens']} tokens ({result['budget_mib']} MiB in {result['dtype']} for {result['model']}): "
+        f"`{result['command']}`."
+    )
+    header = ["KV cache", "how", "requests at once", "vs slots"]
+    slots = next(r for r in result["rows"] if r["kv_cache"].startswith("slots"))["requests_at_once"]
+    rows = [
+        [r["kv_cache"], r["how"], r["requests_at_once"], f"{r['requests_at_once'] / slots:.2f}x"]
+        for r in result["rows"]
+    ]
+    alt = "Bar chart of the table: requests that fit at once with slots and with pages"
+    return fragment(lead, header, rows, "llrr", png, alt) + "\n" + result["verdict"] + "\n"
+
+
+def chunked_figure(result: dict):
+    rows = result["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained", width_ratios=[1, 1.3])
+    names = [f"chunk {r['chunked_prefill_size']}" if r["chunked_prefill_size"] else "no chunking" for r in rows]
+    colors = [BLUE if r["chunked_prefill_size"] else VERMILLION for r in rows]
+    series = [(n, [r[k] or 0 for k in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms")]) for n, r in zip(names, rows)]
+    grouped_panel(left, ["p50", "p99", "max"], series, colors, "Inter-token gaps during the prefill",
+                  "milliseconds", 0)
+    for name, r, color in zip(names, rows, colors):
+        t, gap = zip(*r["timeline"]) if r["timeline"] else ((), ())
+        right.plot(t, gap, "o", markersize=2.5, color=color, label=name, alpha=0.8)
+        right.axvline(r["timeline_long_ttft_s"], color=color, linestyle="--", linewidth=1)
+    right.axvline(0, color=CAPTION_GREY, linewidth=1)
+    right.set_title("One repeat: each gap, at its end")
+    right.set_xlabel("s (0: long prompt sent; dashed: its first token)")
+    right.set_ylabel("gap, ms")
+    handles = [Patch(color=c, label=n) for n, c in zip(names, colors)]
+    heading(fig, f"Chapter 05: a {result['long_prompt_tokens']}-token prompt arrives while "
+            f"{result['streams']} requests stream", handles)
+    fig.supxlabel(
+        f"{caption(result)}\n{result['model']}, {result['dtype']}; gaps of the running streams while the long "
+        f"prompt is prefilled, {repeats(result['repeats'])}",
+        fontsize=10, color=CAPTION_GREY,
+    )
+    return fig
+
+
+def chunked_fragment(result: dict, png: str) -> str:
+    lead = (
+        f"{measured(result)}; the chapter 05 server once per setting, server and client sharing the cores; "
+        f"{result['model']}, {result['dtype']}, {result['streams']} streamed requests decoding when a "
+        f"{result['long_prompt_tokens']}-token prompt arrives, {repeats(result['repeats'])}: `{result['command']}`."
+    )
+    header = ["--chunked-prefill-size", "gaps", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "ITL before p50 ms",
+              "long prompt TTFT s"]
+    shown = lambda value: "n/a" if value is None else value
+    rows = [
+        [
+            r["chunked_prefill_size"] or "0 (off)", r["gaps"], shown(r["itl_p50_ms"]), shown(r["itl_p99_ms"]),
+            shown(r["itl_max_ms"]), shown(r["itl_before_p50_ms"]), f"{r['long_ttft_s']:.2f}",
+        ]
+        for r in result["rows"]
+    ]
+    alt = "Inter-token gaps of running requests during a long prefill, with and without chunked prefill"
+    return fragment(lead, header, rows, "rrrrrrr", png, alt) + "\n" + result["verdict"] + "\n"
+
+
 # ---------------------------------------------------------------- chapter 04: tensor parallelism on this machine
 
 
@@ -399,6 +634,10 @@ FIGURES = {
     "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
     "serve_ch02_vs_ch03": ("ch03-process-split.png", split_figure, split_fragment),
     "tp_decode": ("ch04-tensor-parallel.png", tp_figure, tp_fragment),
+    "serve_ch03_vs_ch05": ("ch05-vs-ch03.png", paged_figure, paged_fragment),
+    "shared_prefix": ("ch05-shared-prefix.png", shared_prefix_figure, shared_prefix_fragment),
+    "capacity": ("ch05-capacity.png", capacity_figure, capacity_fragment),
+    "chunked_prefill": ("ch05-chunked-prefill.png", chunked_figure, chunked_fragment),
 }
 
 

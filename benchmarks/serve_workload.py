@@ -10,7 +10,9 @@ What it measures, in one run on one machine:
    (server-sent events). Per concurrency it reports
    - output tokens/s: all generated tokens / wall time from the first request sent to the last one done;
    - time to first token (TTFT), p50 and p99: from sending a request to its first piece of text;
-   - inter-token latency (ITL), p50: the gaps between successive pieces of text of one request.
+   - inter-token latency (ITL), p50: the gaps between successive pieces of text of one request;
+   - prompt cached %: of all prompt tokens, those the server found in its prefix cache (chapter 05 on,
+     from each response's ``usage.prompt_tokens_details.cached_tokens``; n/a for older servers).
 2. **transformers**: ``generate`` on the same prompts, in static batches of ``--batch-size`` (32), the
    way one would batch without a scheduler. A static batch runs until its longest member is done, so it
    makes ``max(max_tokens)`` tokens for every member; only each request's own ``max_tokens`` counts as
@@ -32,6 +34,15 @@ events a second, which costs far less than the model.
 On a CPU that other work shares, torch's threads wait for each other at the end of every operation
 while the scheduler runs someone else: with a load above the core count a decode step can be several
 times slower with 2 threads than with 1. ``--threads`` sets both engines' thread count alike.
+
+From chapter 05 on the server keeps a prefix cache (``--cache-type radix``, its default): a request whose
+prompt starts like an earlier one reuses its KV cache pages. Within a row that is the server at work
+(many prompts here begin with the same context sentences); across rows it would not be, since every row
+sends the same prompts. So a server whose log says it has a radix cache is started afresh for each
+concurrency level, and the warm-up's prompts differ from the measured ones from their first word on. The
+KV cache each server reports in its log ("32 slots of 1024 tokens", "2048 pages of 16 tokens, radix
+cache") is in the result. Chapter 05 run with ``--max-running-requests 32 --context-length 1024`` gets
+32 x 64 pages of 16 tokens: the same memory as chapter 03's 32 slots.
 
 ``--chapter`` picks which chapter's package to launch: ``top`` (the default) is the top-level
 ``minisgl/``, the newest chapter; ``02`` is the frozen snapshot ``chapters/02/minisgl/``. The server is
@@ -58,6 +69,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import statistics
 import sys
@@ -155,6 +167,9 @@ class RequestResult:
     sent: float
     chunk_times: list[float] = field(default_factory=list)  # arrival of each piece of text
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None  # of the prompt, found in the prefix cache (None: the server does not say)
+    text: str = ""  # the reply, for a client that sends it back in its next turn
 
 
 @dataclass
@@ -168,6 +183,8 @@ class Row:
     itl: list[float]
     load: float  # 1-minute load average when the row started: how busy the machine was
     cpu_s: float  # CPU seconds the engine (and our client) used for the row
+    cached_share: float = float("nan")  # of all prompt tokens, those the server found in its prefix cache
+    kv_cache: str = ""  # what the server's log says its KV cache is ("32 slots of 1024 tokens")
 
     @property
     def tok_s(self) -> float:
@@ -233,11 +250,12 @@ def chapter_number(chapter: str) -> str:
     return max(p.name for p in (REPO_ROOT / "chapters").iterdir() if p.name.isdigit())
 
 
-def start_server(chapter: str, args) -> ServerProcess:
-    """That chapter's ``python -m minisgl`` on a free port, with the benchmark's options; its log in a file."""
+def start_server(chapter: str, args, extra: tuple[str, ...] = ()) -> ServerProcess:
+    """That chapter's ``python -m minisgl`` on a free port, with the benchmark's options (and ``extra``, options
+    only some chapters know); its log in a file."""
     options = [
         "--dtype", args.dtype, "--max-running-requests", str(args.max_running_requests),
-        "--context-length", str(args.context_length),
+        "--context-length", str(args.context_length), *extra,
     ]
     if args.model_path:
         options += ["--model-path", args.model_path]
@@ -257,14 +275,28 @@ def start_server(chapter: str, args) -> ServerProcess:
 # ---------------------------------------------------------------- the client
 
 
+def kv_cache_line(server: ServerProcess) -> str:
+    """What the scheduler's ready line says its KV cache is: "32 slots of 1024 tokens" (chapters 02 to 04),
+    "2048 pages of 16 tokens, radix cache" (chapter 05); "" if the log has no such line."""
+    for line in server.lines:
+        if match := re.search(r"ready on .+ in .+?: (.+)$", line):
+            return match[1].strip()
+    return ""
+
+
 async def send_one(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int,
+    result: RequestResult | None = None,
 ) -> RequestResult:
+    """One streamed chat request; ``result`` (made here if not given) fills in as its pieces arrive, so that a
+    caller that holds it can watch a request in flight."""
     body = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
         "stream": True, "stream_options": {"include_usage": True},
     }
-    result = RequestResult(sent=time.perf_counter())
+    if result is None:
+        result = RequestResult(sent=0.0)
+    result.sent = time.perf_counter()
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}")
@@ -277,11 +309,15 @@ async def send_one(
             event = json.loads(payload)
             if "error" in event:
                 raise RuntimeError(f"the server failed a request: {event['error']}")
-            if event.get("usage"):
-                result.completion_tokens = event["usage"]["completion_tokens"]
+            if usage := event.get("usage"):
+                result.completion_tokens, result.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+                # From chapter 05 on: how much of the prompt the prefix cache already held.
+                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
             # The first event (the assistant role) comes before any token: only text counts as a token's arrival.
-            if any(choice["delta"].get("content") for choice in event.get("choices", [])):
+            pieces = [choice["delta"].get("content") for choice in event.get("choices", [])]
+            if any(pieces):
                 result.chunk_times.append(time.perf_counter())
+                result.text += "".join(piece for piece in pieces if piece)
     return result
 
 
@@ -308,33 +344,57 @@ async def run_concurrency(url: str, model: str, workload: Workload, indices: lis
 
 def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
     label = engine_label(chapter)
-    rows = []
-    with start_server(chapter, args) as server:
-        tqdm.write(f"{label}: server up at {server.url} (log {server.log_path})")
-        model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth.
-        warm = Workload(workload.messages[:4], workload.prompt_ids[:4], [8] * 4)
-        asyncio.run(run_concurrency(server.url, model_name, warm, list(range(4)), 4, tqdm(disable=True)))
-        for concurrency in args.concurrency:
-            n = min(args.c1_requests, args.requests) if concurrency == 1 else args.requests
-            indices = list(range(n))
-            load = os.getloadavg()[0]
-            # The server's tree and this client; not this process's descendants, which include the server.
-            server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)
-            cpu_before = server_and_client()
-            with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
-                run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar)
-                results, wall = asyncio.run(run)
-            cpu = server_and_client() - cpu_before
-            for i, r in results.items():
-                asked = workload.max_tokens[i]
-                if r.completion_tokens != asked:
-                    tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {asked}")
-            ttft = [r.chunk_times[0] - r.sent for r in results.values() if r.chunk_times]
-            itl = [b - a for r in results.values() for a, b in itertools.pairwise(r.chunk_times)]
-            tokens = sum(r.completion_tokens for r in results.values())
-            rows.append(Row(label, f"concurrency {concurrency}", n, tokens, wall, ttft, itl, load, cpu))
+    rows, pending = [], list(args.concurrency)
+    while pending:
+        with start_server(chapter, args) as server:
+            tqdm.write(f"{label}: server up at {server.url} (log {server.log_path})")
+            model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth. Its
+            # prompts are the first requests' with other first words, so that a prefix cache (chapter 05) does
+            # not hold the measured prompts when they come.
+            messages = [[{"role": "user", "content": "(warm-up) " + m[0]["content"]}] for m in workload.messages[:4]]
+            warm = Workload(messages, workload.prompt_ids[:4], [8] * len(messages))
+            n = len(messages)
+            asyncio.run(run_concurrency(server.url, model_name, warm, list(range(n)), n, tqdm(disable=True)))
+            kv_cache = kv_cache_line(server)
+            while pending:
+                concurrency = pending.pop(0)
+                rows.append(bench_row(server, model_name, label, kv_cache, args, workload, concurrency))
+                if "radix" in kv_cache:
+                    break  # the next row gets a fresh server: an empty prefix cache, not this row's prompts
     return rows
+
+
+def bench_row(server: ServerProcess, model_name: str, label: str, kv_cache: str, args, workload: Workload,
+              concurrency: int) -> Row:
+    n = min(args.c1_requests, args.requests) if concurrency == 1 else args.requests
+    indices = list(range(n))
+    load = os.getloadavg()[0]
+    # The server's tree and this client; not this process's descendants, which include the server.
+    server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)
+    cpu_before = server_and_client()
+    with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
+        run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar)
+        results, wall = asyncio.run(run)
+    cpu = server_and_client() - cpu_before
+    for i, r in results.items():
+        asked = workload.max_tokens[i]
+        if r.completion_tokens != asked:
+            tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {asked}")
+    ttft = [r.chunk_times[0] - r.sent for r in results.values() if r.chunk_times]
+    itl = [b - a for r in results.values() for a, b in itertools.pairwise(r.chunk_times)]
+    tokens = sum(r.completion_tokens for r in results.values())
+    return Row(
+        label, f"concurrency {concurrency}", n, tokens, wall, ttft, itl, load, cpu,
+        cached_share(list(results.values())), kv_cache,
+    )
+
+
+def cached_share(results: list[RequestResult]) -> float:
+    """Of all prompt tokens, the share the server found in its prefix cache (NaN: the server does not say)."""
+    if any(r.cached_tokens is None for r in results):
+        return float("nan")
+    return sum(r.cached_tokens for r in results) / max(sum(r.prompt_tokens for r in results), 1)
 
 
 # ---------------------------------------------------------------- transformers, static batches
@@ -410,7 +470,8 @@ TITLE = "Serving throughput: chat workload, minisgl server vs transformers stati
 # numbers, under the keys column_key makes of these names.
 COLUMNS = {
     "engine": None, "mode": None, "requests": None, "output tokens": None, "wall s": 1, "output tok/s": 1,
-    "TTFT p50 s": 2, "TTFT p99 s": 2, "ITL p50 ms": 0, "CPU s": 0, "tok / CPU s": 1, "load at start": 2,
+    "TTFT p50 s": 2, "TTFT p99 s": 2, "ITL p50 ms": 0, "prompt cached %": 0, "CPU s": 0, "tok / CPU s": 1,
+    "load at start": 2,
 }
 
 
@@ -426,9 +487,10 @@ def table_row(r: Row) -> dict:
     """One row of the table, keyed as in the JSON and rounded as the table prints it."""
     values = [
         r.engine, r.mode, r.requests, r.output_tokens, r.wall_s, r.tok_s, percentile(r.ttft, 50),
-        percentile(r.ttft, 99), percentile(r.itl, 50) * 1000, r.cpu_s, r.tok_cpu_s, r.load,
+        percentile(r.ttft, 99), percentile(r.itl, 50) * 1000, r.cached_share * 100, r.cpu_s, r.tok_cpu_s, r.load,
     ]
-    return {column_key(name): rounded(v, digits) for (name, digits), v in zip(COLUMNS.items(), values)}
+    row = {column_key(name): rounded(v, digits) for (name, digits), v in zip(COLUMNS.items(), values)}
+    return {**row, "kv_cache": r.kv_cache or None}
 
 
 def cell(value, digits: int | None) -> str:
@@ -479,6 +541,7 @@ def describe(args, workload: Workload, loads: tuple, elapsed: float, commit: str
         "dtype": args.dtype,
         "run_from": [chapter_root(c).relative_to(REPO_ROOT).as_posix() for c in args.chapter],
         "threads": args.threads or None,
+        "top_defaults": top_defaults() if "top" in args.chapter else None,
         "workload": {
             "requests": args.requests, "seed": args.seed,
             "prompt_tokens_min": min(prompt_lens), "prompt_tokens_max": max(prompt_lens),
@@ -487,6 +550,16 @@ def describe(args, workload: Workload, loads: tuple, elapsed: float, commit: str
             "max_tokens_mean": round(statistics.mean(max_tokens)), "max_tokens_total": sum(max_tokens),
         },
     }
+
+
+def top_defaults() -> dict:
+    """The top-level package's defaults for the options this script leaves alone (chapter 05's page size,
+    chunked prefill and cache type), as the server it launched had them."""
+    from minisgl.args import ServerArgs
+
+    defaults = ServerArgs()
+    names = ("page_size", "num_pages", "chunked_prefill_size", "cache_type")
+    return {name: getattr(defaults, name) for name in names if hasattr(defaults, name)}
 
 
 def report(args, run: dict, table: list[dict], best: list[dict], computed: int | None) -> str:
@@ -510,6 +583,14 @@ def report(args, run: dict, table: list[dict], best: list[dict], computed: int |
         ),
         f"- model: {run['model']}",
         f"- server: `{run['server']}`, run from {servers}{threads}",
+    ]
+    caches = {row["engine"]: row["kv_cache"] for row in table if row.get("kv_cache")}
+    if caches:
+        lines.append("- KV cache, from each server's log: " + "; ".join(f"{e}: {c}" for e, c in caches.items()))
+    if run["top_defaults"]:
+        defaults = ", ".join(f"--{name.replace('_', '-')} {v}" for name, v in run["top_defaults"].items())
+        lines.append(f"- the top-level package's defaults, not set here: {defaults}")
+    lines += [
         (
             f"- workload: {work['requests']} chat requests (seed {work['seed']}); "
             f"prompts {work['prompt_tokens_min']}..{work['prompt_tokens_max']} tokens "
@@ -552,11 +633,117 @@ def report(args, run: dict, table: list[dict], best: list[dict], computed: int |
         "output tok/s: generated tokens (each request's own max_tokens) / wall time of the row. TTFT: request sent",
         "to first text (for transformers: batch start to its first token, all members alike). ITL: gaps between",
         "successive pieces of streamed text of one request (for transformers: one decode step of the batch).",
+        "prompt cached %: of all prompt tokens, those the server found in its prefix cache (usage",
+        "prompt_tokens_details.cached_tokens, chapter 05 on; n/a where the server does not report it).",
         "CPU s: CPU time of the server's processes and of this client during the row (for transformers: this",
         "process); tok / CPU s moves less with other work on the machine than tok/s does. Numbers move with the",
         "machine's load (last column); compare rows of one run, not across runs.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- shared with the chapter 05 benchmarks
+# (shared_prefix.py, capacity.py, chunked_prefill.py): the same server options, metadata and report lines.
+
+
+def add_server_options(parser: argparse.ArgumentParser, max_running_requests: int, context_length: int, output: Path):
+    """The options every server benchmark takes, with this benchmark's defaults."""
+    parser.add_argument("--max-running-requests", type=int, default=max_running_requests, help="passed to the server")
+    parser.add_argument("--context-length", type=int, default=context_length, help="passed to the server")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="passed to the server")
+    parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the server (OMP_NUM_THREADS); 0: torch's default, one per core")
+    parser.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for the server to start")
+    parser.add_argument("--output", type=Path, default=output, help="where to write the markdown result")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, `kill`) must also run the ``finally`` that stops the server."""
+
+    def on_sigterm(*_):
+        print("\nstopped by SIGTERM; stopping the server", file=sys.stderr)  # else the log just ends
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def model_and_tokenizer(args):
+    """The model folder the server will load (``--model-path`` or the default model) and its tokenizer."""
+    sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
+    from transformers import AutoTokenizer
+
+    from minisgl.default_model import require_default_model
+
+    model_path = Path(args.model_path) if args.model_path else require_default_model()
+    return model_path, AutoTokenizer.from_pretrained(str(model_path))
+
+
+def warn_if_busy(load: float) -> None:
+    if load > 1.0:
+        warning = f"warning: load average is {load:.2f} on {os.cpu_count()} cores; results will be noisy"
+        print(warning, file=sys.stderr)
+
+
+def run_info(benchmark: str, title: str, loads: tuple, elapsed: float, commit: str, model_path: Path) -> dict:
+    """The fields every result's JSON has: what ran, when, where, how loaded, with which versions."""
+    return {
+        "benchmark": benchmark,
+        "title": title,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "elapsed_min": round(elapsed / 60, 1),
+        "machine": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_before": [round(x, 2) for x in loads[0]],
+        "load_after": [round(x, 2) for x in loads[1]],
+        "versions": {
+            "python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx")},
+        },
+        "commit": commit,
+        "command": " ".join([f"python benchmarks/{benchmark}.py", *sys.argv[1:]]),
+        "model": model_path.name,
+    }
+
+
+def run_lines(run: dict) -> list[str]:
+    """The markdown result's first lines, from ``run_info``'s fields."""
+    return [
+        f"# {run['title']}",
+        "",
+        f"- date: {run['date']}; whole run {run['elapsed_min']:.1f} min",
+        f"- machine: {run['machine']}, {run['cores']} cores; server and client share them",
+        (
+            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in run['load_before'])}; "
+            f"after: {' / '.join(f'{x:.2f}' for x in run['load_after'])}"
+        ),
+        (
+            f"- {', '.join(f'{name} {v}' for name, v in run['versions'].items())}; "
+            f"minisgl commit {run['commit']} (at the start)"
+        ),
+        f"- model: {run['model']}",
+        f"- command: `{run['command']}`",
+    ]
+
+
+def markdown_table(columns: dict, rows: list[dict]) -> list[str]:
+    """``columns``: header -> decimals (None: as it is); each row keyed by ``column_key(header)``. The first
+    column is left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row[column_key(h)], d) for h, d in columns.items()) + " |")
+    return lines
+
+
+def write_result(output: Path, text: str, result: dict) -> None:
+    """``NAME.md`` and ``NAME.json`` beside it, printed; then the chapter plot if a page shows this result."""
+    sidecar = output.with_suffix(".json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    sidecar.write_text(dumps(result))
+    print("\n" + text)
+    print(f"written to {output} and {sidecar}")
+    render(sidecar)
 
 
 def main():

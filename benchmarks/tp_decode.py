@@ -63,7 +63,10 @@ import torch.distributed as dist
 from machine import cpu_model, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # the top-level minisgl: chapter 04's, the one with tensor parallelism
+# Chapter 04's minisgl, frozen in chapters/04 since chapter 05 (whose engine holds pages, not slots) took
+# the top level; run_ranks hands this sys.path to every rank.
+CHAPTER_ROOT = REPO_ROOT / "chapters" / "04"
+sys.path.insert(0, str(CHAPTER_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit, for run_ranks
 from minisgl.config import tensor_parallel_problem
 from minisgl.core import Batch, Request, SamplingParams
@@ -490,7 +493,7 @@ def main():
         "collective_repeats": args.collective_repeats, "seed": args.seed,
     }
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("chapters/04/minisgl")
     if load_before[0] > 0.5:
         print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
     results = {}
