@@ -15,7 +15,8 @@ What it measures, in one run on one machine:
    that budget (``--num-pages budget / page_size + 1``, the spare page included) and
    ``--max-running-requests`` as high as the workload, so that only pages limit it. All the requests are
    sent together (20 ms apart, so that they reach the scheduler in the workload's order), ``/state`` is
-   polled, and its largest ``running`` count is the number admitted together. Nobody finishes meanwhile
+   polled, and its largest ``running`` count is the number admitted together (once nobody has been
+   admitted for 10 s, several steps, while some still wait). Nobody finishes meanwhile
    (every request asks for 16 tokens or more, and the prompts are still being prefilled), so that count
    is the capacity; then the requests are cancelled. With the radix cache, a request admitted after
    another with the same beginning has had its first chunk computed needs fewer pages, so it can fit a
@@ -85,7 +86,7 @@ def kv_bytes_per_token(model_path, dtype: str) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * (2 if dtype == "bfloat16" else 4)
 
 
-async def peak_running(url: str, model: str, workload, poll_s: float = 0.2, settle_s: float = 3.0,
+async def peak_running(url: str, model: str, workload, poll_s: float = 0.2, settle_s: float = 10.0,
                        stagger_s: float = 0.02, limit_s: float = 300) -> tuple[int, int]:
     """Send every request at once; poll /state until admission has stopped (someone waits and ``running`` has
     not changed for ``settle_s``, or nobody waits any more); cancel them. Returns (peak running, waiting then)."""
@@ -201,7 +202,7 @@ def main():
         lines.append(f"- server, to confirm (all requests sent together, /state polled): `{run['server']}`")
     lines += [
         "",
-        *markdown_table(COLUMNS, table),
+        *markdown_table(COLUMNS, table, left=2),
         "",
         verdict,
         "",

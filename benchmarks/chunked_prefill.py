@@ -185,6 +185,7 @@ def main():
     load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
     warn_if_busy(load_before[0])
     rows = [measure(size, args, tokenizer) for size in args.chunked_prefill_sizes]
+    long_len = rows[0]["long_prompt_tokens"] or long_len  # as the server counted it (each repeat's text differs)
 
     chunked = [r for r in rows if r["chunked_prefill_size"]]
     whole = next((r for r in rows if not r["chunked_prefill_size"]), None)

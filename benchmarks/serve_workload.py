@@ -726,10 +726,10 @@ def run_lines(run: dict) -> list[str]:
     ]
 
 
-def markdown_table(columns: dict, rows: list[dict]) -> list[str]:
+def markdown_table(columns: dict, rows: list[dict], left: int = 1) -> list[str]:
     """``columns``: header -> decimals (None: as it is); each row keyed by ``column_key(header)``. The first
-    column is left-aligned, the others right-aligned."""
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    ``left`` columns are left-aligned (words), the others right-aligned (numbers)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
     for row in rows:
         lines.append("| " + " | ".join(cell(row[column_key(h)], d) for h, d in columns.items()) + " |")
     return lines

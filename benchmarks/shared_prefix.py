@@ -291,10 +291,9 @@ def main():
             f"turn {first_len} tokens); max_tokens {args.max_tokens}; temperature 0, ignore_eos, streamed"
         ),
         "",
-        *markdown_table(COLUMNS, rows),
+        *markdown_table(COLUMNS, rows, left=2),
         "",
-        *[verdict_line(v) for v in found],
-        "",
+        *[line for v in found for line in (verdict_line(v), "")],
         "TTFT: request sent to its first piece of text. output tok/s: generated tokens / wall time of the part.",
         "prefix hit %: of the part's prompt tokens, those found in the prefix cache (usage cached_tokens);",
         "/state hit %: the same from the server's own counters (/state, difference over the part).",
