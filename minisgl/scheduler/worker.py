@@ -87,12 +87,10 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
     """The loop of every rank: take this step's messages (rank 0 relays them), step, and send (rank 0)."""
     tp = tp_info()
     messages = decoder(ToScheduler)
+    if tp.rank == 0:
+        publish_counts(scheduler, counts)
     while True:
         idle = not scheduler.has_work
-        if tp.rank == 0:
-            state = scheduler.state()
-            counts[:] = [state["running"], state["waiting"], state["free_pages"], state["cached_pages"],
-                         state["in_use_pages"], state["total_pages"], scheduler.prompt_tokens, scheduler.prefix_hits]
         for message in next_messages(inbox, messages, idle):
             scheduler.handle(message)
         try:
@@ -102,9 +100,17 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
             output = scheduler.flush_outputs()
         if check_lockstep and output is not None:
             check_same_tokens(output)
-        if tp.rank == 0 and output is not None:
-            to_detokenizer.send(encode(output))
+        if tp.rank == 0:
+            publish_counts(scheduler, counts)  # before the tokens leave: whoever has seen them sees this state
+            if output is not None:
+                to_detokenizer.send(encode(output))
 # --8<-- [end:serve-steps]
+
+
+def publish_counts(scheduler: Scheduler, counts) -> None:
+    state = scheduler.state()
+    counts[:] = [state["running"], state["waiting"], state["free_pages"], state["cached_pages"],
+                 state["in_use_pages"], state["total_pages"], scheduler.prompt_tokens, scheduler.prefix_hits]
 
 
 # --8<-- [start:next-messages]

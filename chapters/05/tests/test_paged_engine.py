@@ -8,6 +8,9 @@ On the default model (float32), with the scheduler built directly and fed the me
 On a tiny random model, a seeded random workload (shared prefixes, duplicates, random lengths, aborts at
 random points, some in the middle of a chunked prefill, more requests than the pool holds) checks after
 every step that every page has exactly one owner: the free list, the radix tree, or one admitted request.
+
+Last, the scheduler process's loop (``serve_steps``) with stand-in sockets: the counts it publishes for
+``GET /state`` must already show the step whose tokens it sends.
 """
 
 import random
@@ -518,3 +521,68 @@ def test_the_tiny_model_is_not_degenerate(tiny_oracle):
     tokens, _ = tiny_oracle(list(range(1, 20)), 24, True)
     assert len(set(tokens)) > 4, tokens
 
+
+
+# ----------------------------------------------------------------- /state, as the scheduler process publishes it
+
+
+class Idle(Exception):
+    """The scheduler would now wait for a message that never comes: the test is over."""
+
+
+class ScriptedInbox:
+    """Stands in for the scheduler's ZMQ socket: hands out the given messages, then ends the loop when it idles."""
+
+    def __init__(self, messages):
+        from minisgl.messages import encode
+
+        self.queue = [encode(message) for message in messages]
+
+    def poll(self, timeout_ms=None) -> bool:
+        if not self.queue and timeout_ms is None:
+            raise Idle
+        return bool(self.queue)
+
+    def recv(self, flags=0) -> bytes:
+        import zmq
+
+        if not self.queue:
+            raise zmq.Again
+        return self.queue.pop(0)
+
+
+class RecordingOutbox:
+    """Stands in for the socket to the detokenizer: records each message with the counts /state shows as it leaves."""
+
+    def __init__(self, counts):
+        from minisgl.messages import ToDetokenizer, decoder
+        from minisgl.server.frontend import COUNTS
+
+        self.counts, self.names, self.decoder, self.sent = counts, COUNTS, decoder(ToDetokenizer), []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append((self.decoder.decode(data), dict(zip(self.names, self.counts))))
+
+
+def test_state_already_shows_the_step_whose_tokens_go_out(tiny_llama):
+    # A client that has seen a token and then asks GET /state must see the step that made it: the request
+    # running after its first token, gone (and its pages released) once its last token went out. The contract's
+    # disconnect test relies on it, and fails on a busy machine where the scheduler is descheduled between
+    # sending a step's tokens and publishing the counts at the top of its next loop.
+    from minisgl.scheduler.worker import serve_steps
+    from minisgl.server.frontend import COUNTS
+
+    scheduler = tiny_scheduler(tiny_llama, 4, 40, 0, "radix")
+    counts = [0] * len(COUNTS)
+    outbox = RecordingOutbox(counts)
+    request = UserRequest("r", pack_ids(list(range(1, 11))), SamplingParams(max_tokens=3, ignore_eos=True))
+    with pytest.raises(Idle):
+        serve_steps(scheduler, ScriptedInbox([request]), outbox, counts, check_lockstep=False)
+    assert [message.finish_reasons for message, _ in outbox.sent] == [[None], [None], ["length"]]
+    (_, first), *_, (_, last) = outbox.sent
+    assert first["running"] == 1 and first["in_use_pages"] > 0, (
+        f"/state as the first token left: {first}; the request was running and held pages"
+    )
+    assert last["running"] == 0 and last["in_use_pages"] == 0, (
+        f"/state as the last token left: {last}; the request had finished and released its pages"
+    )
