@@ -11,16 +11,25 @@ Each layer's keys (and values) are one tensor of every page's tokens, **token-ma
 ``[num_pages * page_size, kv_heads, head_dim]``, so that a token's location is a row number. The other
 candidate was heads-major, ``[kv_heads, num_pages * page_size, head_dim]``, whose rows per head are
 what attention reads. ``benchmarks/kv_layout.py`` measured both for one layer's decode attention
-(32 requests of about 400 tokens, 9/3 heads, head_dim 64, pages in scrambled order, the gather with
-``index_select`` then SDPA, median ms on 2 AMD EPYC cores, load 0.2; ``benchmarks/results/kv_layout.md``):
+(32 requests of 365..439 tokens, 9/3 heads, head_dim 64, pages in scrambled order; median ms on 2 AMD
+EPYC cores, load 0.6 to 1.4; ``benchmarks/results/kv_layout.md``):
 
-    dtype     page size  token-major  heads-major
-    TABLE_PLACEHOLDER
+    dtype     page size   index_select + SDPA        the gather alone
+                          token-major  heads-major   token-major  heads-major
+    float32        1         4.83         6.40          2.17         3.89
+    float32       16         4.43         5.38          1.98         4.18
+    bfloat16       1         3.48         4.54          1.19         1.95
+    bfloat16      16         3.44         4.12          0.92         1.47
 
-Token-major wins all four. Its gather copies each token's heads as one contiguous row
-(kv_heads * head_dim values), where heads-major copies kv_heads short rows from places far apart, and
-that costs more than SDPA saves by reading each head's keys contiguously. Storing is a row copy too: the
-model's k and v come out of the projection as [tokens, kv_heads, head_dim] already.
+Token-major won all four rows of that run, but the machine is shared and the margin moves: over
+seven runs (two of float32 alone), heads-major / token-major for the whole attention ranged from 0.83
+to 1.5 per row, and from 0.98 to 1.26 as the geometric mean of a run's rows. So for the whole attention
+the two are close, token-major ahead more often than not. The gather alone is where they differ every
+time (every row of every run but one): token-major copies a token's heads as one contiguous row of
+kv_heads * head_dim values, where heads-major copies kv_heads short rows from places far apart. SDPA
+then reads heads-major's rectangle, contiguous per head, a little faster, which narrows the gap.
+Storing favours token-major too: a new token's k and v come out of the projection as
+[tokens, kv_heads, head_dim], one row per token.
 
 Page 0 is the **spare page**: the pool never hands it out. Padding locations point into it, so a padded
 gather reads real (finite) memory, which the mask then hides.
@@ -34,10 +43,11 @@ locations once per batch and calls them for every layer:
 - ``paged_extend_attention``: several new tokens of one request after ``cached_len`` cached ones
   (a prompt, a chunk of one, or a prompt whose prefix the radix cache already holds).
 
-Both attentions gather with ``index_select``, which measured about twice as fast as indexing with a
-tensor (``cache[locations]``), and hand the arithmetic to ``scaled_dot_product_attention`` with an
-explicit boolean mask: never ``is_causal=True``, which aligns the causal mask top-left, so that with a
-cached prefix new token i would see keys 0..i instead of 0..cached_len + i.
+Both attentions gather with ``index_select``, which measured 1.5 to 2.7 times as fast as indexing with
+a tensor (``cache[locations]``), and hand the arithmetic to ``scaled_dot_product_attention``, 1.25 to 2.4
+times as fast as attention written out (matmul, mask, softmax, matmul), with an explicit boolean mask:
+never ``is_causal=True``, which aligns the causal mask top-left, so that with a cached prefix new token i
+would see keys 0..i instead of 0..cached_len + i.
 """
 
 import torch
