@@ -145,7 +145,7 @@ def main():
     budget = args.slots * args.context_length
     usable = budget // args.page_size
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
     warn_if_busy(load_before[0])
     slots = min(budget // args.context_length, args.requests)
     paged = greedy_pages(lengths, args.page_size, usable)

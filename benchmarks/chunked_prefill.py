@@ -182,7 +182,7 @@ def main():
     if long_len + 4 > args.context_length or args.stream_tokens + 60 > args.context_length:
         parser.error(f"--context-length {args.context_length} is too short for the prompts and --stream-tokens")
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
     warn_if_busy(load_before[0])
     rows = [measure(size, args, tokenizer) for size in args.chunked_prefill_sizes]
     long_len = rows[0]["long_prompt_tokens"] or long_len  # as the server counted it (each repeat's text differs)

@@ -40,13 +40,13 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, git_commit
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -184,27 +184,6 @@ def measure(calls: dict, repeats: int, rng: random.Random, bar: tqdm) -> dict:
 # ---------------------------------------------------------------- the report
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "minisgl", "benchmarks/kv_layout.py"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-        )
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def verdict(rows: list[dict]) -> list[str]:
     """Which layout is faster for the whole decode attention (index_select + SDPA), config by config; within
     5% counts as level, which is less than the run-to-run noise on a shared machine."""
@@ -233,7 +212,7 @@ def report(args, rows: list[dict], load_before, load_after, lengths: list[int]) 
             f"(the run itself adds up to {torch.get_num_threads()})"
         ),
         f"- torch {torch.__version__}, python {platform.python_version()}",
-        f"- commit: {git_commit()}",
+        f"- commit: {git_commit('minisgl', 'benchmarks/kv_layout.py')}",
         (
             f"- workload: {args.requests} requests of {min(lengths)}..{max(lengths)} cached tokens, one new query "
             f"each; {args.heads} query heads, {args.kv_heads} KV heads, head_dim {args.head_dim}; pages in "

@@ -256,7 +256,7 @@ def main():
     if longest > args.context_length:
         parser.error(f"prompts may reach {longest} tokens, over --context-length {args.context_length}")
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit()
+    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
     warn_if_busy(load_before[0])
     rows = []
     for cache_type in args.cache_types:

@@ -35,10 +35,10 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts) -> 
         return
     ready.put((name, None))
     logger.info("ready on %s in %s: %d slots of %d tokens", engine.device, engine.dtype, slots, config.context_length)
+    counts[:] = [0, 0, scheduler.slots.num_free, slots]
     with torch.inference_mode():
         while True:
             idle = not scheduler.waiting and not scheduler.running
-            counts[:] = [len(scheduler.running), len(scheduler.waiting), scheduler.slots.num_free, slots]
             for message in receive_all(inbox, messages, timeout_ms=None if idle else 0):
                 scheduler.handle(message)
             try:
@@ -46,6 +46,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts) -> 
             except Exception as error:
                 scheduler.fail_all(error)
                 output = scheduler.flush_outputs()
+            # Before the tokens leave: a client that has seen them must not read the state from before this step.
+            counts[:] = [len(scheduler.running), len(scheduler.waiting), scheduler.slots.num_free, slots]
             if output is not None:
                 to_detokenizer.send(encode(output))
 # --8<-- [end:run-scheduler]

@@ -85,11 +85,10 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
     """The loop of every rank: take this step's messages (rank 0 relays them), step, and send (rank 0)."""
     tp = tp_info()
     messages = decoder(ToScheduler)
+    if tp.rank == 0:
+        publish_counts(scheduler, counts)
     while True:
         idle = not scheduler.waiting and not scheduler.running
-        if tp.rank == 0:
-            slots = scheduler.slots
-            counts[:] = [len(scheduler.running), len(scheduler.waiting), slots.num_free, slots.num_slots]
         for message in next_messages(inbox, messages, idle):
             scheduler.handle(message)
         try:
@@ -99,9 +98,16 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
             output = scheduler.flush_outputs()
         if check_lockstep and output is not None:
             check_same_tokens(output)
-        if tp.rank == 0 and output is not None:
-            to_detokenizer.send(encode(output))
+        if tp.rank == 0:
+            publish_counts(scheduler, counts)  # before the tokens leave: whoever has seen them sees this state
+            if output is not None:
+                to_detokenizer.send(encode(output))
 # --8<-- [end:serve-steps]
+
+
+def publish_counts(scheduler: Scheduler, counts) -> None:
+    slots = scheduler.slots
+    counts[:] = [len(scheduler.running), len(scheduler.waiting), slots.num_free, slots.num_slots]
 
 
 # --8<-- [start:next-messages]
