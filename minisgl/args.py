@@ -21,6 +21,7 @@ class ServerArgs:
     chunked_prefill_size: int = 512  # prompt tokens run in one step at most, a long prompt in chunks (0: whole)
     page_size: int = 16  # tokens per KV cache page
     num_pages: int = 0  # KV cache pages; 0: as many as --max-running-requests requests of --context-length need
+    kv_cache_memory: int = 0  # MiB of KV cache per rank, instead of --num-pages; 0: not used
     cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
@@ -45,6 +46,7 @@ HELP = {
     "chunked_prefill_size": "prompt tokens run in one step at most; a longer prompt is prefilled in chunks (0: whole)",
     "page_size": "tokens per KV cache page",
     "num_pages": "KV cache pages (0: enough for --max-running-requests requests of --context-length tokens)",
+    "kv_cache_memory": "MiB of KV cache per rank: as many pages as fit, instead of --num-pages (0: not used)",
     "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
@@ -82,9 +84,11 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                  "nnodes", "dist_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("chunked_prefill_size", "num_pages"):
+    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.num_pages and args.kv_cache_memory:
+        parser.error("give --num-pages or --kv-cache-memory, not both: they size the same pool")
     if args.tp_size % args.nnodes:
         parser.error(f"--tp-size {args.tp_size} does not split evenly over --nnodes {args.nnodes}")
     if not 0 <= args.node_rank < args.nnodes:

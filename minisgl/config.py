@@ -32,7 +32,7 @@ class ServerConfig:
     vocab_size: int
     eos_token_ids: tuple[int, ...]  # any of these ends a reply (unless ignore_eos)
     chat_template: str | None  # the Jinja template that turns messages into a prompt; None: chats refused
-    num_pages: int  # KV cache pages, the spare page 0 included
+    num_pages: int  # KV cache pages, the spare page 0 included; 0: the engine fits them to --kv-cache-memory
 
 
 def resolve_config(args: ServerArgs) -> ServerConfig:
@@ -94,7 +94,10 @@ def check_tp_size(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_
 def kv_cache_pages(args: ServerArgs, context_length: int) -> int:
     """The pool's pages, the spare page included (introduced in chapter 05): --num-pages, or by default as
     many as --max-running-requests requests of the whole context length would fill. The pool must hold at
-    least one request of the whole context length, or such a request would wait forever."""
+    least one request of the whole context length, or such a request would wait forever. With
+    --kv-cache-memory, 0: the engine sizes the pool, since only it knows the dtype's size."""
+    if args.kv_cache_memory:
+        return 0
     per_request = -(-context_length // args.page_size)
     num_pages = args.num_pages or args.max_running_requests * per_request + 1
     if num_pages - 1 < per_request:

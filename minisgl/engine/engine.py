@@ -19,7 +19,7 @@ import torch
 from ..attention import TorchBackend
 from ..core import Batch
 from ..distributed import tp_info
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..models import load_model
 from ..sampling import make_generator, sample
@@ -41,11 +41,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page_bytes: int) -> int:
+    """The pages (the spare included) that ``budget_bytes`` hold; refused if fewer than one request of the
+    whole context length needs, for such a request would wait forever."""
+    num_pages = budget_bytes // page_bytes
+    needed = -(-context_length // page_size) + 1
+    if num_pages < needed:
+        raise ValueError(f"--kv-cache-memory {budget_bytes / 2**20:g} MiB holds {num_pages} pages of {page_bytes} "
+                         f"bytes, fewer than one request of --context-length {context_length} needs ({needed}, "
+                         f"the spare included): give at least {needed * page_bytes / 2**20:.1f} MiB")
+    return num_pages
+
+
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
-                 context_length: int):
+                 context_length: int, kv_cache_bytes: int = 0):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
-        spare); ``context_length``: the longest prompt + reply a request may have (``config.py`` clamps it)."""
+        spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
+        prompt + reply a request may have (``config.py`` clamps it)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
@@ -55,6 +68,9 @@ class Engine:
         self.context_length = context_length
         tp = tp_info()
         _, kv_heads = kv_head_shard(c.num_kv_heads, tp.rank, tp.size)  # this rank caches its own KV heads only
+        if kv_cache_bytes:
+            num_pages = pages_in_budget(kv_cache_bytes, page_size, context_length,
+                                        bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = TorchBackend(self.kv_cache)
 

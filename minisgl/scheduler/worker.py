@@ -51,8 +51,9 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
             torch.set_num_threads(share_of_cores(args.tp_size // args.nnodes))
             init_distributed(rank, args.tp_size, args.dist_init_addr, device, args.dist_timeout)
             check_same_settings(config)
-        num_pages = config.num_pages
-        engine = Engine(config.model_path, args.dtype, str(device), num_pages, args.page_size, config.context_length)
+        engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
+                        config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20)
+        num_pages = engine.kv_cache.num_pages
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
                               args.cache_type)
         inbox = to_detokenizer = None
@@ -147,8 +148,8 @@ def with_seed(message):
 # What every rank must agree on, or the ranks would step differently: the model, the KV cache's size,
 # the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
 SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
-SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "cache_type", "tp_size",
-               "nnodes", "tp_check_lockstep")
+SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory", "cache_type",
+               "tp_size", "nnodes", "tp_check_lockstep")
 
 
 def check_same_settings(config: ServerConfig) -> None:

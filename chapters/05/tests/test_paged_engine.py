@@ -586,3 +586,22 @@ def test_state_already_shows_the_step_whose_tokens_go_out(tiny_llama):
     assert last["running"] == 0 and last["in_use_pages"] == 0, (
         f"/state as the last token left: {last}; the request had finished and released its pages"
     )
+
+
+def test_kv_cache_memory_sizes_the_pool_by_bytes(tiny_llama):
+    """--kv-cache-memory: as many pages as the budget holds. The tiny model's page of 4 tokens costs keys and
+    values x 2 layers x 4 tokens x 2 KV heads x 16 dims x 4 bytes = 2048 bytes, so 100 KiB hold 50 pages."""
+    engine = Engine(tiny_llama, "float32", "cpu", 0, 4, 128, kv_cache_bytes=100 * 1024)
+    assert engine.kv_cache.num_pages == 50
+    assert engine.kv_cache.k.numel() * 4 + engine.kv_cache.v.numel() * 4 <= 100 * 1024
+    with pytest.raises(ValueError, match=r"fewer than one request of --context-length 128 needs \(33"):
+        Engine(tiny_llama, "float32", "cpu", 0, 4, 128, kv_cache_bytes=32 * 2048)
+
+
+def test_num_pages_and_kv_cache_memory_are_not_given_together(capsys):
+    from minisgl.args import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num-pages", "100", "--kv-cache-memory", "64"])
+    assert "not both" in capsys.readouterr().err
+    assert parse_args(["--kv-cache-memory", "64"]).kv_cache_memory == 64
