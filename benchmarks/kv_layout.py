@@ -247,7 +247,7 @@ def book_fragment(rows: list[dict], load_before, load_after) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {cpu_model()} ({os.cpu_count()} cores), load average "
         f"(1 min) {load_before[0]:.2f} before the run and {load_after[0]:.2f} after; one layer's decode attention, "
-        "median ms (`python benchmarks/kv_layout.py`):",
+        f"median ms (`{' '.join(['python benchmarks/kv_layout.py', *sys.argv[1:]])}`):",
         "",
         "| dtype | page size | gather, token-major | gather, heads-major | whole attention, token-major "
         "| whole attention, heads-major | heads-major / token-major |",

@@ -11,6 +11,7 @@ the model's collectives. Each ends with the logits of the whole vocabulary, so e
 tokens, given the same seeds.
 """
 
+import ctypes
 from itertools import accumulate
 from pathlib import Path
 
@@ -41,6 +42,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+# --8<-- [start:keep-freed-memory]
+def keep_freed_memory() -> None:
+    """Let the CPU allocator keep freed memory for the next step instead of giving it back to the OS
+    (introduced in chapter 05).
+
+    Every layer of a decode step gathers its requests' keys and values into new tensors of several MiB
+    and frees them a moment later. By default glibc's malloc returns blocks that large to the OS and the
+    next layer's allocation page-faults them back in, one 4 KiB page at a time: measured on the serving
+    workload, 120,000 page faults per decode step, close to half its time. On a GPU PyTorch's caching
+    allocator keeps freed blocks for reuse; on the CPU, raising malloc's two thresholds does the same.
+    Elsewhere than glibc (macOS, musl) this does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 64 << 20)  # blocks up to 64 MiB come from the heap, not their own mapping...
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # ...and up to 1 GiB of freed heap stays with the process
+# --8<-- [end:keep-freed-memory]
+
+
 def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page_bytes: int) -> int:
     """The pages (the spare included) that ``budget_bytes`` hold; refused if fewer than one request of the
     whole context length needs, for such a request would wait forever."""
@@ -60,6 +86,8 @@ class Engine:
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
         prompt + reply a request may have (``config.py`` clamps it)."""
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
         self.config = c = self.model.config
