@@ -22,6 +22,7 @@ class ServerArgs:
     page_size: int = 16  # tokens per KV cache page
     num_pages: int = 0  # KV cache pages; 0: as many as --max-running-requests requests of --context-length need
     kv_cache_memory: int = 0  # MiB of KV cache per rank, instead of --num-pages; 0: not used
+    attention_backend: str = "auto"  # torch, triton, or auto: triton on a GPU, torch on a CPU
     cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
@@ -47,6 +48,7 @@ HELP = {
     "page_size": "tokens per KV cache page",
     "num_pages": "KV cache pages (0: enough for --max-running-requests requests of --context-length tokens)",
     "kv_cache_memory": "MiB of KV cache per rank: as many pages as fit, instead of --num-pages (0: not used)",
+    "attention_backend": "auto: triton on a GPU, torch on a CPU (triton on a CPU: Triton's interpreter, for tests)",
     "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
@@ -64,7 +66,7 @@ HELP = {
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
     choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
-               "cache_type": ["radix", "naive"]}
+               "cache_type": ["radix", "naive"], "attention_backend": ["auto", "torch", "triton"]}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # a switch: present or not

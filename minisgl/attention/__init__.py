@@ -13,9 +13,11 @@ hardware, is hidden behind a backend:
   attend over each request's cached sequence.
 
 ``torch`` (``torch_backend.py``) is written in plain PyTorch and is the reference every faster
-backend is tested against; chapter 06 adds ``triton`` beside it.
+backend is tested against; chapter 06 adds ``triton`` beside it (``triton_backend.py``), and
+``make_backend`` picks one.
 """
 
+import os
 from typing import Protocol
 
 import torch
@@ -34,4 +36,24 @@ class AttentionBackend(Protocol):
         ...
 
 
-__all__ = ["AttentionBackend", "TorchBackend"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+def make_backend(name: str, kv_cache) -> AttentionBackend:
+    """``auto``: ``triton`` on a GPU, ``torch`` on a CPU. ``triton`` on a CPU runs the kernels in Triton's
+    interpreter: right, and far too slow to serve with, but it is how the tests check the kernels here."""
+    device = kv_cache.k.device
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchBackend(kv_cache)
+    if name == "triton":
+        if device.type == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: import after
+        from .triton_backend import TritonBackend  # triton is imported only by those who use it
+
+        return TritonBackend(kv_cache)
+    raise ValueError(f"attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["AttentionBackend", "BACKENDS", "TorchBackend", "make_backend"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import TorchBackend
+from ..attention import make_backend
 from ..core import Batch
 from ..distributed import tp_info
 from ..kv_cache import KVCache, bytes_per_page
@@ -81,10 +81,11 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
 
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
-                 context_length: int, kv_cache_bytes: int = 0):
+                 context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto"):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
-        prompt + reply a request may have (``config.py`` clamps it)."""
+        prompt + reply a request may have (``config.py`` clamps it); ``attention_backend``: torch, triton or
+        auto (``attention.make_backend``)."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -100,7 +101,7 @@ class Engine:
             num_pages = pages_in_budget(kv_cache_bytes, page_size, context_length,
                                         bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
-        self.attention = TorchBackend(self.kv_cache)
+        self.attention = make_backend(attention_backend, self.kv_cache)
 
     def new_generator(self, seed: int | None) -> torch.Generator:
         """A request's own random stream, on the device that samples."""

@@ -52,7 +52,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
             init_distributed(rank, args.tp_size, args.dist_init_addr, device, args.dist_timeout)
             check_same_settings(config)
         engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
-                        config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20)
+                        config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
+                        attention_backend=args.attention_backend)
         num_pages = engine.kv_cache.num_pages
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
                               args.cache_type)
@@ -149,6 +150,7 @@ def with_seed(message):
 # the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
 SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
 SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory", "cache_type",
+               "attention_backend",
                "tp_size", "nnodes", "tp_check_lockstep")
 
 

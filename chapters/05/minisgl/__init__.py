@@ -1,0 +1,26 @@
+"""minisgl: an LLM serving engine built chapter by chapter.
+
+This package is the tip of the course: the code as of the newest chapter. Each earlier chapter keeps
+a frozen copy under ``chapters/NN/minisgl``.
+
+Chapter 05 (this stage) makes the KV cache a pool of pages shared through a radix prefix cache, and
+prefills long prompts in chunks; the model is split over tensor-parallel ranks as in chapter 04:
+
+- ``server/``      the API server process: FastAPI app, its end of the sockets, process launch (on every node)
+- ``tokenizer/``   tokenizer and detokenizer worker processes (text <-> token ids, stop strings)
+- ``scheduler/``   a scheduler process per rank: requests, pages (``pages.py``), the radix prefix cache
+                   (``radix.py``), continuous batching with chunked prefill; rank 0 relays each step's messages
+- ``distributed.py`` the process group, this rank's place in it, all-reduce, all-gather and the relay
+- ``messages.py``  every message that crosses a process boundary; ``ipc.py``: the sockets
+- ``core.py``      SamplingParams, Request and Batch: the scheduler/engine contract (no torch)
+- ``config.py``    start-up facts resolved once and handed to every process (no torch)
+- ``engine/``      runs a batch through the model and samples the next tokens; owns the KV cache's tensors
+- ``attention/``   attention over the paged KV cache (``paged.py``: the oracle of later kernels), behind a backend
+- ``models/``, ``layers/``, ``kv_cache.py``, ``sampling.py``  the model, its blocks (column- and row-parallel
+                   linear layers, a vocabulary-parallel embedding), the cache's storage (this rank's KV heads), sampling
+- ``args.py``      the command line; ``__main__.py``: ``python -m minisgl``
+
+Only the scheduler processes import torch; the API server and the tokenizers never load it.
+"""
+
+__version__ = "0.5.0"

@@ -1,0 +1,106 @@
+"""The server's command line: every option in one dataclass (introduced in chapter 02).
+
+Option names follow SGLang's and mini-sglang's, so that what you learn here carries over.
+"""
+
+import argparse
+from dataclasses import dataclass, fields
+
+from .default_model import default_model_path
+
+
+@dataclass
+class ServerArgs:
+    model_path: str = ""  # empty: the course's default model
+    dtype: str = "auto"
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 1919
+    max_running_requests: int = 32
+    context_length: int = 2048
+    chunked_prefill_size: int = 512  # prompt tokens run in one step at most, a long prompt in chunks (0: whole)
+    page_size: int = 16  # tokens per KV cache page
+    num_pages: int = 0  # KV cache pages; 0: as many as --max-running-requests requests of --context-length need
+    kv_cache_memory: int = 0  # MiB of KV cache per rank, instead of --num-pages; 0: not used
+    cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
+    num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
+    served_model_name: str = ""  # empty: the model folder's name
+    max_request_bytes: int = 1 << 20  # 1 MiB
+    log_level: str = "info"
+    tp_size: int = 1  # tensor-parallel ranks: scheduler processes, each with a shard of every layer
+    nnodes: int = 1  # machines the ranks are spread over, tp_size / nnodes ranks on each
+    node_rank: int = 0  # which of them this is; node 0 runs the HTTP server, tokenizers and detokenizer
+    dist_init_addr: str = ""  # host:port of the ranks' rendezvous (on node 0); empty: a free local port
+    dist_timeout: int = 300  # seconds a rank waits for the others, at the rendezvous or in a collective
+    tp_check_lockstep: bool = False  # debug: after every step, check that every rank sampled the same tokens
+
+
+HELP = {
+    "model_path": "a Hugging Face model folder (Llama, Qwen2 or Qwen3), or a hub id where a hub can be reached",
+    "dtype": "auto (bfloat16 where the hardware is fast at it), float32, bfloat16 or float16",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "max_running_requests": "requests decoded together at most (each with the KV cache pages it needs)",
+    "context_length": "longest prompt + reply a request may have (a larger one needs more KV cache pages)",
+    "chunked_prefill_size": "prompt tokens run in one step at most; a longer prompt is prefilled in chunks (0: whole)",
+    "page_size": "tokens per KV cache page",
+    "num_pages": "KV cache pages (0: enough for --max-running-requests requests of --context-length tokens)",
+    "kv_cache_memory": "MiB of KV cache per rank: as many pages as fit, instead of --num-pages (0: not used)",
+    "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
+    "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
+    "served_model_name": "the model name clients must send (default: the model folder's name)",
+    "max_request_bytes": "a request body larger than this is refused with 413 before it is read whole",
+    "log_level": "debug, info, warning or error",
+    "tp_size": "tensor-parallel ranks, each holding a shard of every layer (must divide the attention heads)",
+    "nnodes": "machines the ranks are spread over (tp-size / nnodes ranks on each)",
+    "node_rank": "which machine this is, 0 .. nnodes - 1; node 0 serves HTTP and runs rank 0",
+    "dist_init_addr": "host:port where the ranks meet (a port on node 0); needed with --nnodes > 1",
+    "dist_timeout": "seconds a rank waits for the others (at the rendezvous or in a collective) before failing",
+    "tp_check_lockstep": "debug: after every step, compare the tokens every rank sampled (costs an all-gather)",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
+    choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
+               "cache_type": ["radix", "naive"]}
+    for f in fields(ServerArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # a switch: present or not
+            parser.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
+        parser.add_argument(
+            flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=HELP[f.name]
+        )
+    args = ServerArgs(**vars(parser.parse_args(argv)))
+    if not args.model_path:
+        args.model_path = str(default_model_path())
+    if args.device != "auto" and args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.num_tokenizer < 0:
+        parser.error("--num-tokenizer must be 0 or more")
+    for name in ("max_running_requests", "context_length", "page_size", "max_request_bytes", "tp_size",
+                 "nnodes", "dist_timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.num_pages and args.kv_cache_memory:
+        parser.error("give --num-pages or --kv-cache-memory, not both: they size the same pool")
+    if args.tp_size % args.nnodes:
+        parser.error(f"--tp-size {args.tp_size} does not split evenly over --nnodes {args.nnodes}")
+    if not 0 <= args.node_rank < args.nnodes:
+        last = args.nnodes - 1
+        parser.error(f"--node-rank {args.node_rank} is out of range: with --nnodes {args.nnodes} it is 0 .. {last}")
+    if args.nnodes > 1 and not args.dist_init_addr:
+        parser.error("--nnodes > 1 needs --dist-init-addr HOST:PORT, an address of node 0 that every node can reach")
+    if args.dist_init_addr and not valid_address(args.dist_init_addr):
+        parser.error(f"--dist-init-addr must be HOST:PORT, got {args.dist_init_addr!r}")
+    return args
+
+
+def valid_address(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536

@@ -1,0 +1,152 @@
+"""Attention over a paged KV cache, in plain PyTorch: the oracle for chapter 06's kernels (introduced in chapter 05).
+
+A cache of slots gives every request room for the longest sequence we accept. A paged cache cuts the
+memory into pages of ``page_size`` tokens and gives a request only the pages it fills; its **page
+table row** lists them in order, wherever they lie in the pool:
+
+    position i of a request lives in page row[i // page_size], at offset i % page_size,
+    that is at flat location  row[i // page_size] * page_size + i % page_size.
+
+Each layer's keys (and values) are one tensor of every page's tokens, **token-major**:
+``[num_pages * page_size, kv_heads, head_dim]``, so that a token's location is a row number. The other
+candidate was heads-major, ``[kv_heads, num_pages * page_size, head_dim]``, whose rows per head are
+what attention reads. ``benchmarks/kv_layout.py`` measured both for one layer's decode attention
+(32 requests of 365..439 tokens, 9/3 heads, head_dim 64, pages in scrambled order; median ms on 2 AMD
+EPYC cores, load 0.6 to 1.4; ``benchmarks/results/kv_layout.md``):
+
+    dtype     page size   index_select + SDPA        the gather alone
+                          token-major  heads-major   token-major  heads-major
+    float32        1         4.83         6.40          2.17         3.89
+    float32       16         4.43         5.38          1.98         4.18
+    bfloat16       1         3.48         4.54          1.19         1.95
+    bfloat16      16         3.44         4.12          0.92         1.47
+
+Token-major won all four rows of that run, but the machine is shared and the margin moves: over
+seven runs (two of float32 alone), heads-major / token-major for the whole attention ranged from 0.83
+to 1.5 per row, and from 0.98 to 1.26 as the geometric mean of a run's rows. So for the whole attention
+the two are close, token-major ahead more often than not. The gather alone is where they differ every
+time (every row of every run but one): token-major copies a token's heads as one contiguous row of
+kv_heads * head_dim values, where heads-major copies kv_heads short rows from places far apart. SDPA
+then reads heads-major's rectangle, contiguous per head, a little faster, which narrows the gap.
+Storing favours token-major too: a new token's k and v come out of the projection as
+[tokens, kv_heads, head_dim], one row per token.
+
+Page 0 is the **spare page**: the pool never hands it out. Padding locations point into it, so a padded
+gather reads real (finite) memory, which the mask then hides.
+
+The functions here take tensors on any device and work on one layer's cache; the backend works out the
+locations once per batch and calls them for every layer:
+
+- ``padded_locations`` / ``token_locations``: page table rows and lengths -> flat locations;
+- ``store_kv``: new tokens' keys and values into their locations;
+- ``paged_decode_attention``: one new token per request, every request at once (padded, masked);
+- ``paged_extend_attention``: several new tokens of one request after ``cached_len`` cached ones
+  (a prompt, a chunk of one, or a prompt whose prefix the radix cache already holds).
+
+Both attentions gather with ``index_select``, which measured 1.5 to 2.7 times as fast as indexing with
+a tensor (``cache[locations]``), and hand the arithmetic to ``scaled_dot_product_attention``, 1.25 to 2.4
+times as fast as attention written out (matmul, mask, softmax, matmul), with an explicit boolean mask:
+never ``is_causal=True``, which aligns the causal mask top-left, so that with a cached prefix new token i
+would see keys 0..i instead of 0..cached_len + i.
+"""
+
+import torch
+import torch.nn.functional as F
+
+SPARE_PAGE = 0  # never handed out; padding points here
+
+
+# --8<-- [start:token-locations]
+def padded_locations(page_table_rows: list[list[int]], lengths: list[int], page_size: int,
+                     device=None) -> torch.Tensor:
+    """Flat cache locations of positions 0 .. lengths[b] - 1 of each request b, as [requests, max(lengths)];
+    positions past a request's length point at the spare page."""
+    for b, (row, length) in enumerate(zip(page_table_rows, lengths, strict=True)):
+        if len(row) * page_size < length:  # a missing page would silently read another request's tokens
+            raise ValueError(f"request {b} has {length} tokens but {len(row)} pages of {page_size}")
+    width = max(len(row) for row in page_table_rows)
+    table = torch.tensor([row + [SPARE_PAGE] * (width - len(row)) for row in page_table_rows],
+                         dtype=torch.long, device=device)  # [requests, pages]
+    positions = torch.arange(max(lengths), device=device)  # [T]
+    locations = table[:, positions // page_size] * page_size + positions % page_size  # [requests, T]
+    padding = positions[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    return locations.masked_fill(padding, SPARE_PAGE * page_size)
+# --8<-- [end:token-locations]
+
+
+def token_locations(page_table_rows: list[list[int]], lengths: list[int], page_size: int,
+                    starts: list[int] | None = None, device=None) -> torch.Tensor:
+    """Flat cache locations of positions starts[b] .. lengths[b] - 1 of each request, end to end [tokens].
+
+    With ``starts`` omitted (0): every position, which is what ``paged_extend_attention`` reads for one
+    request. With ``starts`` the cached lengths: the new tokens, in batch order, which is where
+    ``store_kv`` writes them.
+    """
+    locations = padded_locations(page_table_rows, lengths, page_size, device)
+    positions = torch.arange(locations.shape[1], device=device)
+    starts = torch.tensor(starts or [0] * len(lengths), device=device)[:, None]
+    ends = torch.tensor(lengths, device=device)[:, None]
+    wanted = (positions[None, :] >= starts) & (positions[None, :] < ends)  # [requests, T]
+    return locations[wanted]  # a boolean mask reads row by row: request by request, positions in order
+
+
+# --8<-- [start:store-kv]
+def store_kv(k_cache, v_cache, locations: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v [tokens, kv_heads, d] into rows ``locations`` [tokens] of one layer's caches."""
+    k_cache[locations] = k
+    v_cache[locations] = v
+# --8<-- [end:store-kv]
+
+
+# --8<-- [start:paged-decode]
+def paged_decode_attention(q, k_cache, v_cache, locations, seq_lens, scale: float) -> torch.Tensor:
+    """One new token per request, every request at once.
+
+    q [requests, heads, d]; k_cache, v_cache [num_pages * page_size, kv_heads, d]; locations [requests, T]
+    from ``padded_locations``; request b sees its first seq_lens[b] positions (its new token included).
+    Returns [requests, heads, d].
+    """
+    requests, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    # --8<-- [start:ex-page-gather]
+    # Every request's keys and values in a padded rectangle [requests, kv_heads, T, d], and which of them
+    # each request may see: its own positions, not the padding (which reads the spare page).
+    flat = locations.flatten()
+    keys = k_cache.index_select(0, flat).view(requests, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(requests, -1, num_kv_heads, head_dim).transpose(1, 2)
+    visible = torch.arange(locations.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [requests, T]
+    # --8<-- [end:ex-page-gather]
+    # Query head h reads KV head h // group: each KV head's group of query heads become its rows of queries.
+    q = q.view(requests, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(requests, num_heads, head_dim)
+# --8<-- [end:paged-decode]
+
+
+# --8<-- [start:paged-extend]
+def paged_extend_attention(q, k_cache, v_cache, locations, cached_len: int, scale: float) -> torch.Tensor:
+    """The new tokens of one request attend to its whole sequence, causally.
+
+    q [new, heads, d] holds positions cached_len .. seq_len - 1; locations [seq_len] are the request's
+    positions 0 .. seq_len - 1 (``token_locations``), its new tokens' keys and values already stored.
+    Returns [new, heads, d].
+    """
+    new, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads = locations.shape[0], k_cache.shape[1]
+    if new != seq_len - cached_len:
+        raise ValueError(f"{new} new tokens after {cached_len} cached ones, but {seq_len} locations")
+    group = num_heads // num_kv_heads
+    # --8<-- [start:ex-extend-mask]
+    # New token i sits at position cached_len + i and may see every key up to its own position. The mask
+    # is aligned bottom-right: the last query sees all seq_len keys, the first sees cached_len + 1.
+    query_positions = torch.arange(cached_len, seq_len, device=q.device)
+    key_positions = torch.arange(seq_len, device=q.device)
+    visible = key_positions[None, :] <= query_positions[:, None]  # [new, seq_len]
+    # --8<-- [end:ex-extend-mask]
+    # [kv_heads, group, seq_len, d]: each KV head read by its group of query heads; expand is a view, no copy.
+    keys = k_cache.index_select(0, locations).transpose(0, 1)[:, None].expand(-1, group, -1, -1)
+    values = v_cache.index_select(0, locations).transpose(0, 1)[:, None].expand(-1, group, -1, -1)
+    q = q.view(new, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [kv_heads, group, new, d]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(new, num_heads, head_dim)
+# --8<-- [end:paged-extend]

@@ -1,0 +1,79 @@
+"""The ``torch`` attention backend: grouped-query attention over a paged KV cache, in plain PyTorch
+(introduced in chapter 03).
+
+Grouped-query attention (GQA) gives several query heads one shared key/value head: SmolLM2 has 9 query
+heads and 3 KV heads, so each KV head serves a group of 3 query heads and the KV cache is 3x smaller
+than with one KV head per query head.
+
+Every new token's key and value is written into its page first; attention then reads each request's
+whole cached sequence through its page table (``attention/paged.py`` does the work). A batch may mix:
+
+- requests with one new token (decode): all of them attend at once (``paged_decode_attention``);
+- requests with several (a prompt, a chunk of one, a prompt after a cached prefix): one by one, each
+  causal with the mask aligned bottom-right (``paged_extend_attention``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core import Batch
+from ..kv_cache import KVCache
+from .paged import padded_locations, paged_decode_attention, paged_extend_attention, store_kv, token_locations
+
+
+@dataclass
+class TorchMetadata:
+    """What every layer needs to know about one batch, worked out once by ``prepare``."""
+
+    new_locations: torch.Tensor  # [tokens] where each new token's keys and values go
+    decode_rows: torch.Tensor  # [decode requests] the row of q of each request with one new token
+    decode_locations: torch.Tensor | None  # [decode requests, T] their positions' locations, padded
+    decode_seq_lens: torch.Tensor  # [decode requests]
+    # the others: (first row in q, new tokens, cached tokens before them, locations of their whole sequence)
+    extends: list[tuple[int, int, int, torch.Tensor]]
+
+
+# --8<-- [start:torch-backend]
+class TorchBackend:
+    def __init__(self, kv_cache: KVCache):
+        self.kv_cache = kv_cache
+        self.scale = kv_cache.k.shape[-1] ** -0.5  # 1 / sqrt(head_dim)
+        self.metadata: TorchMetadata | None = None
+
+    def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
+        device, page_size = self.kv_cache.k.device, self.kv_cache.page_size
+        rows = [request.pages for request in batch.requests]
+        starts = [seq_len - new for seq_len, new in zip(batch.seq_lens, batch.new_lens)]
+        decode, extends, offset = [], [], 0
+        for b, (new, seq_len, start) in enumerate(zip(batch.new_lens, batch.seq_lens, starts)):
+            if new == 1:
+                decode.append((b, offset))
+            else:
+                locations = token_locations([rows[b]], [seq_len], page_size, device=device)
+                extends.append((offset, new, start, locations))
+            offset += new
+        self.metadata = TorchMetadata(
+            new_locations=token_locations(rows, batch.seq_lens, page_size, starts, device=device),
+            decode_rows=torch.tensor([row for _, row in decode], dtype=torch.long, device=device),
+            decode_locations=padded_locations([rows[b] for b, _ in decode], [batch.seq_lens[b] for b, _ in decode],
+                                              page_size, device) if decode else None,
+            decode_seq_lens=torch.tensor([batch.seq_lens[b] for b, _ in decode], dtype=torch.long, device=device),
+            extends=extends,
+        )
+
+    def forward(self, q, k, v, layer_id: int) -> torch.Tensor:
+        meta = self.metadata
+        k_cache, v_cache = self.kv_cache.layer(layer_id)
+        store_kv(k_cache, v_cache, meta.new_locations, k, v)  # every new token into its page
+        out = torch.empty_like(q)
+        if meta.decode_locations is not None:
+            out[meta.decode_rows] = paged_decode_attention(
+                q[meta.decode_rows], k_cache, v_cache, meta.decode_locations, meta.decode_seq_lens, self.scale
+            )
+        for offset, new, cached, locations in meta.extends:
+            out[offset : offset + new] = paged_extend_attention(
+                q[offset : offset + new], k_cache, v_cache, locations, cached, self.scale
+            )
+        return out
+# --8<-- [end:torch-backend]

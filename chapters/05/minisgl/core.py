@@ -1,0 +1,110 @@
+"""The types the server's processes share: sampling parameters, a request, a batch (introduced in chapter 03).
+
+This is the contract between the scheduler, which decides *what* runs, and the engine, which runs it:
+
+- ``SamplingParams``: how a request wants its tokens chosen; it travels in messages from the API
+  server to the scheduler;
+- ``Request``: one request as the scheduler tracks it (its tokens, its page table, its state);
+- ``Batch``: what one forward pass runs, in plain Python lists; the engine turns it into tensors.
+
+The module imports no torch, on purpose: the API server and the tokenizer processes use these types
+too, and a process that never runs the model should not pay for loading torch (hundreds of MB).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InvalidParam(ValueError):
+    """A request's value is out of range; ``param`` names the field, for the client's error message."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+# --8<-- [start:sampling-params]
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0  # 1.0: no limit
+    seed: int | None = None
+    max_tokens: int | None = 256  # None: whatever the context leaves room for (the tokenizer decides)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise InvalidParam("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidParam("top_k", f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise InvalidParam("max_tokens", f"max_tokens must be > 0, got {self.max_tokens}")
+# --8<-- [end:sampling-params]
+
+
+# --8<-- [start:request]
+@dataclass(eq=False)
+class Request:
+    """A request is data: its prompt, its sampling parameters, what it has generated so far, and where
+    it stands (waiting, prefilling, running, finished) and where its keys and values are (its pages)."""
+
+    uid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # its page table: position p lives in page pages[p // page_size]
+    cached_len: int = 0  # how many of prompt + output have keys and values in the cache
+    prefix_len: int = 0  # how many prompt tokens it found in the prefix cache (reported as cached_tokens)
+    node: Any = None  # the prefix cache's node it holds locked, while admitted
+    finish_reason: str | None = None
+    generator: Any = None  # its own random stream (a torch.Generator), made by the engine on admission
+    announced: bool = False  # has the detokenizer been told about it (stop strings, prompt length)?
+
+    def uncached_ids(self) -> list[int]:
+        """The tokens the next forward pass must run: the whole prompt at first, then the last sampled token."""
+        prompt_len = len(self.prompt_ids)
+        if self.cached_len < prompt_len:
+            return self.prompt_ids[self.cached_len :] + self.output_ids
+        return self.output_ids[self.cached_len - prompt_len :]
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+# --8<-- [end:request]
+
+
+# --8<-- [start:batch]
+@dataclass
+class Batch:
+    """What one forward pass runs, as the scheduler decided it.
+
+    Requests have different lengths. Rather than padding them to a rectangle, a batch lays every new
+    token of every request end to end ("ragged" or "packed"): the linear layers, which treat each
+    token on its own, then run on one [tokens, hidden] matrix with no wasted rows. Only attention
+    needs to know which tokens belong together, and it reads that from ``new_lens`` and ``seq_lens``.
+
+    One batch may mix both phases: a running request brings one new token (its last sampled one), a
+    request being prefilled brings the next chunk of its prompt (``new_lens`` says how many tokens each
+    runs). A request is sampled only when its chunk reaches the end of its tokens (``sample``): a chunk
+    in the middle of a prompt gives no token, since what follows it is already known.
+    """
+
+    requests: list[Request]
+    new_lens: list[int]  # how many new tokens each request runs in this pass
+    input_ids: list[int] = field(init=False)  # the new tokens of every request, end to end
+    positions: list[int] = field(init=False)  # each new token's position in its own sequence
+    seq_lens: list[int] = field(init=False)  # each request's length in the cache once this batch has run
+    sample: list[bool] = field(init=False)  # whether this pass gives the request its next token
+
+    def __post_init__(self):
+        self.input_ids, self.positions, self.seq_lens, self.sample = [], [], [], []
+        for request, new in zip(self.requests, self.new_lens, strict=True):
+            self.input_ids += request.uncached_ids()[:new]
+            self.positions += range(request.cached_len, request.cached_len + new)
+            self.seq_lens.append(request.cached_len + new)
+            self.sample.append(request.cached_len + new == request.seq_len)
+# --8<-- [end:batch]

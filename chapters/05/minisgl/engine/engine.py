@@ -1,0 +1,132 @@
+"""The engine runs one batch through the model and samples each request's next token (introduced in chapter 02).
+
+It owns what lives on the device: the model's weights, the KV cache's tensors and the attention
+backend that reads them. It knows nothing of queues, HTTP or text, nor of who holds which KV cache
+page: the scheduler decides *which* requests run and where their keys and values go, in a ``Batch``
+(``core.py``); the engine only runs it.
+
+Under tensor parallelism every rank has an engine, and every rank's engine runs every batch: each with
+its share of the weights and of the KV cache (``distributed.tp_info()`` says which), all meeting in
+the model's collectives. Each ends with the logits of the whole vocabulary, so each samples the same
+tokens, given the same seeds.
+"""
+
+import ctypes
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+
+from ..attention import TorchBackend
+from ..core import Batch
+from ..distributed import tp_info
+from ..kv_cache import KVCache, bytes_per_page
+from ..layers import kv_head_shard
+from ..models import load_model
+from ..sampling import make_generator, sample
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` picks bfloat16 where the hardware computes it fast, else float32 (float16 on old GPUs)."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+# --8<-- [start:keep-freed-memory]
+def keep_freed_memory() -> None:
+    """Let the CPU allocator keep freed memory for the next step instead of giving it back to the OS
+    (introduced in chapter 05).
+
+    Every layer of a decode step gathers its requests' keys and values into new tensors of several MiB
+    and frees them a moment later. By default glibc's malloc returns blocks that large to the OS and the
+    next layer's allocation page-faults them back in, one 4 KiB page at a time: measured on the serving
+    workload, 120,000 page faults per decode step, close to half its time. On a GPU PyTorch's caching
+    allocator keeps freed blocks for reuse; on the CPU, raising malloc's two thresholds does the same.
+    Elsewhere than glibc (macOS, musl) this does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 64 << 20)  # blocks up to 64 MiB come from the heap, not their own mapping...
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # ...and up to 1 GiB of freed heap stays with the process
+# --8<-- [end:keep-freed-memory]
+
+
+def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page_bytes: int) -> int:
+    """The pages (the spare included) that ``budget_bytes`` hold; refused if fewer than one request of the
+    whole context length needs, for such a request would wait forever."""
+    num_pages = budget_bytes // page_bytes
+    needed = -(-context_length // page_size) + 1
+    if num_pages < needed:
+        raise ValueError(f"--kv-cache-memory {budget_bytes / 2**20:g} MiB holds {num_pages} pages of {page_bytes} "
+                         f"bytes, fewer than one request of --context-length {context_length} needs ({needed}, "
+                         f"the spare included): give at least {needed * page_bytes / 2**20:.1f} MiB")
+    return num_pages
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
+                 context_length: int, kv_cache_bytes: int = 0):
+        """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
+        spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
+        prompt + reply a request may have (``config.py`` clamps it)."""
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(model_path, self.dtype, self.device)
+        self.config = c = self.model.config
+        if context_length > c.max_position_embeddings:
+            raise ValueError(f"context_length {context_length} is more than the model's {c.max_position_embeddings}")
+        self.context_length = context_length
+        tp = tp_info()
+        _, kv_heads = kv_head_shard(c.num_kv_heads, tp.rank, tp.size)  # this rank caches its own KV heads only
+        if kv_cache_bytes:
+            num_pages = pages_in_budget(kv_cache_bytes, page_size, context_length,
+                                        bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
+        self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
+        self.attention = TorchBackend(self.kv_cache)
+
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        """A request's own random stream, on the device that samples."""
+        return make_generator(seed, self.device)
+
+    # --8<-- [start:engine-step]
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        positions = as_tensor(batch.positions)
+        self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
+        hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
+        last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
+        return self.model.logits(hidden[last_tokens])  # only those are sampled
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[int | None]:
+        """Run the batch's new tokens and return the next token of each request that ``batch.sample`` says
+        to sample, None for the others (a chunk in the middle of a prompt); the same on every rank."""
+        logits = self.forward(batch)
+        chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
+        if not chosen:
+            return [None] * len(batch.requests)
+        requests = [batch.requests[b] for b in chosen]
+        rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
+        tokens = iter(sample(rows, [r.params for r in requests], [r.generator for r in requests]))
+        return [next(tokens) if wanted else None for wanted in batch.sample]
+    # --8<-- [end:engine-step]

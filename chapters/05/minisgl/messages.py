@@ -1,0 +1,117 @@
+"""Every message that crosses a process boundary (introduced in chapter 03).
+
+The server is a tree of processes that talk over ZMQ sockets:
+
+    API server --TokenizeRequest/AbortRequest--> tokenizer --UserRequest/AbortRequest--> scheduler
+    scheduler --BatchTokenOutput--> detokenizer --BatchTextOutput--> API server
+    tokenizer --TokenizeError--> API server          detokenizer --AbortRequest--> scheduler
+
+Messages are msgspec Structs, encoded as MessagePack: compact, fast, and typed on both ends (a
+malformed message fails to decode instead of travelling on). Token ids travel as one packed array of
+int32, 4 bytes a token, rather than as a list of MessagePack integers: a fixed width whatever the
+vocabulary (MessagePack spends 3 bytes on an id below 65536 and 5 above, so for a small vocabulary
+the list is a little smaller), copied as one block instead of integer by integer, and ready to turn
+into a tensor without a Python loop when a later chapter wants that.
+
+Each socket carries one union of message types; ``tag=True`` puts the type's name in each message so
+the receiver knows which one arrived. This module imports no torch (``SamplingParams`` comes from the
+torch-free ``core.py``), so the API server and the tokenizers can encode and decode messages without it.
+"""
+
+from array import array
+
+import msgspec
+
+from .core import SamplingParams
+
+
+def pack_ids(ids: list[int]) -> bytes:
+    return array("i", ids).tobytes()
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    ids = array("i")
+    ids.frombytes(data)
+    return ids.tolist()
+
+
+class TokenizeRequest(msgspec.Struct, tag=True):
+    """API server -> tokenizer: one choice of one HTTP request, not yet tokenized."""
+
+    uid: str
+    params: SamplingParams
+    text: str | None = None  # a raw prompt
+    messages: list[dict] | None = None  # a chat, to go through the chat template
+    input_ids: bytes | None = None  # already token ids
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    """Stop a request and free its KV cache pages: the client went away, or a stop string was seen."""
+
+    uid: str
+
+
+class UserRequest(msgspec.Struct, tag=True):
+    """Tokenizer -> scheduler: a request ready to run."""
+
+    uid: str
+    prompt_ids: bytes
+    params: SamplingParams
+
+
+class TokenizeError(msgspec.Struct, tag=True):
+    """Tokenizer -> API server: the request cannot run (say, it does not fit in the context)."""
+
+    uid: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class NewRequestInfo(msgspec.Struct):
+    """What the detokenizer must know about a request before its first token."""
+
+    uid: str
+    prompt_tokens: int
+    stop: list[str]
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache already held
+
+
+class BatchTokenOutput(msgspec.Struct, tag=True):
+    """Scheduler -> detokenizer: the new token of every request in one step, in one message.
+
+    ``token_ids[i]`` is -1 when request ``uids[i]`` finished without a new token (EOS, abort).
+    """
+
+    uids: list[str]
+    token_ids: bytes
+    finish_reasons: list[str | None]
+    new_requests: list[NewRequestInfo] = []
+
+
+class BatchTextOutput(msgspec.Struct, tag=True):
+    """Detokenizer -> API server: new text of every request that has some."""
+
+    uids: list[str]
+    texts: list[str]
+    finish_reasons: list[str | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+
+
+ToTokenizer = TokenizeRequest | AbortRequest
+ToScheduler = UserRequest | AbortRequest
+ToDetokenizer = BatchTokenOutput
+ToAPIServer = BatchTextOutput | TokenizeError
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decoder(union) -> msgspec.msgpack.Decoder:
+    """A decoder for the messages one socket may carry."""
+    return msgspec.msgpack.Decoder(union)

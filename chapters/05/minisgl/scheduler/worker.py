@@ -1,0 +1,180 @@
+"""The scheduler process (introduced in chapter 03): the model, the KV cache and the loop, behind two sockets.
+
+With tensor parallelism there is one such process per rank, each with a shard of the model. Only
+rank 0 talks to the rest of the server: it receives requests and aborts from the tokenizers, and it
+sends each step's tokens to the detokenizer. The other ranks hear about requests from rank 0 alone.
+"""
+
+import dataclasses
+import logging
+import random
+import traceback
+
+import msgspec
+import torch
+import zmq
+
+from ..config import ServerConfig
+from ..distributed import (
+    all_gather,
+    broadcast_messages,
+    init_distributed,
+    lost_ranks,
+    share_of_cores,
+    shutdown,
+    tp_info,
+)
+from ..engine import Engine
+from ..engine.engine import resolve_device
+from ..ipc import Addresses, pull_socket, push_socket, receive_all
+from ..messages import ToScheduler, UserRequest, decoder, encode, unpack_ids
+from ..process import become_child, scheduler_name
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# An idle rank 0 waits this long for a message before it lets the other ranks go round their loop once
+# more: none of them ever sits in a collective for long, however quiet the server is.
+IDLE_POLL_MS = 100
+
+
+# --8<-- [start:run-scheduler]
+def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, rank: int = 0) -> None:
+    """``counts`` is a shared array the API server reads for /state (``server/frontend.py``'s ``COUNTS``)."""
+    args = config.args
+    name = scheduler_name(rank, args.tp_size)
+    become_child(name)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+    try:
+        device = rank_device(args.device, rank, args.tp_size // args.nnodes)
+        if args.tp_size > 1:
+            torch.set_num_threads(share_of_cores(args.tp_size // args.nnodes))
+            init_distributed(rank, args.tp_size, args.dist_init_addr, device, args.dist_timeout)
+            check_same_settings(config)
+        engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
+                        config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20)
+        num_pages = engine.kv_cache.num_pages
+        scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
+                              args.cache_type)
+        inbox = to_detokenizer = None
+        if rank == 0:
+            context = zmq.Context()
+            inbox = pull_socket(context, addresses.scheduler)
+            to_detokenizer = push_socket(context, addresses.detokenizer)
+    except Exception:
+        ready.put((name, traceback.format_exc()))
+        return
+    ready.put((name, None))
+    logger.info("ready on %s in %s: %d pages of %d tokens, %s cache", engine.device, engine.dtype, num_pages - 1,
+                args.page_size, args.cache_type)
+    try:
+        with torch.inference_mode():
+            serve_steps(scheduler, inbox, to_detokenizer, counts, args.tp_check_lockstep)
+    except Exception as error:  # a collective failed: another rank is gone
+        lost = lost_ranks()
+        if lost is None:
+            who = "rank 0 (the rendezvous it served is gone)"
+        else:
+            who = f"rank {', '.join(map(str, lost))}" if lost else "contact with a rank"
+        logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, str(error).splitlines()[0])
+        raise SystemExit(3) from None
+    finally:
+        shutdown()
+# --8<-- [end:run-scheduler]
+
+
+# --8<-- [start:serve-steps]
+def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_lockstep: bool) -> None:
+    """The loop of every rank: take this step's messages (rank 0 relays them), step, and send (rank 0)."""
+    tp = tp_info()
+    messages = decoder(ToScheduler)
+    if tp.rank == 0:
+        publish_counts(scheduler, counts)
+    while True:
+        idle = not scheduler.has_work
+        for message in next_messages(inbox, messages, idle):
+            scheduler.handle(message)
+        try:
+            output = scheduler.step()
+        except Exception as error:  # a bug or a device error: fail what is in flight, keep serving
+            scheduler.fail_all(error)
+            output = scheduler.flush_outputs()
+        if check_lockstep and output is not None:
+            check_same_tokens(output)
+        if tp.rank == 0:
+            publish_counts(scheduler, counts)  # before the tokens leave: whoever has seen them sees this state
+            if output is not None:
+                to_detokenizer.send(encode(output))
+# --8<-- [end:serve-steps]
+
+
+def publish_counts(scheduler: Scheduler, counts) -> None:
+    state = scheduler.state()
+    counts[:] = [state["running"], state["waiting"], state["free_pages"], state["cached_pages"],
+                 state["in_use_pages"], state["total_pages"], scheduler.prompt_tokens, scheduler.prefix_hits]
+
+
+# --8<-- [start:next-messages]
+def next_messages(inbox, messages, idle: bool) -> list:
+    """This step's incoming messages, the same on every rank and in the same order.
+
+    Rank 0 takes them from its socket, waiting for one only when there is nothing to run, and then at
+    most IDLE_POLL_MS when there are other ranks (they wait for it in the broadcast meanwhile). It gives
+    every request without a seed one, and hands the list to every rank. The others receive it. Each
+    rank then admits the same requests and aborts the same ones, and so builds the same batch.
+    """
+    tp = tp_info()
+    # --8<-- [start:ex-relay]
+    incoming = None
+    if tp.rank == 0:
+        wait_ms = (None if tp.size == 1 else IDLE_POLL_MS) if idle else 0
+        incoming = [with_seed(message) for message in receive_all(inbox, messages, timeout_ms=wait_ms)]
+    return broadcast_messages(incoming)
+    # --8<-- [end:ex-relay]
+# --8<-- [end:next-messages]
+
+
+# --8<-- [start:with-seed]
+def with_seed(message):
+    """A request without a seed gets one here, once, at rank 0: every rank then samples it from the
+    same random stream. (Each rank drawing its own would make them pick different tokens.)"""
+    if isinstance(message, UserRequest) and message.params.seed is None:
+        params = dataclasses.replace(message.params, seed=random.getrandbits(63))
+        return msgspec.structs.replace(message, params=params)
+    return message
+# --8<-- [end:with-seed]
+
+
+# What every rank must agree on, or the ranks would step differently: the model, the KV cache's size,
+# the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
+SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
+SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory", "cache_type",
+               "tp_size", "nnodes", "tp_check_lockstep")
+
+
+def check_same_settings(config: ServerConfig) -> None:
+    """Refuse to start when another node was launched with settings that differ from rank 0's."""
+    mine = {name: getattr(config, name) for name in SHARED_SETTINGS}
+    mine |= {f"--{name.replace('_', '-')}": getattr(config.args, name) for name in SHARED_ARGS}
+    rank0 = broadcast_messages([mine] if tp_info().rank == 0 else None)[0]
+    differ = [f"{name} {mine[name]!r} (rank 0: {rank0[name]!r})" for name in mine if mine[name] != rank0[name]]
+    if differ:
+        raise ValueError(f"rank {tp_info().rank} was launched with other settings than rank 0: {', '.join(differ)}; "
+                         "launch every node with the same options")
+
+
+def check_same_tokens(output) -> None:
+    """Debug (--tp-check-lockstep): every rank must have sampled exactly the tokens rank 0 did."""
+    tokens = torch.tensor(unpack_ids(output.token_ids), dtype=torch.long)
+    gathered = all_gather(tokens.unsqueeze(0), dim=0)
+    if not torch.equal(gathered, tokens.expand_as(gathered)):
+        differ = [r for r in range(gathered.shape[0]) if not torch.equal(gathered[r], tokens)]
+        raise RuntimeError(f"ranks {differ} sampled other tokens than rank {tp_info().rank}: ranks left lockstep")
+
+
+def rank_device(name: str, rank: int, ranks_per_node: int) -> torch.device:
+    """The device of this rank: on GPUs, one per rank on this node (rank 3 of 4 per node: cuda:3)."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", rank % ranks_per_node)
+    return device

@@ -1,0 +1,111 @@
+"""The API server's side of the sockets, and the state of the server as the API sees it (introduced in chapter 03).
+
+HTTP handlers run on the asyncio event loop. ``Frontend.generate`` sends a ``TokenizeRequest`` per
+choice to the tokenizer workers and yields the outputs that the detokenizer sends back. One task,
+``receive_loop``, reads the API server's socket and hands each output to the queue of the request it
+belongs to. If the client goes away first, the handler sends an ``AbortRequest``, which frees the
+request's KV cache pages in the scheduler.
+
+The frontend also owns what the API reports about the server: whether a worker process died (then
+every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from ..ipc import Addresses, pull_socket, push_socket
+from ..messages import AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest, decoder, encode
+
+logger = logging.getLogger(__name__)
+
+# What the scheduler publishes, in this order: requests, KV cache pages, and prompt tokens seen and found cached.
+COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
+          "cached_tokens")
+
+
+class WorkersDown(Exception):
+    """A worker process died: the server cannot run requests any more."""
+
+
+@dataclass
+class Output:
+    text: str
+    finish_reason: str | None  # None while running; then "stop", "length", "abort" or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: TokenizeError | None = None  # the request was refused before it ran
+
+
+class Frontend:
+    def __init__(self, addresses: Addresses, counts=None):
+        """``counts``: the shared array the scheduler writes its ``COUNTS`` into (None in tests)."""
+        self.context = zmq.asyncio.Context()
+        self.to_tokenizers = push_socket(self.context, addresses.tokenizer, bind=True)
+        self.inbox = pull_socket(self.context, addresses.api_server)
+        # uid -> (the queue of the HTTP request it belongs to, its choice index there)
+        self.routes: dict[str, tuple[asyncio.Queue, int]] = {}
+        self.failure: str | None = None  # set when a worker process died: every request fails
+        self.counts = counts
+
+    def state(self) -> dict:
+        if self.counts is None:
+            return {}
+        state = dict(zip(COUNTS, self.counts[:]))
+        state["prefix_hit_rate"] = round(state["cached_tokens"] / max(state["prompt_tokens"], 1), 4)
+        return state
+
+    # --8<-- [start:receive-loop]
+    async def receive_loop(self) -> None:
+        messages = decoder(ToAPIServer)
+        while True:
+            message = messages.decode(await self.inbox.recv())
+            if isinstance(message, TokenizeError):
+                self.deliver(message.uid, Output("", "error", error=message))
+                continue
+            for i, uid in enumerate(message.uids):
+                output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
+                                message.completion_tokens[i], message.cached_tokens[i])
+                self.deliver(uid, output)
+
+    def deliver(self, uid: str, output: Output) -> None:
+        route = self.routes.get(uid)
+        if route is not None:  # else: the request was abandoned; drop its late outputs
+            queue, index = route
+            queue.put_nowait((index, output))
+    # --8<-- [end:receive-loop]
+
+    def fail_all(self, reason: str) -> None:
+        """A worker died: end every request in flight with an error, and refuse new ones."""
+        self.failure = reason
+        for queue, index in self.routes.values():
+            queue.put_nowait((index, Output("", "error")))
+
+    # --8<-- [start:generate]
+    async def generate(self, requests: list[TokenizeRequest]):
+        """Send one request per choice and yield ``(choice index, Output)`` as outputs arrive. When the
+        consumer stops early (the client disconnected), every unfinished request is aborted."""
+        if self.failure:
+            raise WorkersDown(self.failure)
+        outputs: asyncio.Queue = asyncio.Queue()
+        for index, request in enumerate(requests):
+            self.routes[request.uid] = (outputs, index)
+        unfinished = {request.uid for request in requests}
+        try:
+            for request in requests:
+                await self.to_tokenizers.send(encode(request))
+            while unfinished:
+                index, output = await outputs.get()
+                if output.finish_reason is not None:
+                    unfinished.discard(requests[index].uid)
+                yield index, output
+        finally:
+            for uid in unfinished:
+                await self.to_tokenizers.send(encode(AbortRequest(uid)))
+            for request in requests:
+                self.routes.pop(request.uid, None)
+    # --8<-- [end:generate]

@@ -1,0 +1,66 @@
+"""Turning the scheduler's tokens back into text, in the detokenizer worker (introduced in chapter 03).
+
+The scheduler sends one message per step with the new token of every running request. For each, the
+detokenizer keeps a ``TextStream`` (incremental, UTF-8 safe, holding back what may start a stop
+string). When a stop string appears, the request is over as far as the client is concerned: the
+text before it is sent with ``finish_reason="stop"``, and an abort goes back to the scheduler to free
+its KV cache pages. Tokens the scheduler produced meanwhile are dropped here, so no text past a stop
+string ever reaches the client.
+"""
+
+from dataclasses import dataclass
+
+from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, unpack_ids
+from .text_stream import TextStream
+
+
+@dataclass
+class DetokenizeState:
+    stream: TextStream
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, DetokenizeState] = {}
+
+    # --8<-- [start:detokenize]
+    def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
+        for info in batch.new_requests:
+            self.states[info.uid] = DetokenizeState(
+                TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
+            )
+        out = BatchTextOutput([], [], [], [], [], [])
+        aborts = []
+        for uid, token, finish in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons):
+            state = self.states.get(uid)
+            if state is None:  # already ended here (a stop string), the scheduler just did not know yet
+                continue
+            # --8<-- [start:ex-detokenize-step]
+            text = ""
+            if token >= 0:
+                state.completion_tokens += 1
+                text, hit_stop = state.stream.add(token)
+                if hit_stop:
+                    if finish is None:  # the scheduler would go on: stop it and free its pages
+                        aborts.append(AbortRequest(uid))
+                    finish = "stop"  # and never flush: what follows the stop string stays unsent
+                elif finish is not None:
+                    text += state.stream.flush()  # the last token (max_tokens): release what was held
+            elif finish is not None:
+                text = state.stream.flush()  # ended without a token (EOS, abort, error)
+            if finish is not None:
+                del self.states[uid]
+            # --8<-- [end:ex-detokenize-step]
+            if text or finish is not None:
+                out.uids.append(uid)
+                out.texts.append(text)
+                out.finish_reasons.append(finish)
+                out.prompt_tokens.append(state.prompt_tokens)
+                out.completion_tokens.append(state.completion_tokens)
+                out.cached_tokens.append(state.cached_tokens)
+        return out, aborts
+    # --8<-- [end:detokenize]

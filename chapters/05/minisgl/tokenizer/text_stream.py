@@ -1,0 +1,43 @@
+"""Incremental detokenization with stop strings (introduced in chapter 02).
+
+Text is handed out as it is produced. Two details make that correct: a token can end in the middle of
+a multi-byte UTF-8 character (tokenizers' ``DecodeStream`` holds such bytes back), and text that might
+be the beginning of a stop string must be held back until we know.
+"""
+
+from tokenizers.decoders import DecodeStream
+
+
+# --8<-- [start:text-stream]
+class TextStream:
+    """Turns token ids into text, one token at a time, and watches for stop strings.
+
+    ``add`` returns the text that is now safe to show and whether a stop string was found. Text after
+    a stop string is never returned, nor is the stop string itself.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.backend = tokenizer.backend_tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.stop = [s for s in stop if s]
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how many characters of it were handed out
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        self.text += self.decoder.step(self.backend, token_id) or ""  # None: waiting for more bytes
+        hits = [i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]
+        if hits:
+            return self._release(min(hits)), True
+        # Hold back the longest tail that could still grow into a stop string.
+        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        return self._release(len(self.text) - held), False
+
+    def flush(self) -> str:
+        """The rest of the text, once generation has ended for another reason."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.sent : upto]
+        self.sent = max(self.sent, upto)
+        return piece
+# --8<-- [end:text-stream]

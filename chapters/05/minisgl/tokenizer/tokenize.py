@@ -1,0 +1,51 @@
+"""Turning a request's text into token ids, in a tokenizer worker (introduced in chapter 03).
+
+Chat messages go through the model's chat template; a raw prompt is encoded as it is. Here, where the
+prompt's length is first known, we also check that prompt plus reply fit in the context, and fill in
+``max_tokens`` when the client left it open.
+"""
+
+from ..messages import TokenizeError, TokenizeRequest, UserRequest, pack_ids, unpack_ids
+
+
+class Tokenizer:
+    def __init__(self, tokenizer, context_length: int, vocab_size: int, chat_template: str | None):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.chat_template = chat_template  # resolved once at launch (config.py); None: the model has none
+
+    # --8<-- [start:tokenize]
+    def tokenize(self, request: TokenizeRequest) -> UserRequest | TokenizeError:
+        if request.messages is not None:
+            if self.chat_template is None:
+                message = "this model has no chat template: send a prompt to /v1/completions"
+                return TokenizeError(request.uid, message, "messages")
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as error:  # the template itself refused these messages
+                return TokenizeError(request.uid, f"the chat template rejected the messages: {error}", "messages")
+            prompt_ids, field = self.tokenizer.encode(text, add_special_tokens=False), "messages"
+        elif request.input_ids is not None:
+            prompt_ids, field = unpack_ids(request.input_ids), "prompt"
+            if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+                return TokenizeError(request.uid, "prompt token ids must be in the vocabulary", field)
+        else:
+            prompt_ids, field = self.tokenizer.encode(request.text or ""), "prompt"
+        if not prompt_ids:
+            return TokenizeError(request.uid, "the prompt is empty", field)
+        params = request.params
+        if params.max_tokens is None:  # as much as fits
+            params.max_tokens = max(self.context_length - len(prompt_ids), 1)
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            return TokenizeError(
+                request.uid,
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"context length of {self.context_length} tokens",
+                field,
+                "context_length_exceeded",
+            )
+        return UserRequest(request.uid, pack_ids(prompt_ids), params)
+    # --8<-- [end:tokenize]
