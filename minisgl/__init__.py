@@ -23,4 +23,18 @@ prefills long prompts in chunks; the model is split over tensor-parallel ranks a
 Only the scheduler processes import torch; the API server and the tokenizers never load it.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
+
+
+def __getattr__(name: str):
+    """``from minisgl import LLM, SamplingParams`` (chapter 06), loaded on first use: importing the package
+    must not load torch, or the API server and the tokenizers would."""
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from .core import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'minisgl' has no attribute {name!r}")

@@ -1,0 +1,60 @@
+"""The offline API, ``from minisgl import LLM, SamplingParams``: the server's greedy output, in-process.
+
+``LLM`` holds the same tokenizer, detokenizer, scheduler and engine objects the server's processes do,
+so with the same settings (the test server's: float32, 4 running requests, context 512) its greedy text
+must be the server's, word for word, for raw prompts, token-id prompts and chats; stop strings end a
+reply where the server's detokenizer ends it; a bad prompt is refused before anything runs.
+"""
+
+import httpx
+import pytest
+
+from minisgl import LLM, SamplingParams
+from openai_contract import MODEL
+
+PROMPTS = ["The capital of France is", "Count: 1, 2, 3,", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    return LLM(model_path, dtype="float32", max_running_requests=4, context_length=512)
+
+
+def server_text(server, endpoint: str, body: dict) -> tuple[str, str]:
+    response = httpx.post(f"{server.url}/v1/{endpoint}", json={"model": MODEL, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return (choice["text"] if endpoint == "completions" else choice["message"]["content"]), choice["finish_reason"]
+
+
+def test_generate_says_what_the_server_says(llm, server):
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16))
+    for prompt, out in zip(PROMPTS, outs):
+        text, finish = server_text(server, "completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert (out.text, out.finish_reason) == (text, finish), f"prompt {prompt!r}"
+        assert len(out.token_ids) == 16 or out.finish_reason == "stop"
+
+
+def test_token_ids_and_chats_and_stop_strings(llm, server, tokenizer):
+    prompt = "Paris is the capital of France, and Rome is the capital of Italy. " * 3 + PROMPTS[0]
+    [by_ids] = llm.generate([tokenizer.encode(prompt)], SamplingParams(max_tokens=8))
+    [by_text] = llm.generate(prompt, SamplingParams(max_tokens=8))
+    assert by_ids.token_ids == by_text.token_ids
+    assert by_text.cached_tokens >= 16  # the second time, its first pages were in the radix cache
+    [reply] = llm.chat(CHAT, SamplingParams(max_tokens=20))
+    assert (reply.text, reply.finish_reason) == server_text(server, "chat/completions",
+                                                            {"messages": CHAT, "max_tokens": 20, "temperature": 0})
+    word = reply.text.split()[-1].strip(".")  # a word of the reply: stop there
+    [stopped] = llm.chat(CHAT, SamplingParams(max_tokens=20, stop=[word]))
+    assert stopped.finish_reason == "stop" and stopped.text == reply.text[: reply.text.index(word)]
+    state = llm.scheduler.state()
+    assert state["running"] == state["waiting"] == 0 and state["in_use_pages"] == 0  # the stop freed its pages
+
+
+def test_a_bad_prompt_is_refused_before_anything_runs(llm):
+    with pytest.raises(ValueError, match=r"prompt 1: .*exceeds the context length of 512"):
+        llm.generate(["short", "word " * 600], SamplingParams(max_tokens=8))
+    assert llm.scheduler.state()["waiting"] == 0
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        llm.generate(["a", "b"], [SamplingParams()])

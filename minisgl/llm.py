@@ -1,0 +1,110 @@
+"""The offline API: generate for a list of prompts in this process, with no server (introduced in chapter 06).
+
+    from minisgl import LLM, SamplingParams
+
+    llm = LLM()  # the default model; any ServerArgs option as a keyword: LLM(path, dtype="float32")
+    for out in llm.generate(["The capital of France is", "1, 2, 3,"], SamplingParams(max_tokens=16)):
+        print(out.text, out.finish_reason)
+
+It is the server without its processes: the same ``Tokenizer`` and ``Detokenizer`` objects the worker
+processes hold, and the same ``Scheduler`` and ``Engine``, called one after the other in one loop instead
+of talking over sockets. Every prompt is handed to the scheduler at once, so continuous batching, the
+page pool and the radix cache work exactly as they do behind HTTP, and the same settings give the same
+greedy tokens as the server.
+"""
+
+from dataclasses import dataclass, field, replace
+from itertools import count
+
+from transformers import PreTrainedTokenizerFast
+
+from .args import ServerArgs
+from .config import resolve_config
+from .core import SamplingParams
+from .default_model import default_model_path
+from .engine import Engine
+from .messages import AbortRequest, TokenizeError, TokenizeRequest, pack_ids, unpack_ids
+from .scheduler import Scheduler
+from .tokenizer.detokenize import Detokenizer
+from .tokenizer.tokenize import Tokenizer
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated; with a stop string, up to the one ending it
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+
+
+class LLM:
+    def __init__(self, model_path: str | None = None, **options):
+        """``options``: any field of ``ServerArgs`` (``dtype``, ``device``, ``max_running_requests``,
+        ``page_size``, ``cache_type``, ``attention_backend``, ...)."""
+        args = ServerArgs(model_path=str(model_path or default_model_path()), **options)
+        self.config = config = resolve_config(args)
+        hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(config.model_path)
+        self.tokenizer = Tokenizer(hf_tokenizer, config.context_length, config.vocab_size, config.chat_template)
+        self.detokenizer = Detokenizer(hf_tokenizer)
+        self.engine = Engine(config.model_path, args.dtype, args.device, config.num_pages, args.page_size,
+                             config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
+                             attention_backend=args.attention_backend)
+        self.scheduler = Scheduler(self.engine, args.max_running_requests, args.chunked_prefill_size,
+                                   set(config.eos_token_ids), args.cache_type)
+        self.uids = count()
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """One ``Completion`` per prompt, in order; a prompt is text or a list of token ids."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.run([{"input_ids": pack_ids(p)} if isinstance(p, list) else {"text": p} for p in prompts], params)
+
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """One ``Completion`` per conversation (a list of ``{"role": ..., "content": ...}`` messages), the
+        reply of the assistant, through the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.run([{"messages": c} for c in conversations], params)
+
+    # --8<-- [start:run]
+    def run(self, prompts: list[dict], params) -> list[Completion]:
+        """``prompts``: the prompt fields of a ``TokenizeRequest`` each (``text``, ``messages`` or ``input_ids``)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        uids = [f"offline-{next(self.uids)}" for _ in prompts]
+        ready = []
+        for uid, prompt, p in zip(uids, prompts, params):  # every prompt is checked before any runs
+            # A copy of the params each: the tokenizer fills in an open max_tokens, per prompt.
+            message = self.tokenizer.tokenize(TokenizeRequest(uid, replace(p), **prompt))
+            if isinstance(message, TokenizeError):
+                raise ValueError(f"prompt {len(ready)}: {message.message}")
+            ready.append(message)
+        for message in ready:
+            self.scheduler.handle(message)
+        results = {uid: Completion() for uid in uids}
+        left = set(uids)
+        while left:
+            output = self.scheduler.step()
+            if output is None:
+                continue
+            for uid, token in zip(output.uids, unpack_ids(output.token_ids)):
+                if token >= 0 and uid in left:
+                    results[uid].token_ids.append(token)
+            text, aborts = self.detokenizer.detokenize(output)
+            for abort in aborts:  # a stop string: the scheduler frees its pages
+                self.scheduler.handle(AbortRequest(abort.uid))
+            for i, uid in enumerate(text.uids):
+                result = results[uid]
+                result.text += text.texts[i]
+                result.prompt_tokens, result.cached_tokens = text.prompt_tokens[i], text.cached_tokens[i]
+                if text.finish_reasons[i] is not None:
+                    result.finish_reason = text.finish_reasons[i]
+                    left.discard(uid)
+        return [results[uid] for uid in uids]
+    # --8<-- [end:run]
