@@ -34,6 +34,7 @@ class ServerArgs:
     dist_init_addr: str = ""  # host:port of the ranks' rendezvous (on node 0); empty: a free local port
     dist_timeout: int = 300  # seconds a rank waits for the others, at the rendezvous or in a collective
     tp_check_lockstep: bool = False  # debug: after every step, check that every rank sampled the same tokens
+    shell: bool = False  # chat in the terminal instead of serving HTTP
 
 
 HELP = {
@@ -60,6 +61,7 @@ HELP = {
     "dist_init_addr": "host:port where the ranks meet (a port on node 0); needed with --nnodes > 1",
     "dist_timeout": "seconds a rank waits for the others (at the rendezvous or in a collective) before failing",
     "tp_check_lockstep": "debug: after every step, compare the tokens every rank sampled (costs an all-gather)",
+    "shell": "chat with the model in this terminal (no server): /reset starts over, /exit leaves",
 }
 
 

@@ -13,6 +13,7 @@ page pool and the radix cache work exactly as they do behind HTTP, and the same 
 greedy tokens as the server.
 """
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import count
 
@@ -70,6 +71,37 @@ class LLM:
             conversations = [conversations]
         return self.run([{"messages": c} for c in conversations], params)
 
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """The assistant's reply to one conversation, piece by piece as it is generated. ``should_stop`` is
+        asked between steps (the shell's Ctrl-C): once it says yes, the request is aborted, its pages freed."""
+        uid = f"offline-{next(self.uids)}"
+        message = self.tokenizer.tokenize(TokenizeRequest(uid, replace(params or SamplingParams()), messages=messages))
+        if isinstance(message, TokenizeError):
+            raise ValueError(message.message)
+        self.scheduler.handle(message)
+        finished = False
+        try:
+            while not finished:
+                if should_stop():
+                    return
+                output = self.scheduler.step()
+                if output is None:
+                    continue
+                text, aborts = self.detokenizer.detokenize(output)
+                for abort in aborts:
+                    self.scheduler.handle(abort)
+                for piece, finish in zip(text.texts, text.finish_reasons):  # only this request runs
+                    finished = finish is not None
+                    if piece:
+                        yield piece
+        finally:
+            if not finished:  # stopped early, or the caller went away: free what it holds
+                self.scheduler.handle(AbortRequest(uid))
+                while self.scheduler.has_work:
+                    if (output := self.scheduler.step()) is not None:
+                        self.detokenizer.detokenize(output)
+
     # --8<-- [start:run]
     def run(self, prompts: list[dict], params) -> list[Completion]:
         """``prompts``: the prompt fields of a ``TokenizeRequest`` each (``text``, ``messages`` or ``input_ids``)."""
@@ -98,7 +130,7 @@ class LLM:
                     results[uid].token_ids.append(token)
             text, aborts = self.detokenizer.detokenize(output)
             for abort in aborts:  # a stop string: the scheduler frees its pages
-                self.scheduler.handle(AbortRequest(abort.uid))
+                self.scheduler.handle(abort)
             for i, uid in enumerate(text.uids):
                 result = results[uid]
                 result.text += text.texts[i]
