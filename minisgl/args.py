@@ -23,6 +23,8 @@ class ServerArgs:
     num_pages: int = 0  # KV cache pages; 0: as many as --max-running-requests requests of --context-length need
     kv_cache_memory: int = 0  # MiB of KV cache per rank, instead of --num-pages; 0: not used
     attention_backend: str = "auto"  # torch, triton, or auto: triton on a GPU, torch on a CPU
+    cuda_graph_max_bs: int = 32  # CUDA graphs of decode steps up to this batch size (GPU, triton backend)
+    disable_cuda_graph: bool = False
     cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
@@ -50,6 +52,8 @@ HELP = {
     "num_pages": "KV cache pages (0: enough for --max-running-requests requests of --context-length tokens)",
     "kv_cache_memory": "MiB of KV cache per rank: as many pages as fit, instead of --num-pages (0: not used)",
     "attention_backend": "auto: triton on a GPU, torch on a CPU (triton on a CPU: Triton's interpreter, for tests)",
+    "cuda_graph_max_bs": "capture CUDA graphs of decode steps for batches up to this size (GPU and triton only)",
+    "disable_cuda_graph": "run every decode step eagerly, without CUDA graphs",
     "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
@@ -88,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                  "nnodes", "dist_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory"):
+    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory", "cuda_graph_max_bs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     if args.num_pages and args.kv_cache_memory:

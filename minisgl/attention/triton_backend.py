@@ -28,8 +28,8 @@ class TritonMetadata:
     new_locations: torch.Tensor  # [tokens] where each new token's keys and values go
     page_table: torch.Tensor  # [requests, pages] int32, padded with the spare page
     seq_lens: torch.Tensor  # [requests] int32, new tokens included
-    new_lens: torch.Tensor  # [requests] int32
-    q_starts: torch.Tensor  # [requests] int32: each request's first row in q
+    new_lens: torch.Tensor | None  # [requests] int32 (None in a CUDA graph: decode only)
+    q_starts: torch.Tensor | None  # [requests] int32: each request's first row in q
     all_decode: bool
     max_seq_len: int
     max_new: int
@@ -58,6 +58,13 @@ class TritonBackend:
             max_seq_len=max(batch.seq_lens),
             max_new=max(batch.new_lens),
         )
+
+    def use_static(self, page_table: torch.Tensor, seq_lens: torch.Tensor, new_locations: torch.Tensor,
+                   max_seq_len: int) -> None:
+        """For a CUDA graph of decode steps (``engine/graphs.py``): read the batch from these buffers, which
+        the graph runner refills before each replay; the decode kernel's grid covers ``max_seq_len``."""
+        self.metadata = TritonMetadata(new_locations, page_table, seq_lens, None, None, all_decode=True,
+                                       max_seq_len=max_seq_len, max_new=1)
 
     def forward(self, q, k, v, layer_id: int) -> torch.Tensor:
         meta, page_size = self.metadata, self.kv_cache.page_size

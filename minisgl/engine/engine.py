@@ -24,6 +24,7 @@ from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..models import load_model
 from ..sampling import make_generator, sample
+from .graphs import DecodeGraphs
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -81,11 +82,13 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
 
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
-                 context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto"):
+                 context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto",
+                 cuda_graph_max_bs: int = 0):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
         prompt + reply a request may have (``config.py`` clamps it); ``attention_backend``: torch, triton or
-        auto (``attention.make_backend``)."""
+        auto (``attention.make_backend``); ``cuda_graph_max_bs``: capture CUDA graphs of decode steps up to
+        that batch size (a GPU and the triton backend; 0: none)."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -102,6 +105,9 @@ class Engine:
                                         bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = make_backend(attention_backend, self.kv_cache)
+        self.graphs = None
+        if cuda_graph_max_bs and self.device.type == "cuda" and hasattr(self.attention, "use_static"):
+            self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
 
     def new_generator(self, seed: int | None) -> torch.Generator:
         """A request's own random stream, on the device that samples."""
@@ -111,6 +117,8 @@ class Engine:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.forward(batch)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         positions = as_tensor(batch.positions)
         self.attention.prepare(batch, positions)  # once per batch; every layer reuses it

@@ -53,7 +53,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
             check_same_settings(config)
         engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
                         config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
-                        attention_backend=args.attention_backend)
+                        attention_backend=args.attention_backend,
+                        cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
         num_pages = engine.kv_cache.num_pages
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
                               args.cache_type)
