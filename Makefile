@@ -4,6 +4,7 @@
 #   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out (FORCE=1: start over)
 #   make docs                serve the book at http://127.0.0.1:8000
 #   make bench               the benchmarks, then the book's plots of their results
+#   make gpu-check           on a machine with a CUDA GPU: every GPU test, compiled kernels, CUDA graphs, a benchmark
 #   make lock                re-pin constraints.txt to what .venv has now
 
 PYTHON3 ?= python3
@@ -12,7 +13,7 @@ PYTHON  := $(VENV)/bin/python
 ARGS    ?=
 CHAPTER ?= 01
 
-.PHONY: setup serve test learn docs bench lock
+.PHONY: setup serve test learn docs bench lock gpu-check
 
 setup: $(VENV)/.installed
 	@$(PYTHON) tools/prepare_model.py
@@ -56,6 +57,9 @@ bench: setup
 	$(PYTHON) benchmarks/capacity.py
 	$(PYTHON) benchmarks/chunked_prefill.py
 	$(PYTHON) benchmarks/plot_results.py
+
+gpu-check: setup
+	$(PYTHON) tools/gpu_check.py
 
 lock: $(VENV)/.installed
 	$(PYTHON) -m pip freeze --exclude-editable | grep -v -i '^minisgl' | sed -E 's/^(torch==[0-9.]+)\+.*/\1/' > constraints.txt
