@@ -22,6 +22,7 @@ from ..core import Batch
 from ..distributed import tp_info
 from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
+from ..layers.linear import prepack_for_cpu
 from ..models import load_model
 from ..sampling import make_generator, sample
 from .graphs import DecodeGraphs
@@ -94,6 +95,8 @@ class Engine:
             keep_freed_memory()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
+        if self.device.type == "cpu":
+            prepack_for_cpu(self.model)  # bfloat16 weights in oneDNN's layout: faster, the same numbers
         self.config = c = self.model.config
         if context_length > c.max_position_embeddings:
             raise ValueError(f"context_length {context_length} is more than the model's {c.max_position_embeddings}")

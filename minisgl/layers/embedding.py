@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_gather, all_reduce, tp_info
-from .linear import Shard
+from .linear import Shard, linear
 
 
 # --8<-- [start:vocab-embedding]
@@ -54,7 +54,7 @@ class VocabParallelEmbedding(nn.Module):
 
         The LM head's job, done with this weight: a tied model scores with its embedding's block as is.
         """
-        logits = F.linear(hidden, self.weight)  # [tokens, rows]: this rank's block of the vocabulary
+        logits = linear(hidden, self.weight)  # [tokens, rows]: this rank's block of the vocabulary
         return all_gather(logits, dim=-1)[:, : self.vocab_size]  # blocks in rank order, padding cut off
     # --8<-- [end:lm-head]
 

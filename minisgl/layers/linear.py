@@ -32,6 +32,43 @@ from torch import nn
 from ..distributed import all_reduce, tp_info
 
 
+# --8<-- [start:linear]
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or oneDNN's matrix product on a prepacked copy of the weight where ``prepack_for_cpu``
+    made one (chapter 06): the same numbers, bit for bit, faster."""
+    packed = getattr(weight, "packed", None)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def prepack_for_cpu(model: nn.Module) -> int:
+    """Give every bfloat16 weight on the CPU a copy in oneDNN's blocked layout (introduced in chapter 06);
+    returns how many.
+
+    Decoding one request multiplies a single row by each weight matrix: the time is reading the weight.
+    Measured on this course's CPU, ``F.linear`` reads a bfloat16 weight at 14-24 GB/s for one row, and
+    the same product on a weight laid out in the blocks oneDNN's kernel walks runs 2 to 2.7 times faster
+    (1.3-1.6x for 32 rows), with identical results. The packed copy lives beside the weight (``.packed``):
+    the embedding still looks rows up in the plain one.
+    """
+    mkldnn = torch.backends.mkldnn
+    if not (mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return 0
+    packed = 0
+    unused_for_logits = getattr(model, "embed", None) if getattr(model, "lm_head", None) is not None else None
+    for module in model.modules():
+        if module is unused_for_logits:  # an untied embedding only looks rows up: no product to speed up
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == torch.bfloat16 \
+                and weight.device.type == "cpu" and not isinstance(module, nn.Embedding):
+            weight.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            packed += 1
+    return packed
+# --8<-- [end:linear]
+
+
 # --8<-- [start:shard]
 @dataclass
 class Shard:
@@ -116,7 +153,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def shard(self, name: str = "weight", part: int = 0) -> Shard:
         """Where this rank's rows of checkpoint matrix number ``part`` go in our parameter ``name``."""
@@ -174,7 +211,7 @@ class RowParallelLinear(nn.Module):
         # Each rank's product is a partial sum of y. The bias belongs to y, not to each part: rank 0
         # alone adds it, so that the all-reduce adds it once.
         bias = self.bias if self.rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(linear(x, self.weight, bias))
         # --8<-- [end:ex-row-parallel]
 
     def shard(self, name: str = "weight") -> Shard:
