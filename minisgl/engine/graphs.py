@@ -49,6 +49,7 @@ def padded_decode_inputs(batch: Batch, size: int, max_pages: int, page_size: int
     """The batch's decode inputs, then ``size - len(batch)`` dummy requests: token 0 at position 0, a
     page table of spare pages only, length 1, writing its key and value into the spare page."""
     requests = batch.requests
+    # --8<-- [start:ex-pad-decode]
     if len(requests) > size:
         raise ValueError(f"{len(requests)} requests do not fit in a graph of {size}")
     dummies = size - len(requests)
@@ -64,6 +65,7 @@ def padded_decode_inputs(batch: Batch, size: int, max_pages: int, page_size: int
         seq_lens=batch.seq_lens + [1] * dummies,
         new_locations=new_locations + [SPARE_PAGE * page_size] * dummies,
     )
+    # --8<-- [end:ex-pad-decode]
 # --8<-- [end:pad-decode]
 
 

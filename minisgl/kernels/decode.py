@@ -100,9 +100,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  block_n: int = 16) -> torch.Tensor:
     """q [requests, heads, d]; k_cache, v_cache [rows, kv_heads, d]; page_table [requests, pages] (int32,
     padded with the spare page) of pages of ``page_size`` rows; request b sees its first seq_lens[b]
-    positions. ``max_seq_len`` (a Python
-    int, so that no value is read back from the device) sets how many splits there are. Returns
-    [requests, heads, d], what ``attention/paged.py``'s ``paged_decode_attention`` returns."""
+    positions. ``max_seq_len`` (a Python int, so that no value is read back from the device) sets how many
+    splits there are. Returns [requests, heads, d], what ``attention/paged.py``'s ``paged_decode_attention``
+    returns."""
+    mid_out, mid_lse = decode_splits(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, max_seq_len,
+                                     split_len, block_n)
+    return merge_splits(mid_out, mid_lse, q.dtype)
+
+
+def decode_splits(q, k_cache, v_cache, page_table, seq_lens, page_size: int, scale: float, max_seq_len: int,
+                  split_len: int = 256, block_n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's attention output [requests, heads, splits, d] and log-sum-exp [requests, heads, splits],
+    float32; a split past a request's end has lse -inf."""
     requests, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = num_heads // kv_heads
@@ -110,16 +119,21 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     num_splits = max(1, triton.cdiv(max_seq_len, split_len))
     mid_out = torch.empty(requests, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(requests, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(requests, kv_heads, num_splits)](
         q.contiguous(), k_cache, v_cache, page_table, seq_lens, mid_out, mid_lse, scale, page_table.stride(0),
-        PAGE_SIZE=page_size, KV_HEADS=kv_heads, GROUP=group,
-        HEAD_DIM=head_dim, SPLIT_LEN=split_len, NUM_SPLITS=num_splits,
-        BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d,
+        PAGE_SIZE=page_size, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, SPLIT_LEN=split_len,
+        NUM_SPLITS=num_splits, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim),
     )
-    out = torch.empty_like(q)
+    return mid_out, mid_lse
+
+
+def merge_splits(mid_out: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The splits of ``decode_splits`` merged into one output per request and head, [requests, heads, d]."""
+    requests, num_heads, num_splits, head_dim = mid_out.shape
+    out = torch.empty(requests, num_heads, head_dim, dtype=dtype, device=mid_out.device)
     _merge_splits_kernel[(requests * num_heads,)](
         mid_out, mid_lse, out, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
     )
     return out

@@ -50,9 +50,7 @@ def _extend_kernel(
         keys = tl.load(k_cache + offsets, mask=valid[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         values = tl.load(v_cache + offsets, mask=valid[:, None] & d_in[None, :], other=0.0).to(tl.float32)
         scores = tl.dot(query, tl.trans(keys)) * scale  # [BLOCK_M, BLOCK_N]
-        # --8<-- [start:ex-extend-visible]
         visible = (positions[None, :] <= query_positions[:, None]) & valid[None, :]
-        # --8<-- [end:ex-extend-visible]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         rescale = tl.exp(running_max - new_max)

@@ -16,11 +16,13 @@ import triton.language as tl
 @triton.jit
 def _store_kv_kernel(k, v, k_cache, v_cache, locations, ROW: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
+    # --8<-- [start:ex-store]
     columns = tl.arange(0, BLOCK)
     inside = columns < ROW  # the block is a power of two, the row need not be
     row = tl.load(locations + token).to(tl.int64)  # int64: rows * ROW can pass 2**31 in a large cache
     tl.store(k_cache + row * ROW + columns, tl.load(k + token * ROW + columns, mask=inside), mask=inside)
     tl.store(v_cache + row * ROW + columns, tl.load(v + token * ROW + columns, mask=inside), mask=inside)
+    # --8<-- [end:ex-store]
 # --8<-- [end:store-kernel]
 
 
