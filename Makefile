@@ -51,6 +51,7 @@ bench: setup
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_ch02_vs_ch03.md
 	$(PYTHON) benchmarks/tp_decode.py
+	$(PYTHON) benchmarks/kv_layout.py
 	$(PYTHON) benchmarks/serve_workload.py --chapter 03 top --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_ch03_vs_ch05.md
 	$(PYTHON) benchmarks/shared_prefix.py

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .args import ServerArgs
+from .core import pages_for
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def kv_cache_pages(args: ServerArgs, context_length: int) -> int:
     --kv-cache-memory, 0: the engine sizes the pool, since only it knows the dtype's size."""
     if args.kv_cache_memory:
         return 0
-    per_request = -(-context_length // args.page_size)
+    per_request = pages_for(context_length, args.page_size)
     num_pages = args.num_pages or args.max_running_requests * per_request + 1
     if num_pages - 1 < per_request:
         raise ValueError(f"--num-pages {num_pages} holds {num_pages - 1} usable pages of {args.page_size} tokens, "

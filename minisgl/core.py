@@ -14,6 +14,15 @@ too, and a process that never runs the model should not pay for loading torch (h
 from dataclasses import dataclass, field
 from typing import Any
 
+# The KV cache's pages (chapter 05), named here because the scheduler, the engine and the start-up config
+# all count them, and this module is the one they share without importing torch.
+SPARE_PAGE = 0  # never handed out: padding points here (``scheduler/pages.py``)
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """How many pages hold ``num_tokens`` tokens (the last one may be partly empty)."""
+    return -(-num_tokens // page_size)
+
 
 class InvalidParam(ValueError):
     """A request's value is out of range; ``param`` names the field, for the client's error message."""

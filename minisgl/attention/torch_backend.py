@@ -19,7 +19,7 @@ import torch
 
 from ..core import Batch
 from ..kv_cache import KVCache
-from .paged import padded_locations, paged_decode_attention, paged_extend_attention, store_kv, token_locations
+from .paged import locations_between, padded_locations, paged_decode_attention, paged_extend_attention, store_kv
 
 
 @dataclass
@@ -42,23 +42,26 @@ class TorchBackend:
         self.metadata: TorchMetadata | None = None
 
     def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
-        device, page_size = self.kv_cache.k.device, self.kv_cache.page_size
-        rows = [request.pages for request in batch.requests]
+        device = self.kv_cache.k.device
+        # Every request's locations, once; each use below is a part of them.
+        locations = padded_locations([request.pages for request in batch.requests], batch.seq_lens,
+                                     self.kv_cache.page_size, device)  # [requests, T]
         starts = [seq_len - new for seq_len, new in zip(batch.seq_lens, batch.new_lens)]
         decode, extends, offset = [], [], 0
         for b, (new, seq_len, start) in enumerate(zip(batch.new_lens, batch.seq_lens, starts)):
             if new == 1:
                 decode.append((b, offset))
             else:
-                locations = token_locations([rows[b]], [seq_len], page_size, device=device)
-                extends.append((offset, new, start, locations))
+                extends.append((offset, new, start, locations[b, :seq_len]))
             offset += new
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.metadata = TorchMetadata(
-            new_locations=token_locations(rows, batch.seq_lens, page_size, starts, device=device),
-            decode_rows=torch.tensor([row for _, row in decode], dtype=torch.long, device=device),
-            decode_locations=padded_locations([rows[b] for b, _ in decode], [batch.seq_lens[b] for b, _ in decode],
-                                              page_size, device) if decode else None,
-            decode_seq_lens=torch.tensor([batch.seq_lens[b] for b, _ in decode], dtype=torch.long, device=device),
+            new_locations=locations_between(locations, starts, batch.seq_lens),
+            decode_rows=as_long([row for _, row in decode]),
+            # cut to the longest decode request: a long prompt chunk in the batch must not widen their gather
+            decode_locations=locations[as_long([b for b, _ in decode]), : max(batch.seq_lens[b] for b, _ in decode)]
+            if decode else None,
+            decode_seq_lens=as_long([batch.seq_lens[b] for b, _ in decode]),
             extends=extends,
         )
 

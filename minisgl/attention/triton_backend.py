@@ -17,10 +17,10 @@ from itertools import accumulate
 
 import torch
 
-from ..core import Batch
+from ..core import SPARE_PAGE, Batch
 from ..kernels import paged_decode, paged_extend, store_kv
 from ..kv_cache import KVCache
-from .paged import SPARE_PAGE, token_locations
+from .paged import token_locations
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..attention import make_backend
-from ..core import Batch
+from ..core import Batch, pages_for
 from ..distributed import tp_info
 from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
@@ -73,7 +73,7 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
     """The pages (the spare included) that ``budget_bytes`` hold; refused if fewer than one request of the
     whole context length needs, for such a request would wait forever."""
     num_pages = budget_bytes // page_bytes
-    needed = -(-context_length // page_size) + 1
+    needed = pages_for(context_length, page_size) + 1
     if num_pages < needed:
         raise ValueError(f"--kv-cache-memory {budget_bytes / 2**20:g} MiB holds {num_pages} pages of {page_bytes} "
                          f"bytes, fewer than one request of --context-length {context_length} needs ({needed}, "

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.paged import SPARE_PAGE
-from ..core import Batch
+from ..core import SPARE_PAGE, Batch
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:

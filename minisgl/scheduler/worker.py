@@ -27,7 +27,7 @@ from ..distributed import (
 from ..engine import Engine
 from ..engine.engine import resolve_device
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
-from ..messages import ToScheduler, UserRequest, decoder, encode, unpack_ids
+from ..messages import COUNTS, ToScheduler, UserRequest, decoder, encode, unpack_ids
 from ..process import become_child, scheduler_name
 from .scheduler import Scheduler
 
@@ -40,7 +40,7 @@ IDLE_POLL_MS = 100
 
 # --8<-- [start:run-scheduler]
 def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, rank: int = 0) -> None:
-    """``counts`` is a shared array the API server reads for /state (``server/frontend.py``'s ``COUNTS``)."""
+    """``counts`` is a shared array the API server reads for /state (``messages.COUNTS``)."""
     args = config.args
     name = scheduler_name(rank, args.tp_size)
     become_child(name)
@@ -112,8 +112,7 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
 
 def publish_counts(scheduler: Scheduler, counts) -> None:
     state = scheduler.state()
-    counts[:] = [state["running"], state["waiting"], state["free_pages"], state["cached_pages"],
-                 state["in_use_pages"], state["total_pages"], scheduler.prompt_tokens, scheduler.prefix_hits]
+    counts[:] = [state[name] for name in COUNTS]
 
 
 # --8<-- [start:next-messages]

@@ -18,13 +18,9 @@ import zmq
 import zmq.asyncio
 
 from ..ipc import Addresses, pull_socket, push_socket
-from ..messages import AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest, decoder, encode
+from ..messages import COUNTS, AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest, decoder, encode
 
 logger = logging.getLogger(__name__)
-
-# What the scheduler publishes, in this order: requests, KV cache pages, and prompt tokens seen and found cached.
-COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
-          "cached_tokens")
 
 
 class WorkersDown(Exception):

@@ -100,6 +100,11 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     cached_tokens: list[int]
 
 
+# Not a message: the numbers rank 0's scheduler publishes for ``GET /state`` in a shared array, in this
+# order (keys of ``Scheduler.state()``): requests, KV cache pages, and prompt tokens seen and found cached.
+COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
+          "cached_tokens")
+
 ToTokenizer = TokenizeRequest | AbortRequest
 ToScheduler = UserRequest | AbortRequest
 ToDetokenizer = BatchTokenOutput

@@ -37,7 +37,8 @@ gather reads real (finite) memory, which the mask then hides.
 The functions here take tensors on any device and work on one layer's cache; the backend works out the
 locations once per batch and calls them for every layer:
 
-- ``padded_locations`` / ``token_locations``: page table rows and lengths -> flat locations;
+- ``padded_locations`` / ``token_locations``: page table rows and lengths -> flat locations
+  (``locations_between`` picks some positions of each request out of the padded ones);
 - ``store_kv``: new tokens' keys and values into their locations;
 - ``paged_decode_attention``: one new token per request, every request at once (padded, masked);
 - ``paged_extend_attention``: several new tokens of one request after ``cached_len`` cached ones
@@ -53,7 +54,7 @@ would see keys 0..i instead of 0..cached_len + i.
 import torch
 import torch.nn.functional as F
 
-SPARE_PAGE = 0  # never handed out; padding points here
+from ..core import SPARE_PAGE  # never handed out; padding points here
 
 
 # --8<-- [start:token-locations]
@@ -83,10 +84,15 @@ def token_locations(page_table_rows: list[list[int]], lengths: list[int], page_s
     ``store_kv`` writes them.
     """
     locations = padded_locations(page_table_rows, lengths, page_size, device)
-    positions = torch.arange(locations.shape[1], device=device)
-    starts = torch.tensor(starts or [0] * len(lengths), device=device)[:, None]
-    ends = torch.tensor(lengths, device=device)[:, None]
-    wanted = (positions[None, :] >= starts) & (positions[None, :] < ends)  # [requests, T]
+    return locations_between(locations, starts or [0] * len(lengths), lengths)
+
+
+def locations_between(locations: torch.Tensor, starts: list[int], ends: list[int]) -> torch.Tensor:
+    """From padded locations [requests, T], those of positions starts[b] .. ends[b] - 1, end to end."""
+    positions = torch.arange(locations.shape[1], device=locations.device)
+    starts_ = torch.tensor(starts, device=locations.device)[:, None]
+    ends_ = torch.tensor(ends, device=locations.device)[:, None]
+    wanted = (positions[None, :] >= starts_) & (positions[None, :] < ends_)  # [requests, T]
     return locations[wanted]  # a boolean mask reads row by row: request by request, positions in order
 
 

@@ -12,12 +12,9 @@ The free list is a list, never a set, and it is used in one fixed order: under t
 rank runs its own scheduler, and all of them must hand a request the same page numbers.
 """
 
-SPARE_PAGE = 0
+from ..core import SPARE_PAGE, pages_for
 
-
-def pages_for(num_tokens: int, page_size: int) -> int:
-    """How many pages hold ``num_tokens`` tokens (the last one may be partly empty)."""
-    return -(-num_tokens // page_size)
+__all__ = ["SPARE_PAGE", "OutOfPages", "PageAllocator", "pages_for"]
 
 
 class OutOfPages(RuntimeError):

@@ -72,6 +72,8 @@ class Scheduler:
             "evictable_pages": self.cache.evictable_pages,
             "in_use_pages": in_use,
             "total_pages": self.pages.num_total,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.prefix_hits,
             "prefix_hit_rate": round(self.prefix_hits / self.prompt_tokens, 4) if self.prompt_tokens else 0.0,
             "steps": dict(self.steps),
         }
