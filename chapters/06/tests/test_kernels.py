@@ -21,8 +21,9 @@ from minisgl.attention.paged import store_kv as torch_store_kv
 from minisgl.kernels import paged_decode, paged_extend, store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# float16 keeps about three significant digits; on a GPU tl.dot rounds float32 inputs to tf32 (10 bits).
-TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3, torch.float16: 4e-3}
+# float16 keeps about three significant digits. On a GPU float32 differs a little more (another exp, another
+# order of sums); were the extend kernel's tl.dot left at TF32, it would be 2.5e-3 off and fail.
+TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3}
 SHAPES = {  # name: (query heads, KV heads, head_dim)
     "gqa-9-on-3-d64": (9, 3, 64),
     "mqa-4-on-1-d32": (4, 1, 32),
