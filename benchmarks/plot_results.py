@@ -629,6 +629,140 @@ def tp_fragment(result: dict, png: str) -> str:
 
 
 # The results that chapter pages show: result name -> (PNG, figure, fragment).
+
+# ---------------------------------------------------------------- chapter 06: the complete server against its peers
+
+PEERS = ("minisgl", "llama-cpp-python", "transformers")
+
+
+def concurrency_of(row: dict) -> int:
+    return int(row["mode"].split()[-1])
+
+
+def peer_row(rows: list[dict], engine: str, concurrency: int | None = None) -> dict | None:
+    wanted = [r for r in rows if r["engine"] == engine and concurrency in (None, concurrency_of(r))]
+    return wanted[0] if wanted else None
+
+
+def peers_figure(result: dict):
+    """Throughput and TTFT p99 per concurrency, one bar per engine (transformers: its static batch, at 32)."""
+    rows = result["rows"]
+    levels = sorted({concurrency_of(r) for r in rows if r["engine"] != "transformers"})
+    colors = {"minisgl": BLUE, "llama-cpp-python": GREEN, "transformers": ORANGE}
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained")
+    for ax, (key, name, ylabel, log) in zip(axes, [("output_tok_s", "Throughput (tok/s)", "output tokens / s", False),
+                                                   ("ttft_p99_s", "TTFT p99 (s, log scale)", "seconds", True)]):
+        width = 0.8 / len(PEERS)
+        for k, engine in enumerate(PEERS):
+            xs, values = [], []
+            for i, level in enumerate(levels):
+                row = peer_row(rows, engine, level) if engine != "transformers" else (
+                    peer_row(rows, engine) if level == max(levels) else None)
+                if row is not None and row[key] is not None:
+                    xs.append(i + (k - 1) * width)
+                    values.append(row[key])
+            bars = ax.bar(xs, values, width=width, color=colors[engine])
+            ax.bar_label(bars, labels=[f"{v:.1f}" if v >= 10 else f"{v:.2f}" for v in values], padding=2, fontsize=8.5)
+        ax.set_xticks(range(len(levels)), [f"c={level}" for level in levels])
+        ax.tick_params(axis="x", length=0)
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, max(r[key] for r in rows) * 1.2)
+        ax.set_title(name)
+        ax.set_ylabel(ylabel)
+    labels = {"minisgl": "minisgl chapter 06", "llama-cpp-python": "llama-cpp-python server, Q4_1 GGUF",
+              "transformers": "transformers generate, static batches of 32"}
+    heading(fig, "Chapter 06: the complete server against its peers",
+            [Patch(color=colors[e], label=labels[e]) for e in PEERS if peer_row(rows, e)])
+    workload = result["workload"]
+    fig.supxlabel(f"{caption(result)}\n{result['model']}, {result['dtype']}, {workload['requests']} streamed chat "
+                  "requests (c=1: the first 16)", fontsize=10, color=CAPTION_GREY)
+    return fig
+
+
+def peers_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    lead = (
+        f"{measured(result)}; the rows ran one after the other on the same workload, server (or transformers) "
+        f"and client sharing the cores. minisgl `{result['server']}` at its defaults; llama-cpp-python's server "
+        f"on the GGUF file the default model comes from: `{result['command']}`."
+    )
+    header = ["engine", "mode", "requests", "output tok/s", "vs llama-cpp-python", "TTFT p50 s", "TTFT p99 s",
+              "ITL p50 ms"]
+    table_rows = []
+    for r in rows:
+        peer = peer_row(rows, "llama-cpp-python", concurrency_of(r)) if r["engine"] != "transformers" else None
+        table_rows.append([
+            r["engine"], r["mode"], r["requests"], f"{r['output_tok_s']:.1f}",
+            f"{r['output_tok_s'] / peer['output_tok_s']:.2f}x" if peer else "",
+            f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}", r["itl_p50_ms"],
+        ])
+    alt = "Bar charts: output tokens per second and TTFT p99 of minisgl, llama-cpp-python and transformers"
+    text = fragment(lead, header, table_rows, "llrrrrrr", png, alt)
+    return text + "\n".join(peer_targets(rows)) + "\n"
+
+
+def peer_targets(rows: list[dict]) -> list[str]:
+    """The course's targets for the complete server, each with what this run measured."""
+    ours, theirs, hf = (lambda c: peer_row(rows, "minisgl", c)), (lambda c: peer_row(rows, "llama-cpp-python", c)), \
+        peer_row(rows, "transformers")
+    checks = []
+    if ours(32) and theirs(32):
+        ratio = ours(32)["output_tok_s"] / theirs(32)["output_tok_s"]
+        checks.append(("at concurrency 32, at least 3x llama-cpp-python's output tok/s", f"{ratio:.2f}x", ratio >= 3))
+        ttft = ours(32)["ttft_p99_s"] / theirs(32)["ttft_p99_s"]
+        checks.append(("at concurrency 32, TTFT p99 under a tenth of llama-cpp-python's", f"{ttft:.3f} of it",
+                       ttft < 0.1))
+    if ours(32) and hf:
+        ratio = ours(32)["output_tok_s"] / hf["output_tok_s"]
+        checks.append(("at concurrency 32, at least 2x transformers' static batching", f"{ratio:.2f}x", ratio >= 2))
+    if ours(1) and theirs(1):
+        ratio = ours(1)["output_tok_s"] / theirs(1)["output_tok_s"]
+        checks.append(("at concurrency 1, at least 0.5x llama-cpp-python", f"{ratio:.2f}x", ratio >= 0.5))
+    return ["", *table(["target", "measured", ""], [[t, m, verdict_words(ok)] for t, m, ok in checks], "lrl")]
+
+
+def chapters_tick(result: dict, row: dict) -> str:
+    return f"chapter {chapter_of(row)}"
+
+
+def chapters_figure(result: dict):
+    clients = result["rows"][0]["mode"].replace("concurrency ", "")
+    return serve_figure(
+        result,
+        f"The course's progress: every chapter's server, {clients} clients",
+        [
+            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
+            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
+            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
+        ],
+        chapters_tick,
+    )
+
+
+def chapters_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
+    lead = (
+        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
+        f"workload, each chapter's server at its own defaults with `{result['server']}`: `{result['command']}`."
+    )
+    base = rows[0]
+    header = ["server", "KV cache", "output tok/s", f"vs chapter {chapter_of(base)}", "TTFT p50 s", "TTFT p99 s",
+              "ITL p50 ms"]
+    table_rows = [
+        [
+            f"chapter {chapter_of(r)}", r.get("kv_cache") or "?", f"{r['output_tok_s']:.1f}",
+            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
+            r["itl_p50_ms"],
+        ]
+        for r in rows
+    ]
+    alt = "Bar charts of the table: output tokens per second, median time to first token and inter-token latency"
+    return fragment(lead, header, table_rows, "llrrrrr", png, alt)
+
+
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
     "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
@@ -638,6 +772,8 @@ FIGURES = {
     "shared_prefix": ("ch05-shared-prefix.png", shared_prefix_figure, shared_prefix_fragment),
     "capacity": ("ch05-capacity.png", capacity_figure, capacity_fragment),
     "chunked_prefill": ("ch05-chunked-prefill.png", chunked_figure, chunked_fragment),
+    "serve_ch06_peers": ("ch06-peers.png", peers_figure, peers_fragment),
+    "serve_chapters_c32": ("ch06-chapters.png", chapters_figure, chapters_fragment),
 }
 
 

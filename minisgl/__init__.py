@@ -3,8 +3,9 @@
 This package is the tip of the course: the code as of the newest chapter. Each earlier chapter keeps
 a frozen copy under ``chapters/NN/minisgl``.
 
-Chapter 05 (this stage) makes the KV cache a pool of pages shared through a radix prefix cache, and
-prefills long prompts in chunks; the model is split over tensor-parallel ranks as in chapter 04:
+Chapter 06 (this stage, the complete server) adds Triton kernels for attention over the paged KV cache
+(chapter 05: pages shared through a radix prefix cache, chunked prefill), CUDA graphs for decode steps,
+an offline API and an interactive shell; the model is split over tensor-parallel ranks as in chapter 04:
 
 - ``server/``      the API server process: FastAPI app, its end of the sockets, process launch (on every node)
 - ``tokenizer/``   tokenizer and detokenizer worker processes (text <-> token ids, stop strings)
@@ -15,12 +16,16 @@ prefills long prompts in chunks; the model is split over tensor-parallel ranks a
 - ``core.py``      SamplingParams, Request and Batch: the scheduler/engine contract (no torch)
 - ``config.py``    start-up facts resolved once and handed to every process (no torch)
 - ``engine/``      runs a batch through the model and samples the next tokens; owns the KV cache's tensors
-- ``attention/``   attention over the paged KV cache (``paged.py``: the oracle of later kernels), behind a backend
+- ``attention/``   attention over the paged KV cache behind a backend: plain torch (``paged.py``, the kernels'
+                   oracle) or Triton (``triton_backend.py``), chosen by ``--attention-backend``
+- ``kernels/``     the Triton kernels: storing keys and values, paged decode (split-KV), paged extend
+- ``engine/graphs.py`` CUDA graphs of decode steps, replayed for batches padded to a captured size
+- ``llm.py``       the offline API (``from minisgl import LLM``); ``shell.py``: ``python -m minisgl --shell``
 - ``models/``, ``layers/``, ``kv_cache.py``, ``sampling.py``  the model, its blocks (column- and row-parallel
                    linear layers, a vocabulary-parallel embedding), the cache's storage (this rank's KV heads), sampling
 - ``args.py``      the command line; ``__main__.py``: ``python -m minisgl``
 
-Only the scheduler processes import torch; the API server and the tokenizers never load it.
+Only the scheduler processes import torch (and Triton); the API server and the tokenizers never load it.
 """
 
 __version__ = "0.6.0"

@@ -69,6 +69,10 @@ HELP = {
 }
 
 
+# Other names a flag answers to: the ones mini-sglang uses, where ours follow SGLang.
+ALIASES = {"chunked_prefill_size": ["--max-prefill-length"]}
+
+
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
     choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
@@ -79,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
             parser.add_argument(flag, action="store_true", help=HELP[f.name])
             continue
         parser.add_argument(
-            flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=HELP[f.name]
+            flag, *ALIASES.get(f.name, []), dest=f.name, type=type(f.default), default=f.default,
+            choices=choices.get(f.name), help=HELP[f.name],
         )
     args = ServerArgs(**vars(parser.parse_args(argv)))
     if not args.model_path:

@@ -46,6 +46,9 @@ class LLM:
         """``options``: any field of ``ServerArgs`` (``dtype``, ``device``, ``max_running_requests``,
         ``page_size``, ``cache_type``, ``attention_backend``, ...)."""
         args = ServerArgs(model_path=str(model_path or default_model_path()), **options)
+        if args.tp_size != 1:  # one process, one rank: say so rather than quietly run on one
+            raise ValueError(f"the offline API runs on one rank, not tp_size {args.tp_size}; "
+                             "for tensor parallelism start the server with --tp-size")
         self.config = config = resolve_config(args)
         hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(config.model_path)
         self.tokenizer = Tokenizer(hf_tokenizer, config.context_length, config.vocab_size, config.chat_template)

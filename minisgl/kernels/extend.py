@@ -63,7 +63,7 @@ def _extend_kernel(
         acc = acc * rescale[:, None] + tl.dot(p, values, input_precision=DOT_PRECISION)
         running_max = new_max
 
-    result = acc / tl.where(total > 0, total, 1.0)[:, None]  # total is 0 only in rows past the request's new tokens
+    result = acc / tl.where(total > 0, total, 1.0)[:, None]  # 0 only with no key at all (seq_len 0): no NaN
     tl.store(out + (q_rows[:, None] * HEADS + head) * HEAD_DIM + d[None, :], result.to(out.dtype.element_ty),
              mask=i_in[:, None] & d_in[None, :])
 # --8<-- [end:extend-kernel]

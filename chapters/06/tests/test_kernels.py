@@ -10,6 +10,8 @@ float16, and a prefix already in the cache. On a GPU the same tests run the comp
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="Triton is available on Linux only: its kernels cannot run here")
+
 from minisgl.attention.paged import (
     SPARE_PAGE,
     padded_locations,

@@ -58,3 +58,9 @@ def test_a_bad_prompt_is_refused_before_anything_runs(llm):
     assert llm.scheduler.state()["waiting"] == 0
     with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
         llm.generate(["a", "b"], [SamplingParams()])
+
+
+def test_tensor_parallelism_is_refused_not_ignored(model_path):
+    """One process is one rank: asking for three must fail, not run quietly on one."""
+    with pytest.raises(ValueError, match="one rank, not tp_size 3"):
+        LLM(model_path, tp_size=3)

@@ -7,6 +7,9 @@ longer than the prefill chunk (chunks mixed with decode tokens).
 """
 
 import httpx
+import pytest
+
+pytest.importorskip("triton", reason="Triton is available on Linux only: its kernels cannot run here")
 
 SHARED = "The library opens at nine and closes at five on weekdays, and lends books, films and tools. "
 PROMPTS = [

@@ -9,6 +9,8 @@ a page boundary. On a CPU the kernels run in Triton's interpreter.
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="Triton is available on Linux only: its kernels cannot run here")
+
 from minisgl.core import SamplingParams
 from minisgl.engine import Engine
 from minisgl.messages import UserRequest, pack_ids, unpack_ids
