@@ -52,11 +52,15 @@ bench: setup
 		--output benchmarks/results/serve_ch02_vs_ch03.md
 	$(PYTHON) benchmarks/tp_decode.py
 	$(PYTHON) benchmarks/kv_layout.py
-	$(PYTHON) benchmarks/serve_workload.py --chapter 03 top --concurrency 32 --skip-transformers \
+	$(PYTHON) benchmarks/serve_workload.py --chapter 03 05 --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_ch03_vs_ch05.md
 	$(PYTHON) benchmarks/shared_prefix.py
 	$(PYTHON) benchmarks/capacity.py
 	$(PYTHON) benchmarks/chunked_prefill.py
+	$(PYTHON) benchmarks/linear_prepack.py
+	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
+	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \
+		--output benchmarks/results/serve_chapters_c32.md
 	$(PYTHON) benchmarks/plot_results.py
 
 gpu-check: setup
