@@ -41,7 +41,7 @@ FROM_PAGE = "../assets/benchmarks"  # ASSETS as a chapter page (docs/chapters/NN
 # about 14 px high.
 FIGSIZE, DPI = (8, 3.8), 120
 # Okabe-Ito colours: distinguishable with any colour vision, and dark enough to read on white.
-BLUE, ORANGE, GREEN, VERMILLION, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"
+BLUE, ORANGE, GREEN, VERMILLION, PURPLE, SKY = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9"
 CAPTION_GREY = "#444444"
 
 plt.rcParams.update({
@@ -180,7 +180,7 @@ def decode_fragment(result: dict, png: str) -> str:
 
 def engine_colors(rows: list[dict]) -> dict[str, str]:
     """transformers in orange, each of our engines in its own colour, in the order of the table."""
-    ours = iter([BLUE, GREEN, VERMILLION, PURPLE])
+    ours = itertools.cycle([BLUE, GREEN, VERMILLION, PURPLE, SKY, "#000000"])
     engines = dict.fromkeys(r["engine"] for r in rows)
     return {engine: ORANGE if engine == "transformers" else next(ours) for engine in engines}
 
@@ -671,8 +671,8 @@ def peers_figure(result: dict):
             ax.set_ylim(0, max(r[key] for r in rows) * 1.2)
         ax.set_title(name)
         ax.set_ylabel(ylabel)
-    labels = {"minisgl": "minisgl chapter 06", "llama-cpp-python": "llama-cpp-python server, Q4_1 GGUF",
-              "transformers": "transformers generate, static batches of 32"}
+    labels = {"minisgl": "minisgl (chapter 06)", "llama-cpp-python": "llama-cpp-python (Q4_1)",
+              "transformers": "transformers (static batches)"}
     heading(fig, "Chapter 06: the complete server against its peers",
             [Patch(color=colors[e], label=labels[e]) for e in PEERS if peer_row(rows, e)])
     workload = result["workload"]
@@ -724,7 +724,7 @@ def peer_targets(rows: list[dict]) -> list[str]:
 
 
 def chapters_tick(result: dict, row: dict) -> str:
-    return f"chapter {chapter_of(row)}"
+    return f"ch. {chapter_of(row)}"  # five bars a panel: a short label
 
 
 def chapters_figure(result: dict):
@@ -753,7 +753,7 @@ def chapters_fragment(result: dict, png: str) -> str:
               "ITL p50 ms"]
     table_rows = [
         [
-            f"chapter {chapter_of(r)}", r.get("kv_cache") or "?", f"{r['output_tok_s']:.1f}",
+            f"chapter {chapter_of(r)}", r.get("kv_cache") or "n/a", f"{r['output_tok_s']:.1f}",
             f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
             r["itl_p50_ms"],
         ]
