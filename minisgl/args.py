@@ -29,6 +29,8 @@ class ServerArgs:
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
     max_request_bytes: int = 1 << 20  # 1 MiB
+    max_queued_requests: int = 1024  # accepted beyond the running ones; more get 503 (0: no limit)
+    api_key: str = ""  # empty: no key needed
     log_level: str = "info"
     tp_size: int = 1  # tensor-parallel ranks: scheduler processes, each with a shard of every layer
     nnodes: int = 1  # machines the ranks are spread over, tp_size / nnodes ranks on each
@@ -58,6 +60,9 @@ HELP = {
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
     "max_request_bytes": "a request body larger than this is refused with 413 before it is read whole",
+    "max_queued_requests": "requests accepted beyond --max-running-requests, waiting; more are refused with 503 "
+                           "and Retry-After (0: no limit)",
+    "api_key": "clients must send 'Authorization: Bearer KEY' (every endpoint but /health); empty: no key",
     "log_level": "debug, info, warning or error",
     "tp_size": "tensor-parallel ranks, each holding a shard of every layer (must divide the attention heads)",
     "nnodes": "machines the ranks are spread over (tp-size / nnodes ranks on each)",
@@ -97,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                  "nnodes", "dist_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory", "cuda_graph_max_bs"):
+    for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory", "cuda_graph_max_bs", "max_queued_requests"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     if args.num_pages and args.kv_cache_memory:

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events
 or not), ``GET /v1/models``, ``GET /health``, ``POST /generate`` (SGLang's native endpoint) and
-``GET /state`` (the server's counts, for tests and dashboards).
+``GET /state`` (the server's counts, for tests and dashboards); from chapter 06 on ``GET /metrics``
+(Prometheus' text format, ``metrics.py``).
 
 The handlers run on the asyncio event loop of the API server process, which holds neither the model
 nor the tokenizer: a handler checks the body, turns it into one ``TokenizeRequest`` per choice
@@ -10,7 +11,8 @@ nor the tokenizer: a handler checks the body, turns it into one ``TokenizeReques
 first, the frontend aborts its requests, which frees their KV cache pages in the scheduler.
 
 Bad input gets an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, with status
-400 (404 for an unknown model, 413 for a body over ``--max-request-bytes``), and the server goes on
+400 (404 for an unknown model, 413 for a body over ``--max-request-bytes``, 401 without the
+``--api-key``, 503 with ``Retry-After`` past ``--max-queued-requests``), and the server goes on
 serving. Errors only the tokenizer can see (a prompt too long for the context) come back as the
 request's first output, before any byte of the reply is sent, so they too become a plain 400.
 
@@ -28,13 +30,14 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..core import InvalidParam, SamplingParams
 from ..messages import TokenizeRequest, pack_ids
+from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
-from .frontend import Frontend, Output, WorkersDown
+from .frontend import Frontend, Output, Overloaded, WorkersDown
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields
 
 # ------------------------------------------------------------------------------------------------
@@ -43,9 +46,11 @@ from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest,
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -54,7 +59,8 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 
 async def api_error(_, error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.status, error.param, error.code), status_code=error.status)
+    return JSONResponse(error_body(error.message, error.status, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
 
 
 async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
@@ -124,6 +130,8 @@ async def submit(frontend: Frontend, params: list[SamplingParams], **prompt) -> 
         first = await outputs.__anext__()
     except WorkersDown as error:
         raise APIError(503, str(error)) from None
+    except Overloaded as error:  # refused at once: a client should retry, not wait in an unbounded queue
+        raise APIError(503, f"{error}; retry later", code="server_overloaded", headers={"Retry-After": "1"}) from None
     refusal = first[1].error
     if refusal is not None:
         await outputs.aclose()
@@ -328,16 +336,24 @@ async def server_state(http: HTTPRequest):
     return http.app.state.frontend.state()
 
 
+@router.get("/metrics")
+async def metrics(http: HTTPRequest):
+    frontend = http.app.state.frontend
+    return PlainTextResponse(frontend.metrics.render(frontend.state()), media_type="text/plain; version=0.0.4")
+
+
 # --8<-- [start:create-app]
 def create_app(frontend: Frontend, model_name: str, context_length: int, max_request_bytes: int,
-               lifespan=None) -> FastAPI:
+               lifespan=None, api_key: str = "") -> FastAPI:
     app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.frontend, app.state.model_name, app.state.context_length = frontend, model_name, context_length
     app.include_router(router)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(HTTPException, http_error)
-    # Outermost: an oversized body is refused before anything reads it.
+    # The last added runs first: the key is checked, then the body's size, before anything reads the body.
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    if api_key:
+        app.add_middleware(APIKeyCheck, api_key=api_key)
     return app
 # --8<-- [end:create-app]

@@ -7,7 +7,9 @@ belongs to. If the client goes away first, the handler sends an ``AbortRequest``
 request's KV cache pages in the scheduler.
 
 The frontend also owns what the API reports about the server: whether a worker process died (then
-every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts.
+every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts. From
+chapter 06 on it also refuses a request at once (``Overloaded``) when too many are in flight, and
+records each request's timing and outcome for ``/metrics`` and the log (``metrics.py``).
 """
 
 import asyncio
@@ -19,12 +21,17 @@ import zmq.asyncio
 
 from ..ipc import Addresses, pull_socket, push_socket
 from ..messages import COUNTS, AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest, decoder, encode
+from .metrics import Metrics, RequestRecord
 
 logger = logging.getLogger(__name__)
 
 
 class WorkersDown(Exception):
     """A worker process died: the server cannot run requests any more."""
+
+
+class Overloaded(Exception):
+    """More requests are in flight than the server accepts (``--max-queued-requests``): come back later."""
 
 
 @dataclass
@@ -38,8 +45,9 @@ class Output:
 
 
 class Frontend:
-    def __init__(self, addresses: Addresses, counts=None):
-        """``counts``: the shared array the scheduler writes its ``COUNTS`` into (None in tests)."""
+    def __init__(self, addresses: Addresses, counts=None, max_in_flight: int = 0):
+        """``counts``: the shared array the scheduler writes its ``COUNTS`` into (None in tests);
+        ``max_in_flight``: requests (choices) accepted at once, running or waiting (0: no limit)."""
         self.context = zmq.asyncio.Context()
         self.to_tokenizers = push_socket(self.context, addresses.tokenizer, bind=True)
         self.inbox = pull_socket(self.context, addresses.api_server)
@@ -47,6 +55,8 @@ class Frontend:
         self.routes: dict[str, tuple[asyncio.Queue, int]] = {}
         self.failure: str | None = None  # set when a worker process died: every request fails
         self.counts = counts
+        self.max_in_flight = max_in_flight
+        self.metrics = Metrics()
 
     def state(self) -> dict:
         if self.counts is None:
@@ -87,21 +97,34 @@ class Frontend:
         consumer stops early (the client disconnected), every unfinished request is aborted."""
         if self.failure:
             raise WorkersDown(self.failure)
+        if self.max_in_flight and len(self.routes) + len(requests) > self.max_in_flight:
+            self.metrics.requests["overloaded"] += len(requests)
+            raise Overloaded(f"the server has {len(self.routes)} requests in flight, its limit is {self.max_in_flight}")
         outputs: asyncio.Queue = asyncio.Queue()
         for index, request in enumerate(requests):
             self.routes[request.uid] = (outputs, index)
         unfinished = {request.uid for request in requests}
+        records = [RequestRecord(request.uid) for request in requests]
+        tokens_seen = [0] * len(requests)
         try:
             for request in requests:
                 await self.to_tokenizers.send(encode(request))
             while unfinished:
                 index, output = await outputs.get()
+                if output.completion_tokens > tokens_seen[index]:
+                    tokens_seen[index] = output.completion_tokens
+                    self.metrics.token_arrived(records[index])
                 if output.finish_reason is not None:
                     unfinished.discard(requests[index].uid)
+                    outcome = "invalid" if output.error is not None else output.finish_reason
+                    self.metrics.finished(records[index], outcome, output.prompt_tokens, output.completion_tokens,
+                                          output.cached_tokens)
                 yield index, output
         finally:
             for uid in unfinished:
                 await self.to_tokenizers.send(encode(AbortRequest(uid)))
-            for request in requests:
+            for index, request in enumerate(requests):
                 self.routes.pop(request.uid, None)
+                if request.uid in unfinished:  # the client went away first
+                    self.metrics.finished(records[index], "abort", completion_tokens=tokens_seen[index])
     # --8<-- [end:generate]

@@ -134,7 +134,8 @@ def serve(args: ServerArgs) -> int:
     try:
         sock = bind(args.host, args.port)
         processes += start_workers(config, addresses, counts)
-        frontend = Frontend(addresses, counts)
+        in_flight = args.max_running_requests + args.max_queued_requests if args.max_queued_requests else 0
+        frontend = Frontend(addresses, counts, in_flight)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -151,7 +152,8 @@ def serve(args: ServerArgs) -> int:
             clean_up()
             logger.info("stopped")
 
-        app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan)
+        app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan,
+                         args.api_key)
         http = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
         http.run(sockets=[sock])
     except RuntimeError as error:  # a worker failed to start
