@@ -63,6 +63,7 @@ class Frontend:
             return {}
         state = dict(zip(COUNTS, self.counts[:]))
         state["prefix_hit_rate"] = round(state["cached_tokens"] / max(state["prompt_tokens"], 1), 4)
+        state["api_in_flight"] = len(self.routes)  # requests the API server still routes outputs to
         return state
 
     # --8<-- [start:receive-loop]

@@ -154,7 +154,7 @@ def serve(args: ServerArgs) -> int:
 
         app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan,
                          args.api_key)
-        http = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        http = EndingServer(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3), frontend)
         http.run(sockets=[sock])
     except RuntimeError as error:  # a worker failed to start
         logger.error("%s", error)
@@ -163,6 +163,26 @@ def serve(args: ServerArgs) -> int:
         clean_up()
     return 1 if crashed else 0
 # --8<-- [end:serve]
+
+
+class EndingServer(uvicorn.Server):
+    """uvicorn's server that, on Ctrl-C or SIGTERM, first ends every request in flight with an error (chapter
+    06). uvicorn alone would wait for them until its graceful timeout while the workers are already gone,
+    and a stream would stop without a word: now each gets an error event, and its connection closes."""
+
+    def __init__(self, config: uvicorn.Config, frontend: Frontend):
+        super().__init__(config)
+        self.frontend = frontend
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.frontend.failure is None:
+            try:
+                loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread, between steps
+            except RuntimeError:
+                loop = None
+            if loop is not None:  # not touching the queues from inside the handler: on the loop, next
+                loop.call_soon_threadsafe(self.frontend.fail_all, "the server is shutting down")
+        super().handle_exit(sig, frame)
 
 
 # --8<-- [start:watch]
