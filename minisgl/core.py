@@ -32,6 +32,11 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+# One sampled token's log probability, and the (id, log probability) of the likeliest tokens, best first.
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
+
+
 # --8<-- [start:sampling-params]
 @dataclass
 class SamplingParams:
@@ -42,6 +47,12 @@ class SamplingParams:
     max_tokens: int | None = 256  # None: whatever the context leaves room for (the tokenizer decides)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # From the complete server's OpenAI surface on (issue 13):
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log probability and the k likeliest
+    # A constraint on the reply's text, compiled into a grammar by the scheduler (``grammar.py``):
+    # ("json_object", ""), ("json_schema", schema as JSON text), ("regex", pattern) or ("ebnf", grammar).
+    constraint: tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -52,6 +63,11 @@ class SamplingParams:
             raise InvalidParam("top_k", f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise InvalidParam("max_tokens", f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParam("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for token, bias in self.logit_bias.items():
+            if not -100 <= bias <= 100:
+                raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for {token}")
 # --8<-- [end:sampling-params]
 
 
@@ -72,6 +88,7 @@ class Request:
     finish_reason: str | None = None
     generator: Any = None  # its own random stream (a torch.Generator), made by the engine on admission
     announced: bool = False  # has the detokenizer been told about it (stop strings, prompt length)?
+    grammar: Any = None  # its grammar's matcher, when its params carry a constraint (``grammar.py``)
 
     def uncached_ids(self) -> list[int]:
         """The tokens the next forward pass must run: the whole prompt at first, then the last sampled token."""

@@ -2,7 +2,7 @@
 
 The server is a tree of processes that talk over ZMQ sockets:
 
-    API server --TokenizeRequest/AbortRequest--> tokenizer --UserRequest/AbortRequest--> scheduler
+    API server --TokenizeRequest/AbortRequest/FlushCache--> tokenizer --UserRequest/AbortRequest/FlushCache--> scheduler
     scheduler --BatchTokenOutput--> detokenizer --BatchTextOutput--> API server
     tokenizer --TokenizeError--> API server          detokenizer --AbortRequest--> scheduler
 
@@ -22,7 +22,7 @@ from array import array
 
 import msgspec
 
-from .core import SamplingParams
+from .core import SamplingParams, TokenLogprobs
 
 
 def pack_ids(ids: list[int]) -> bytes:
@@ -42,7 +42,12 @@ class TokenizeRequest(msgspec.Struct, tag=True):
     params: SamplingParams
     text: str | None = None  # a raw prompt
     messages: list[dict] | None = None  # a chat, to go through the chat template
+    tools: list[dict] | None = None  # the chat's tools, for a chat template that takes them
     input_ids: bytes | None = None  # already token ids
+
+
+class FlushCache(msgspec.Struct, tag=True):
+    """API server -> tokenizer -> scheduler: drop every prefix in the cache that no request is using."""
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -60,7 +65,8 @@ class UserRequest(msgspec.Struct, tag=True):
 
 
 class TokenizeError(msgspec.Struct, tag=True):
-    """Tokenizer -> API server: the request cannot run (say, it does not fit in the context)."""
+    """Tokenizer -> API server: the request cannot run (say, it does not fit in the context). Also a
+    refusal by the scheduler (a constraint that does not compile), which the detokenizer relays."""
 
     uid: str
     message: str
@@ -81,12 +87,27 @@ class BatchTokenOutput(msgspec.Struct, tag=True):
     """Scheduler -> detokenizer: the new token of every request in one step, in one message.
 
     ``token_ids[i]`` is -1 when request ``uids[i]`` finished without a new token (EOS, abort).
+    ``logprobs`` is empty unless some request asked for log probabilities; then ``logprobs[i]`` is request
+    ``uids[i]``'s (or None). ``matched_eos`` names the end-of-sequence token that stopped a request.
     """
 
     uids: list[str]
     token_ids: bytes
     finish_reasons: list[str | None]
     new_requests: list[NewRequestInfo] = []
+    logprobs: list[TokenLogprobs | None] = []
+    matched_eos: dict[str, int] = {}
+    refused: list[TokenizeError] = []  # requests the scheduler would not run (their grammar does not compile)
+
+
+class TokenText(msgspec.Struct, array_like=True):
+    """One generated token for the client's log probabilities: its id, its text and its log probability,
+    and the likeliest alternatives as (id, text, log probability)."""
+
+    id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]
 
 
 class BatchTextOutput(msgspec.Struct, tag=True):
@@ -98,6 +119,8 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     prompt_tokens: list[int]
     completion_tokens: list[int]
     cached_tokens: list[int]
+    logprobs: list[list[TokenText]] = []  # empty, or per request the tokens its new text came from
+    matched_stops: list[str | int | None] = []  # empty, or per request: the stop string or token that ended it
 
 
 # Not a message: the numbers rank 0's scheduler publishes for ``GET /state`` in a shared array, in this
@@ -105,8 +128,8 @@ class BatchTextOutput(msgspec.Struct, tag=True):
 COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
           "cached_tokens")
 
-ToTokenizer = TokenizeRequest | AbortRequest
-ToScheduler = UserRequest | AbortRequest
+ToTokenizer = TokenizeRequest | AbortRequest | FlushCache
+ToScheduler = UserRequest | AbortRequest | FlushCache
 ToDetokenizer = BatchTokenOutput
 ToAPIServer = BatchTextOutput | TokenizeError
 

@@ -17,7 +17,7 @@ torch.)
 
 import torch
 
-from .core import SamplingParams
+from .core import SamplingParams, TokenLogprobs
 
 
 # --8<-- [start:top-k-top-p]
@@ -60,6 +60,29 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             tokens[i] = order[row, choice]
     return tokens.tolist()
 # --8<-- [end:sample]
+
+
+# --8<-- [start:logit-bias]
+def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """OpenAI's ``logit_bias``: add each request's bias to its tokens' logits, in place, before sampling
+    (-100 all but bans a token, +100 all but forces it)."""
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+# --8<-- [end:logit-bias]
+
+
+# --8<-- [start:logprobs]
+def report_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprobs]:
+    """For each row of ``logprobs`` [requests, vocab] (log-softmax of the model's logits, before
+    temperature, top-k, top-p, bias or grammar), the chosen token's log probability and the top[i] best."""
+    k = max(top)
+    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    best_values, best_ids = best_values.tolist(), best_ids.tolist()
+    return [(chosen[i], list(zip(best_ids[i][: top[i]], best_values[i][: top[i]]))) for i in range(len(tokens))]
+# --8<-- [end:logprobs]
 
 
 # --8<-- [start:make-generator]

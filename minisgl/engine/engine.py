@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from ..attention import make_backend
-from ..core import Batch, pages_for
+from ..core import Batch, TokenLogprobs, pages_for
 from ..distributed import tp_info
+from ..grammar import apply_grammar_masks
 from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..layers.linear import prepack_for_cpu
 from ..models import load_model
-from ..sampling import make_generator, sample
+from ..sampling import add_logit_bias, make_generator, report_logprobs, sample
 from .graphs import DecodeGraphs
 
 
@@ -130,15 +131,29 @@ class Engine:
         return self.model.logits(hidden[last_tokens])  # only those are sampled
 
     @torch.inference_mode()
-    def step(self, batch: Batch) -> list[int | None]:
+    def step(self, batch: Batch) -> tuple[list[int | None], list[TokenLogprobs | None]]:
         """Run the batch's new tokens and return the next token of each request that ``batch.sample`` says
-        to sample, None for the others (a chunk in the middle of a prompt); the same on every rank."""
+        to sample, None for the others (a chunk in the middle of a prompt); the same on every rank. With
+        them, the log probabilities of each sampled request that asked for them (None for the others)."""
         logits = self.forward(batch)
         chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
         if not chosen:
-            return [None] * len(batch.requests)
+            return [None] * len(batch.requests), [None] * len(batch.requests)
         requests = [batch.requests[b] for b in chosen]
         rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
-        tokens = iter(sample(rows, [r.params for r in requests], [r.generator for r in requests]))
-        return [next(tokens) if wanted else None for wanted in batch.sample]
+        # The model's own distribution, before anything below changes it: that is what logprobs report.
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        model_logprobs = torch.log_softmax(rows[wanted], dim=-1) if wanted else None
+        add_logit_bias(rows, [r.params for r in requests])
+        if any(r.grammar is not None for r in requests):
+            apply_grammar_masks(rows, [r.grammar for r in requests])
+        tokens = sample(rows, [r.params for r in requests], [r.generator for r in requests])
+        logprobs = [None] * len(requests)
+        if wanted:
+            for i, token_logprobs in zip(wanted, report_logprobs(model_logprobs, [tokens[i] for i in wanted],
+                                                                 [requests[i].params.logprobs for i in wanted])):
+                logprobs[i] = token_logprobs
+        by_row = iter(zip(tokens, logprobs))
+        pairs = [next(by_row) if wanted else (None, None) for wanted in batch.sample]
+        return [token for token, _ in pairs], [lp for _, lp in pairs]
     # --8<-- [end:engine-step]

@@ -29,7 +29,17 @@ from collections import OrderedDict, deque
 
 from ..core import Batch, Request
 from ..engine import Engine
-from ..messages import AbortRequest, BatchTokenOutput, NewRequestInfo, UserRequest, pack_ids, unpack_ids
+from ..grammar import GrammarError, Grammars
+from ..messages import (
+    AbortRequest,
+    BatchTokenOutput,
+    FlushCache,
+    NewRequestInfo,
+    TokenizeError,
+    UserRequest,
+    pack_ids,
+    unpack_ids,
+)
 from .pages import PageAllocator, pages_for
 from .radix import CACHE_TYPES
 
@@ -38,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, engine: Engine, max_running_requests: int, chunked_prefill_size: int, eos_ids: set[int],
-                 cache_type: str = "radix"):
+                 cache_type: str = "radix", grammars: Grammars | None = None):
+        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused)."""
         self.engine = engine
         self.page_size = engine.kv_cache.page_size
         self.pages = PageAllocator(engine.kv_cache.num_pages)  # which page is whose: ours to decide
@@ -54,7 +65,11 @@ class Scheduler:
         # An abort can overtake its request (they may travel through different tokenizer workers);
         # remember recent ones so that the request is dropped when it arrives.
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
+        self.grammars = grammars
         self.outputs: list[tuple[Request, int, str | None]] = []  # this step's (request, token, finish)
+        self.logprobs: dict[int, object] = {}  # id(request) -> this step's log probabilities, for those that asked
+        self.matched_eos: dict[str, int] = {}  # uid -> the EOS token that stopped it, this step
+        self.refused: list[TokenizeError] = []  # requests refused on arrival, this step
         self._last_log = time.monotonic()
 
     @property
@@ -85,13 +100,38 @@ class Scheduler:
         if isinstance(message, UserRequest):
             if self.early_aborts.pop(message.uid, 1) is None:
                 return  # aborted before it arrived
-            self.waiting.append(Request(message.uid, unpack_ids(message.prompt_ids), message.params))
+            request = Request(message.uid, unpack_ids(message.prompt_ids), message.params)
+            if request.params.constraint is not None and not self.start_grammar(request):
+                return
+            self.waiting.append(request)
+        elif isinstance(message, FlushCache):
+            self.flush_cache()
         elif not self.abort_now(message.uid):
             self.early_aborts[message.uid] = None
             while len(self.early_aborts) > 10_000:  # most are for requests that had already finished
                 self.early_aborts.popitem(last=False)
         # --8<-- [end:ex-handle]
     # --8<-- [end:handle]
+
+    # --8<-- [start:start-grammar]
+    def start_grammar(self, request: Request) -> bool:
+        """Give a constrained request its grammar's matcher, compiled here on arrival (between steps, and
+        once per distinct constraint); refuse it if the constraint does not compile."""
+        try:
+            if self.grammars is None:
+                raise GrammarError("this server runs no grammar engine")
+            request.grammar = self.grammars.matcher(request.params.constraint)
+        except GrammarError as error:
+            logger.info("request %s refused: %s", request.uid, error)
+            self.refused.append(TokenizeError(request.uid, str(error), constraint_param(request.params.constraint[0])))
+            return False
+        return True
+    # --8<-- [end:start-grammar]
+
+    def flush_cache(self) -> None:
+        """Evict every cached prefix that no request holds (``POST /flush_cache``)."""
+        freed = self.cache.evict(self.cache.evictable_pages)
+        logger.info("cache flushed: %d pages freed, %d still in use", freed, self.cache.cached_pages)
 
     # --8<-- [start:step]
     def step(self) -> BatchTokenOutput | None:
@@ -103,12 +143,14 @@ class Scheduler:
         batch = decoding + [request for request, _ in chunks]
         if batch:
             new_lens = [1] * len(decoding) + [size for _, size in chunks]
-            next_tokens = self.engine.step(Batch(batch, new_lens))
+            next_tokens, logprobs = self.engine.step(Batch(batch, new_lens))
             self.steps["mixed" if decoding and chunks else "decode" if decoding else "prefill"] += 1
-            for request, new, token in zip(batch, new_lens, next_tokens):
+            for request, new, token, token_logprobs in zip(batch, new_lens, next_tokens, logprobs):
                 request.cached_len += new  # its new tokens' keys and values are in its pages now
                 if request in self.prefilling:
                     self.prefill_done(request, finished=token is not None)
+                if token_logprobs is not None:
+                    self.logprobs[id(request)] = token_logprobs
                 if token is not None:  # a chunk in the middle of a prompt gives no token
                     self.append_token(request, token)
             self.log_progress()
@@ -168,7 +210,10 @@ class Scheduler:
         """Record one sampled token and decide whether the request is done (stop strings are the
         detokenizer's call: it sends an abort when it sees one)."""
         params = request.params
-        if token in self.eos_ids and not params.ignore_eos:
+        if request.grammar is not None:
+            request.grammar.accept_token(token)  # the mask allowed only tokens the grammar accepts
+        if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
+            self.matched_eos[request.uid] = token
             self.finish(request, "stop")  # the EOS token is not part of the reply
             return
         request.output_ids.append(token)
@@ -210,7 +255,7 @@ class Scheduler:
         """Everything this step did, as one message; each request's stop strings and prompt length go
         along the first time it appears, so the detokenizer knows them before its first token."""
         # --8<-- [start:ex-step-message]
-        if not self.outputs:
+        if not self.outputs and not self.refused:
             return None
         new = list({id(r): r for r, _, _ in self.outputs if not r.announced}.values())  # once each
         for request in new:
@@ -220,8 +265,12 @@ class Scheduler:
             token_ids=pack_ids([token for _, token, _ in self.outputs]),
             finish_reasons=[finish for _, _, finish in self.outputs],
             new_requests=[NewRequestInfo(r.uid, len(r.prompt_ids), r.params.stop, r.prefix_len) for r in new],
+            # a token's log probabilities go with it; a finish without a token (EOS) reports its EOS token's
+            logprobs=[self.logprobs.get(id(r)) for r, _, _ in self.outputs] if self.logprobs else [],
+            matched_eos=self.matched_eos,
+            refused=self.refused,
         )
-        self.outputs = []
+        self.outputs, self.logprobs, self.matched_eos, self.refused = [], {}, {}, []
         return message
         # --8<-- [end:ex-step-message]
     # --8<-- [end:flush-outputs]
@@ -236,3 +285,8 @@ class Scheduler:
                 state["running"], state["waiting"], state["free_pages"], state["cached_pages"], state["total_pages"],
                 state["prefix_hit_rate"], state["steps"],
             )
+
+
+def constraint_param(kind: str) -> str:
+    """The request field a constraint of this kind came from, for the client's error message."""
+    return {"json_object": "response_format", "json_schema": "response_format"}.get(kind, kind)

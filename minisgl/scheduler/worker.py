@@ -26,6 +26,7 @@ from ..distributed import (
 )
 from ..engine import Engine
 from ..engine.engine import resolve_device
+from ..grammar import Grammars
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
 from ..messages import COUNTS, ToScheduler, UserRequest, decoder, encode, unpack_ids
 from ..process import become_child, scheduler_name
@@ -56,8 +57,9 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
                         attention_backend=args.attention_backend,
                         cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
         num_pages = engine.kv_cache.num_pages
+        grammars = Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids))
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
-                              args.cache_type)
+                              args.cache_type, grammars)
         inbox = to_detokenizer = None
         if rank == 0:
             context = zmq.Context()

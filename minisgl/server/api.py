@@ -1,9 +1,16 @@
 """The OpenAI-compatible HTTP API (introduced in chapter 02).
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events
-or not), ``GET /v1/models``, ``GET /health``, ``POST /generate`` (SGLang's native endpoint) and
-``GET /state`` (the server's counts, for tests and dashboards); from chapter 06 on ``GET /metrics``
-(Prometheus' text format, ``metrics.py``).
+or not), ``GET /v1/models`` (and ``/v1/models/{model}``), ``GET /health`` and ``GET /state`` (the
+server's counts, for tests and dashboards); from chapter 06 on ``GET /metrics`` (Prometheus' text
+format, ``metrics.py``). SGLang's native endpoints (``/generate``...) are in ``native.py``, and
+``app.py`` puts both together.
+
+The complete server speaks the OpenAI surface real clients use: structured output
+(``response_format``, and SGLang's ``regex`` and ``ebnf``, compiled and enforced by the scheduler,
+``grammar.py``), tool calls (``tools.py``), ``logit_bias``, log probabilities, several prompts in one
+completion request, ``matched_stop`` and usage in every chunk. A field it does not implement is
+refused with a 400 that names it (``protocol.py`` lists the hints it accepts and ignores).
 
 The handlers run on the asyncio event loop of the API server process, which holds neither the model
 nor the tokenizer: a handler checks the body, turns it into one ``TokenizeRequest`` per choice
@@ -17,7 +24,7 @@ serving. Errors only the tokenizer can see (a prompt too long for the context) c
 request's first output, before any byte of the reply is sent, so they too become a plain 400.
 
 The module reads top to bottom: errors; from a body to requests; one helper that answers a chat or
-a completion, streamed or whole; the route handlers; ``create_app``.
+a completion, streamed or whole; the route handlers.
 """
 
 import asyncio
@@ -27,18 +34,23 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..core import InvalidParam, SamplingParams
-from ..messages import TokenizeRequest, pack_ids
-from .api_key import APIKeyCheck
-from .body_limit import BodySizeLimit
+from ..messages import TokenizeRequest, TokenText, pack_ids
 from .frontend import Frontend, Output, Overloaded, WorkersDown
-from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    Unsupported,
+    refuse_unsupported,
+)
+from .tools import ToolError, ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
 
 # ------------------------------------------------------------------------------------------------
 # Errors
@@ -70,6 +82,8 @@ async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body("the request body must be a JSON object", 400), status_code=400)
     param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
     message = f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":  # nothing is ignored silently
+        message = f"{param} is not supported by this server"
     return JSONResponse(error_body(message, 400, param), status_code=400)
 
 
@@ -83,11 +97,13 @@ async def http_error(_, error: HTTPException) -> JSONResponse:
 
 
 # --8<-- [start:sampling-params-check]
-def sampling_params(body: SamplingFields, model_name: str) -> list[SamplingParams]:
+def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None = None,
+                    constraint: tuple[str, str] | None = None) -> list[SamplingParams]:
     """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
     if body.model is not None and body.model != model_name:
         message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
         raise APIError(404, message, "model", "model_not_found")
+    refuse(body.model_dump(exclude_unset=True))
     for stop in body.stop_list:
         check_encodable(stop, "stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -101,6 +117,9 @@ def sampling_params(body: SamplingFields, model_name: str) -> list[SamplingParam
                 max_tokens=max_tokens,
                 stop=body.stop_list,
                 ignore_eos=body.ignore_eos,
+                logit_bias=token_biases(body.logit_bias),
+                logprobs=logprobs,
+                constraint=constraint,
             )
             for i in range(body.n)
         ]
@@ -119,13 +138,53 @@ def check_encodable(text: str, param: str) -> str:
 # --8<-- [end:sampling-params-check]
 
 
+def refuse(fields: dict) -> None:
+    try:
+        refuse_unsupported(fields)
+    except Unsupported as error:
+        raise APIError(400, str(error), error.param) from None
+
+
+def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys, so as strings."""
+    try:
+        return {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
+
+
+# --8<-- [start:constraint]
+def constraint_of(body: SamplingFields) -> tuple[str, str] | None:
+    """The one constraint on the reply's text a body asks for: OpenAI's ``response_format`` or SGLang's
+    ``regex`` or ``ebnf`` (the scheduler compiles it, and refuses one that does not compile)."""
+    given = []
+    format_ = body.response_format
+    if format_ is not None:
+        kind = format_.get("type")
+        if kind == "json_object":
+            given.append(("json_object", ""))
+        elif kind == "json_schema":
+            schema = (format_.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                               "response_format")
+            given.append(("json_schema", json.dumps(schema)))
+        elif kind != "text":
+            raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                           "response_format")
+    given += [(kind, spec) for kind, spec in (("regex", body.regex), ("ebnf", body.ebnf)) if spec is not None]
+    if len(given) > 1:
+        raise APIError(400, "give at most one of response_format, regex and ebnf", "response_format")
+    return given[0] if given else None
+# --8<-- [end:constraint]
+
+
 # --8<-- [start:first-output]
-async def submit(frontend: Frontend, params: list[SamplingParams], **prompt) -> AsyncIterator[tuple[int, Output]]:
-    """Send one TokenizeRequest per choice, all with the same prompt, and wait for the first output, so
-    that a refused request becomes an HTTP error before the reply starts. Returns an iterator over
-    every ``(choice index, Output)``, the first included."""
-    base = uuid.uuid4().hex[:16]
-    outputs = frontend.generate([TokenizeRequest(f"{base}-{i}", p, **prompt) for i, p in enumerate(params)])
+async def submit(frontend: Frontend, requests: list[TokenizeRequest]) -> AsyncIterator[tuple[int, Output]]:
+    """Send one TokenizeRequest per choice and wait for the first output, so that a refused request
+    becomes an HTTP error before the reply starts. Returns an iterator over every ``(choice index,
+    Output)``, the first included."""
+    outputs = frontend.generate(requests)
     try:
         first = await outputs.__anext__()
     except WorkersDown as error:
@@ -146,6 +205,18 @@ async def submit(frontend: Frontend, params: list[SamplingParams], **prompt) -> 
 # --8<-- [end:first-output]
 
 
+def choices(params: list[SamplingParams], prompts: list[dict]) -> list[TokenizeRequest]:
+    """One request per choice: every prompt, ``n`` times each (choice ``p * n + j``)."""
+    base = uuid.uuid4().hex[:16]
+    return [TokenizeRequest(f"{base}-{p * len(params) + j}", param, **prompt)
+            for p, prompt in enumerate(prompts) for j, param in enumerate(params)]
+
+
+def prompt_of(prompt: str | list[int], param: str) -> dict:
+    """A prompt as TokenizeRequest fields: text, or token ids."""
+    return {"text": check_encodable(prompt, param)} if isinstance(prompt, str) else {"input_ids": pack_ids(prompt)}
+
+
 # ------------------------------------------------------------------------------------------------
 # Answering: streamed as server-sent events, or whole
 # ------------------------------------------------------------------------------------------------
@@ -158,25 +229,70 @@ class ReplyShape:
     id_prefix: str  # "chatcmpl" or "cmpl"
     object: str  # of the whole reply
     chunk_object: str  # of each streamed chunk
-    choice: Callable[[int, str, str | None], dict]  # (index, text, finish_reason) -> a whole reply's choice
-    delta: Callable[[int, str, str | None], dict]  # the same, as a streamed chunk's choice
-    opening: Callable[[int], dict] | None = None  # a streamed chunk's choice sent before any text
+    text_key: str  # where a choice's text goes: "message" (chat) or "text" (completion)
+    logprobs: Callable[[list[TokenText], int], dict]  # a choice's log probabilities in this API's format
 
 
-CHAT = ReplyShape(
-    "chatcmpl", "chat.completion", "chat.completion.chunk",
-    choice=lambda i, text, finish: {"index": i, "message": {"role": "assistant", "content": text},
-                                    "finish_reason": finish, "logprobs": None},
-    delta=lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
-                                   "finish_reason": finish, "logprobs": None},
-    opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
-                       "finish_reason": None, "logprobs": None},
-)
-COMPLETION = ReplyShape(
-    "cmpl", "text_completion", "text_completion",
-    choice=lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish, "logprobs": None},
-    delta=lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish, "logprobs": None},
-)
+def chat_logprobs(tokens: list[TokenText], _offset: int) -> dict:
+    entry = lambda text, logprob: {"token": text, "logprob": logprob, "bytes": list(text.encode())}  # noqa: E731
+    return {"content": [entry(t.text, t.logprob) | {"top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in tokens]}
+
+
+def completion_logprobs(tokens: list[TokenText], offset: int) -> dict:
+    """The legacy format: parallel lists, and each token's offset in the choice's text."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text: lp for _, text, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
+CHAT = ReplyShape("chatcmpl", "chat.completion", "chat.completion.chunk", "message", chat_logprobs)
+COMPLETION = ReplyShape("cmpl", "text_completion", "text_completion", "text", completion_logprobs)
+
+
+@dataclass
+class Reply:
+    """One request's reply, as it is put together from its choices' outputs."""
+
+    shape: ReplyShape
+    num_choices: int
+    per_prompt: int = 1  # choices per prompt (n): usage counts each prompt once
+    logprobs: bool = False
+    tools: ToolPlan | None = None
+    echo: list[str] | None = None  # per prompt: text to put before each of its choices (completions' echo)
+
+    def choice(self, index: int, text: str, out: Output | None, logprobs: list[TokenText], streamed: bool) -> dict:
+        finish = out.finish_reason if out else None
+        choice = {"index": index}
+        if self.shape is CHAT:
+            message = {"content": text} if (text or not streamed) else {}
+            if self.tools is not None and out is not None:  # the whole reply is known: look for calls in it
+                if finish != "length" or not self.tools.forced:
+                    content, calls = parse_calls(text, self.tools.forced)
+                    if calls:
+                        message = {"content": content, "tool_calls": [c | {"index": i} if streamed else c
+                                                                      for i, c in enumerate(calls)]}
+                        finish = "tool_calls"
+            if not streamed:
+                message = {"role": "assistant", "content": None} | message
+            choice["delta" if streamed else "message"] = message
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self.shape.logprobs(logprobs, 0) if self.logprobs else None
+        choice["finish_reason"] = finish
+        choice["matched_stop"] = out.matched_stop if out else None
+        return choice
+
+    def usage(self, latest: dict[int, Output]) -> dict:
+        firsts = [latest[i] for i in range(0, self.num_choices, self.per_prompt) if i in latest]
+        prompt_tokens = sum(out.prompt_tokens for out in firsts)
+        completion = sum(out.completion_tokens for out in latest.values())
+        cached = sum(out.cached_tokens for out in firsts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(payload) -> str:
@@ -184,52 +300,59 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def usage(finals: dict[int, Output]) -> dict:
-    prompt_tokens = next(iter(finals.values())).prompt_tokens if finals else 0
-    completion = sum(out.completion_tokens for out in finals.values())
-    cached = next(iter(finals.values())).cached_tokens if finals else 0  # of the prompt counted above
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 # --8<-- [start:respond]
-async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterator, choices: int, shape: ReplyShape):
+async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterator, reply: Reply):
     """The reply to a chat or completion request: a stream of chunks, or one JSON object."""
-    frontend, model = http.app.state.frontend, http.app.state.model_name
+    frontend, model = http.app.state.frontend, http.app.state.config.model_name
+    shape = reply.shape
     header = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    echo = [reply.echo[i // reply.per_prompt] if reply.echo else "" for i in range(reply.num_choices)]
     if body.stream:
         async def events():
-            finals = {}
-            for index in range(choices if shape.opening else 0):
-                yield sse(header | {"object": shape.chunk_object, "choices": [shape.opening(index)]})
+            latest, held = {}, [""] * reply.num_choices  # held: a tool call's text, sent once it is whole
+            chunk = lambda choices: header | {"object": shape.chunk_object, "choices": choices}  # noqa: E731
+            for index in range(reply.num_choices):  # the role (chat) or the echoed prompt, before any token
+                if shape is CHAT:
+                    yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]))
+                elif echo[index]:
+                    yield sse(chunk([reply.choice(index, echo[index], None, [], streamed=True)]))
             async for index, out in outputs:
-                if out.finish_reason == "error":
-                    yield sse(error_body(frontend.failure or "internal error in the scheduler", 500))
+                if out.error is not None or out.finish_reason == "error":
+                    message = out.error.message if out.error else frontend.failure or "internal error in the scheduler"
+                    yield sse(error_body(message, 400 if out.error else 500))
                     return
-                if out.finish_reason:
-                    finals[index] = out
-                if out.text or out.finish_reason:
-                    choice = shape.delta(index, out.text, out.finish_reason)
-                    yield sse(header | {"object": shape.chunk_object, "choices": [choice]})
+                latest[index] = out
+                text, done = out.text, out.finish_reason is not None
+                if reply.tools is not None:  # calls are parsed from the whole reply
+                    held[index] += text
+                    text = held[index] if done else ""
+                if text or done or out.logprobs:
+                    payload = chunk([reply.choice(index, text, out if done else None, out.logprobs, streamed=True)])
+                    if body.continuous_usage:
+                        payload["usage"] = reply.usage(latest)
+                    yield sse(payload)
             if body.include_usage:
-                yield sse(header | {"object": shape.chunk_object, "choices": [], "usage": usage(finals)})
+                yield sse(header | {"object": shape.chunk_object, "choices": [], "usage": reply.usage(latest)})
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
-    texts, finals = [""] * choices, {}
+    texts, finals, logprobs = list(echo), {}, [[] for _ in range(reply.num_choices)]
     for index, out in await collect(http, outputs):
         texts[index] += out.text
+        logprobs[index] += out.logprobs
         if out.finish_reason:
             finals[index] = out
-    return header | {"object": shape.object, "usage": usage(finals),
-                     "choices": [shape.choice(i, texts[i], finals[i].finish_reason) for i in range(choices)]}
+    return header | {"object": shape.object, "usage": reply.usage(finals),
+                     "choices": [reply.choice(i, texts[i], finals[i], logprobs[i], streamed=False)
+                                 for i in range(reply.num_choices)]}
 # --8<-- [end:respond]
 
 
 # --8<-- [start:collect]
 async def collect(http: HTTPRequest, outputs: AsyncIterator) -> list[tuple[int, Output]]:
     """Gather every output of a whole (unstreamed) reply, aborting it if the client disconnects
-    meanwhile, and turning a failed request into a 500."""
+    meanwhile, and turning a failed request into a 500 (a refused one into a 400)."""
     task = asyncio.ensure_future(gather(outputs))
     while not task.done():
         await asyncio.wait({task}, timeout=0.5)
@@ -237,6 +360,9 @@ async def collect(http: HTTPRequest, outputs: AsyncIterator) -> list[tuple[int, 
             task.cancel()  # the frontend's cleanup aborts the requests
             raise APIError(499, "client disconnected")
     gathered = task.result()
+    refusal = next((out.error for _, out in gathered if out.error is not None), None)
+    if refusal is not None:  # one prompt of a batch was refused after another's first output
+        raise APIError(400, refusal.message, refusal.param, refusal.code)
     if any(out.finish_reason == "error" for _, out in gathered):
         raise APIError(500, http.app.state.frontend.failure or "internal error in the scheduler")
     return gathered
@@ -257,70 +383,75 @@ router = APIRouter()
 # --8<-- [start:chat]
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+    config = http.app.state.config
     if not body.messages:
         raise APIError(400, "messages must not be empty", "messages")
-    messages = [{"role": m.role, "content": check_encodable(m.text(), "messages")} for m in body.messages]
-    params = sampling_params(body, http.app.state.model_name)
-    outputs = await submit(http.app.state.frontend, params, messages=messages)
-    return await respond(http, body, outputs, len(params), CHAT)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    try:
+        messages = [{"role": m.role, "content": check_encodable(m.text(), "messages")}
+                    | ({"tool_calls": m.tool_calls} if m.tool_calls else {}) for m in body.messages]
+        tools = plan_tools(body.tools, body.tool_choice, config.chat_template)
+    except (Unsupported, ToolError) as error:
+        raise APIError(400, str(error), error.param) from None
+    constraint = constraint_of(body)
+    if tools is not None and tools.constraint is not None:
+        if constraint is not None:
+            raise APIError(400, "a forced tool call cannot also have a response_format, regex or ebnf", "tool_choice")
+        constraint = tools.constraint
+        if tools.template_tools is None:
+            messages = describe_tools(messages, body.tools)
+    if tools is None or tools.template_tools is None:
+        messages = as_template_messages(messages)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, config.model_name, logprobs, constraint)
+    prompt = {"messages": messages, "tools": tools.template_tools if tools else None}
+    outputs = await submit(http.app.state.frontend, choices(params, [prompt]))
+    return await respond(http, body, outputs, Reply(CHAT, len(params), len(params), body.logprobs, tools))
 # --8<-- [end:chat]
 
 
+# --8<-- [start:completions]
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: HTTPRequest):
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", "prompt")
-        prompt = prompt[0]
-    params = sampling_params(body, http.app.state.model_name)
-    frontend = http.app.state.frontend
-    if isinstance(prompt, list):
-        outputs = await submit(frontend, params, input_ids=pack_ids(prompt))
-    else:
-        outputs = await submit(frontend, params, text=check_encodable(prompt, "prompt"))
-    return await respond(http, body, outputs, len(params), COMPLETION)
-
-
-@router.post("/generate")
-async def generate(body: GenerateRequest, http: HTTPRequest):
-    """SGLang's native endpoint: ``{"text" or "input_ids", "sampling_params"}`` in, text and meta out."""
-    if (body.text is None) == (body.input_ids is None):
-        raise APIError(400, "give exactly one of text and input_ids", "text")
-    fields = dict(body.sampling_params)
-    if "max_new_tokens" in fields:  # SGLang's name
-        fields["max_tokens"] = fields.pop("max_new_tokens")
-    try:
-        fields = SamplingFields(**fields, stream=body.stream)
-    except Exception as error:
-        raise APIError(400, f"bad sampling_params: {error}", "sampling_params") from None
-    params = sampling_params(fields, http.app.state.model_name)[:1]
-    frontend = http.app.state.frontend
-    if body.input_ids is not None:
-        outputs = await submit(frontend, params, input_ids=pack_ids(body.input_ids))
-    else:
-        outputs = await submit(frontend, params, text=check_encodable(body.text, "text"))
-
-    def meta(out: Output) -> dict:
-        return {"finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens}
-
-    if body.stream:
-        async def events():
-            async for _, out in outputs:
-                yield sse({"text": out.text, "meta_info": meta(out)})
-            yield sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-    gathered = await collect(http, outputs)
-    return {"text": "".join(out.text for _, out in gathered), "meta_info": meta(gathered[-1][1])}
+    config = http.app.state.config
+    refuse(body.model_dump(exclude_unset=True))
+    # A string, a list of strings, a list of token ids, or a list of lists of ids: always a list of prompts.
+    prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
+        else [body.prompt]
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list", "prompt")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs would need the prompt's log probabilities, which this server does "
+                            "not compute; send echo or logprobs", "echo")
+    if body.echo and not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "echo needs text prompts (this server does not turn token ids back into text here)",
+                       "echo")
+    params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body))
+    outputs = await submit(http.app.state.frontend, choices(params, [prompt_of(p, "prompt") for p in prompts]))
+    reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
+                  echo=prompts if body.echo else None)
+    return await respond(http, body, outputs, reply)
+# --8<-- [end:completions]
 
 
 @router.get("/v1/models")
 async def models(http: HTTPRequest):
-    card = {"id": http.app.state.model_name, "object": "model", "created": 0, "owned_by": "minisgl",
-            "max_model_len": http.app.state.context_length}
-    return {"object": "list", "data": [card]}
+    return {"object": "list", "data": [model_card(http.app.state.config)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, http: HTTPRequest):
+    config = http.app.state.config
+    if model != config.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}", "model",
+                       "model_not_found")
+    return model_card(config)
+
+
+def model_card(config) -> dict:
+    return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "minisgl",
+            "max_model_len": config.context_length}
 
 
 @router.get("/health")
@@ -340,20 +471,3 @@ async def server_state(http: HTTPRequest):
 async def metrics(http: HTTPRequest):
     frontend = http.app.state.frontend
     return PlainTextResponse(frontend.metrics.render(frontend.state()), media_type="text/plain; version=0.0.4")
-
-
-# --8<-- [start:create-app]
-def create_app(frontend: Frontend, model_name: str, context_length: int, max_request_bytes: int,
-               lifespan=None, api_key: str = "") -> FastAPI:
-    app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server", lifespan=lifespan)
-    app.state.frontend, app.state.model_name, app.state.context_length = frontend, model_name, context_length
-    app.include_router(router)
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid_body)
-    app.add_exception_handler(HTTPException, http_error)
-    # The last added runs first: the key is checked, then the body's size, before anything reads the body.
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
-    if api_key:
-        app.add_middleware(APIKeyCheck, api_key=api_key)
-    return app
-# --8<-- [end:create-app]

@@ -14,13 +14,23 @@ records each request's timing and outcome for ``/metrics`` and the log (``metric
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from ..ipc import Addresses, pull_socket, push_socket
-from ..messages import COUNTS, AbortRequest, ToAPIServer, TokenizeError, TokenizeRequest, decoder, encode
+from ..messages import (
+    COUNTS,
+    AbortRequest,
+    FlushCache,
+    ToAPIServer,
+    TokenizeError,
+    TokenizeRequest,
+    TokenText,
+    decoder,
+    encode,
+)
 from .metrics import Metrics, RequestRecord
 
 logger = logging.getLogger(__name__)
@@ -42,6 +52,8 @@ class Output:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: TokenizeError | None = None  # the request was refused before it ran
+    logprobs: list[TokenText] = field(default_factory=list)  # of the tokens this text came from, if asked for
+    matched_stop: str | int | None = None  # the stop string or EOS token that ended it
 
 
 class Frontend:
@@ -76,7 +88,9 @@ class Frontend:
                 continue
             for i, uid in enumerate(message.uids):
                 output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
-                                message.completion_tokens[i], message.cached_tokens[i])
+                                message.completion_tokens[i], message.cached_tokens[i],
+                                logprobs=message.logprobs[i] if message.logprobs else [],
+                                matched_stop=message.matched_stops[i] if message.matched_stops else None)
                 self.deliver(uid, output)
 
     def deliver(self, uid: str, output: Output) -> None:
@@ -85,6 +99,10 @@ class Frontend:
             queue, index = route
             queue.put_nowait((index, output))
     # --8<-- [end:receive-loop]
+
+    async def flush_cache(self) -> None:
+        """Ask the scheduler to drop every cached prefix no request is using (it does so between steps)."""
+        await self.to_tokenizers.send(encode(FlushCache()))
 
     def fail_all(self, reason: str) -> None:
         """A worker died: end every request in flight with an error, and refuse new ones."""

@@ -38,7 +38,7 @@ from ..args import ServerArgs
 from ..config import ServerConfig, resolve_config
 from ..ipc import Addresses
 from ..process import scheduler_name, start_child
-from .api import create_app
+from .app import create_app
 from .frontend import COUNTS, Frontend
 
 logger = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def serve(args: ServerArgs) -> int:
             clean_up()
             logger.info("stopped")
 
-        app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan,
-                         args.api_key)
+        app = create_app(frontend, config, lifespan)
         http = EndingServer(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3), frontend)
         http.run(sockets=[sock])
     except RuntimeError as error:  # a worker failed to start

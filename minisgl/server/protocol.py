@@ -1,16 +1,47 @@
 """The shapes of requests the server accepts, as pydantic models (introduced in chapter 02).
 
-They follow OpenAI's API: a client written for OpenAI works unchanged. Fields we do not use (such as
-``frequency_penalty``) are accepted and ignored, as most OpenAI-compatible servers do. Range checks
-live in ``SamplingParams``, so that the HTTP server and the engine agree on one set of rules.
+They follow OpenAI's API: a client written for OpenAI works unchanged. Range checks live in
+``SamplingParams``, so that the HTTP server and the engine agree on one set of rules.
+
+From the complete server on, nothing is ignored silently: a field the server does not know is refused
+with a 400 that names it (``extra="forbid"``), and so is a known field it does not implement, unless
+its value is the neutral one (``frequency_penalty`` 0, ``best_of`` equal to ``n``...). The only
+fields accepted and not acted on are those OpenAI defines as hints a server may ignore: ``user`` and
+``safety_identifier`` (who the end user is, for abuse monitoring), ``metadata`` and ``store`` (for
+OpenAI's stored completions), ``service_tier`` and ``prompt_cache_key`` (how OpenAI schedules and
+caches), ``parallel_tool_calls`` (a reply here holds at most one call, which satisfies either value).
+Chat messages may carry fields a client copied back from an earlier reply (``refusal``, ``audio``...):
+those are a record of the conversation, not options, and are left alone.
 """
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Known fields that do something this server does not do, and the one value at which they do nothing.
+NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
+                  "repetition_penalty": 1.0, "stop_token_ids": None, "no_stop_trim": False, "skip_special_tokens": True}
 
 
-class SamplingFields(BaseModel):
+class Unsupported(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def refuse_unsupported(fields: dict) -> None:
+    """A 400 (through ``Unsupported``) for a field set to a value whose meaning this server does not implement."""
+    for name, neutral in NEUTRAL_VALUES.items():
+        value = fields.get(name, neutral)
+        if value != neutral and not (neutral is None and value in ([], "")):
+            raise Unsupported(name, f"{name} is not supported by this server (only {neutral!r})")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingFields(Strict):
     model: str | None = None
     max_tokens: int | None = None  # None: as many as the context leaves room for
     max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
@@ -23,6 +54,20 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: dict | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    regex: str | None = None  # SGLang's extensions: the reply matches this regular expression...
+    ebnf: str | None = None  # ...or this EBNF grammar
+    # hints a server may ignore (see the module's docstring)
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    # known, implemented only at their neutral value
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @property
     def stop_list(self) -> list[str]:
@@ -32,29 +77,86 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's and SGLang's ``stream_options.continuous_usage_stats``: usage in every chunk."""
+        return bool(self.stream_options and self.stream_options.get("continuous_usage_stats"))
+
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
     def text(self) -> str:
+        """The content as text; a part that is not text (an image, audio) is refused, not dropped."""
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise Unsupported("messages", f"content parts of type {part.get('type')!r} are not supported: "
+                                                  "this model reads text only")
+            return "".join(part.get("text", "") for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # "none", "auto", "required" or {"type": "function", "function": {...}}
+    parallel_tool_calls: bool | None = None  # a hint (see the module's docstring)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the legacy API's number of top tokens (0: only the chosen one)
+    echo: bool = False
+    best_of: int | None = None  # implemented only as n (one sample per choice)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def best_of_is_n(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is supported only equal to n")
+        return self
 
 
-class GenerateRequest(BaseModel):
-    """SGLang's native endpoint: text or token ids in, text and token ids out."""
+class GenerateSampling(Strict):
+    """SGLang's ``sampling_params`` of ``/generate``."""
 
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: dict = Field(default_factory=dict)
+    max_new_tokens: int | None = 128  # SGLang's default; None: as much as the context leaves
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    sampling_seed: int | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    stop_token_ids: list[int] | None = None
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+
+
+class GenerateRequest(Strict):
+    """SGLang's native endpoint: text or token ids in (one or a batch), text and meta_info out."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: GenerateSampling = Field(default_factory=GenerateSampling)
     stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    rid: str | list[str] | None = None  # the caller's id for the request (a hint: ours are our own)

@@ -10,7 +10,7 @@ string ever reaches the client.
 
 from dataclasses import dataclass
 
-from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, unpack_ids
+from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, TokenText, unpack_ids
 from .text_stream import TextStream
 
 
@@ -20,6 +20,7 @@ class DetokenizeState:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenText] | None = None  # tokens whose log probabilities wait for their text to be sent
 
 
 class Detokenizer:
@@ -33,12 +34,17 @@ class Detokenizer:
             self.states[info.uid] = DetokenizeState(
                 TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
             )
-        out = BatchTextOutput([], [], [], [], [], [])
+        out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[])
         aborts = []
-        for uid, token, finish in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons):
+        logprobs = batch.logprobs or [None] * len(batch.uids)
+        for uid, token, finish, token_logprobs in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons,
+                                                      logprobs):
             state = self.states.get(uid)
             if state is None:  # already ended here (a stop string), the scheduler just did not know yet
                 continue
+            matched = batch.matched_eos.get(uid)
+            if token_logprobs is not None and token >= 0:
+                state.logprobs = (state.logprobs or []) + [self.token_text(token, token_logprobs)]
             # --8<-- [start:ex-detokenize-step]
             text = ""
             if token >= 0:
@@ -47,7 +53,7 @@ class Detokenizer:
                 if hit_stop:
                     if finish is None:  # the scheduler would go on: stop it and free its pages
                         aborts.append(AbortRequest(uid))
-                    finish = "stop"  # and never flush: what follows the stop string stays unsent
+                    finish, matched = "stop", state.stream.matched  # never flush: text past the stop stays unsent
                 elif finish is not None:
                     text += state.stream.flush()  # the last token (max_tokens): release what was held
             elif finish is not None:
@@ -62,5 +68,16 @@ class Detokenizer:
                 out.prompt_tokens.append(state.prompt_tokens)
                 out.completion_tokens.append(state.completion_tokens)
                 out.cached_tokens.append(state.cached_tokens)
+                out.matched_stops.append(matched)
+                out.logprobs.append(state.logprobs or [])
+                state.logprobs = None
+        if not any(out.logprobs):
+            out.logprobs = []
         return out, aborts
     # --8<-- [end:detokenize]
+
+    def token_text(self, token: int, logprobs) -> TokenText:
+        """A token's log probabilities with the text of it and of each alternative, for the client."""
+        chosen, top = logprobs
+        decode = self.tokenizer.decode
+        return TokenText(token, decode([token]), chosen, [(i, decode([i]), lp) for i, lp in top])

@@ -22,12 +22,14 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.text = ""  # everything decoded so far
         self.sent = 0  # how many characters of it were handed out
+        self.matched: str | None = None  # the stop string that ended it, once one did
 
     def add(self, token_id: int) -> tuple[str, bool]:
         self.text += self.decoder.step(self.backend, token_id) or ""  # None: waiting for more bytes
-        hits = [i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, self.sent)) >= 0]
         if hits:
-            return self._release(min(hits)), True
+            at, self.matched = min(hits)
+            return self._release(at), True
         # Hold back the longest tail that could still grow into a stop string.
         held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
         return self._release(len(self.text) - held), False

@@ -23,7 +23,8 @@ class Tokenizer:
                 return TokenizeError(request.uid, message, "messages")
             try:
                 text = self.tokenizer.apply_chat_template(
-                    request.messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+                    request.messages, tools=request.tools, chat_template=self.chat_template, tokenize=False,
+                    add_generation_prompt=True,
                 )
             except Exception as error:  # the template itself refused these messages
                 return TokenizeError(request.uid, f"the chat template rejected the messages: {error}", "messages")
@@ -37,6 +38,17 @@ class Tokenizer:
         if not prompt_ids:
             return TokenizeError(request.uid, "the prompt is empty", field)
         params = request.params
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            message = f"logit_bias keys must be token ids below {self.vocab_size}"
+            return TokenizeError(request.uid, message, "logit_bias")
+        if len(prompt_ids) >= self.context_length:
+            return TokenizeError(
+                request.uid,
+                f"the prompt is {len(prompt_ids)} tokens, longer than the model's context length of "
+                f"{self.context_length} tokens (it must leave room for at least one generated token)",
+                field,
+                "context_length_exceeded",
+            )
         if params.max_tokens is None:  # as much as fits
             params.max_tokens = max(self.context_length - len(prompt_ids), 1)
         if len(prompt_ids) + params.max_tokens > self.context_length:

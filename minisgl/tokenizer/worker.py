@@ -63,11 +63,13 @@ def tokenize_one(message, tokenizer: Tokenizer, to_scheduler, to_api) -> None:
     if isinstance(message, TokenizeRequest):
         result = tokenizer.tokenize(message)
         (to_api if isinstance(result, TokenizeError) else to_scheduler).send(encode(result))
-    else:  # an abort: forwarded in order, after the request it aborts if that came this way
+    else:  # an abort or a cache flush: forwarded in order, after the request it aborts if that came this way
         to_scheduler.send(encode(message))
 
 
 def detokenize_one(message, detokenizer: Detokenizer, to_scheduler, to_api) -> None:
+    for refusal in message.refused:  # the scheduler would not run it: the API server answers 400
+        to_api.send(encode(refusal))
     texts, aborts = detokenizer.detokenize(message)
     if texts.uids:
         to_api.send(encode(texts))

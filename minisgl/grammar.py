@@ -1,0 +1,110 @@
+"""Constrained decoding: a grammar per constrained request, and the token mask it puts on the logits
+(added to the complete server, after chapter 06, for the OpenAI surface real clients use).
+
+A client that asks for JSON (``response_format``), for text matching a regular expression or an EBNF
+grammar (SGLang's ``regex`` and ``ebnf``), or for a tool call, must get text of that shape whatever the
+model would rather say. The way to guarantee it is to never let the model pick a token that would
+break the shape:
+
+1. **Compile** the constraint, once per distinct constraint, into a grammar over the model's tokens.
+   xgrammar, the engine SGLang uses by default, turns a JSON schema or a regex into a context-free
+   grammar and precomputes, for each state of its pushdown automaton, which tokens are always,
+   never or only sometimes allowed: most of the vocabulary is decided before any request runs.
+2. **Mask**, every step, in the sampling step: the request's matcher (where it is in the grammar)
+   fills a bitmask of the tokens that may come next (1 bit per token), and every other token's logit
+   becomes -inf. Sampling (greedy or not) then can only choose an allowed token; temperature, top-k
+   and top-p work as always on what is left.
+3. **Advance**: the scheduler feeds the chosen token to the matcher. When the grammar is complete, only
+   the end-of-sequence token is allowed, and the request stops.
+
+The mask is applied where tokens are chosen, after the forward pass and before sampling, because it
+depends on every token chosen so far: it cannot be known before the previous step's token is. Under
+tensor parallelism every rank holds the same matchers and applies the same masks, so the ranks still
+sample the same tokens.
+"""
+
+import re
+from collections import OrderedDict
+
+import torch
+import xgrammar as xgr
+
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf")
+
+
+class GrammarError(ValueError):
+    """A constraint that does not compile: a malformed schema, regex or grammar."""
+
+
+class Grammars:
+    """Compiles constraints into grammars for one model's vocabulary, and keeps the most recent ones."""
+
+    def __init__(self, model_path, vocab_size: int, eos_ids: set[int], keep: int = 256):
+        self.model_path, self.vocab_size, self.eos_ids = model_path, vocab_size, sorted(eos_ids)
+        self.keep = keep
+        self.compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self.compiles = 0  # how many constraints were compiled (not found among the kept ones)
+        self._compiler = None
+
+    def compiler(self) -> xgr.GrammarCompiler:
+        """Made on the first constrained request: a server that never sees one never pays for it."""
+        if self._compiler is None:
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(self.model_path)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.eos_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # we keep our own
+        return self._compiler
+
+    # --8<-- [start:compile]
+    def matcher(self, constraint: tuple[str, str]) -> xgr.GrammarMatcher:
+        """A fresh matcher (the start of the grammar) for one request; raises GrammarError."""
+        constraint = tuple(constraint)
+        compiled = self.compiled.get(constraint)
+        if compiled is None:
+            compiled = self.compile(*constraint)
+            self.compiled[constraint] = compiled
+            if len(self.compiled) > self.keep:
+                self.compiled.popitem(last=False)
+        self.compiled.move_to_end(constraint)
+        return xgr.GrammarMatcher(compiled)
+
+    def compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
+        compiler = self.compiler()
+        self.compiles += 1
+        try:
+            # No free whitespace between JSON tokens: a small model left free to add spaces may add them forever.
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "json_schema":
+                return compiler.compile_json_schema(spec, any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            if kind == "ebnf":
+                return compiler.compile_grammar(spec)
+        except RuntimeError as error:
+            raise GrammarError(f"the {kind.replace('_', ' ')} does not compile: {plain_message(error)}") from None
+        raise GrammarError(f"unknown constraint {kind!r}; expected one of {', '.join(CONSTRAINT_KINDS)}")
+    # --8<-- [end:compile]
+
+
+def plain_message(error: Exception) -> str:
+    """xgrammar's C++ message without its timestamp, source file and assertion text."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+    return re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
+
+
+# --8<-- [start:mask]
+def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> None:
+    """Set to -inf, in place, the logit of every token that request i's grammar forbids next.
+
+    ``logits`` [requests, vocab]; ``matchers[i]`` is request i's matcher, or None (unconstrained).
+    """
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])  # every bit 1: all allowed
+    for row, matcher in enumerate(matchers):
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+# --8<-- [end:mask]

@@ -1,0 +1,31 @@
+"""The HTTP application: the routes, the error handlers and the checks before any route (introduced in
+chapter 02 as part of ``api.py``; the complete server gave it a module of its own when SGLang's native
+endpoints moved to ``native.py``).
+"""
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from ..config import ServerConfig
+from . import api, native
+from .api_key import APIKeyCheck
+from .body_limit import BodySizeLimit
+from .frontend import Frontend
+
+
+# --8<-- [start:create-app]
+def create_app(frontend: Frontend, config: ServerConfig, lifespan=None) -> FastAPI:
+    app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server", lifespan=lifespan)
+    app.state.frontend, app.state.config = frontend, config
+    app.include_router(api.router)
+    app.include_router(native.router)
+    app.add_exception_handler(api.APIError, api.api_error)
+    app.add_exception_handler(RequestValidationError, api.invalid_body)
+    app.add_exception_handler(HTTPException, api.http_error)
+    # The last added runs first: the key is checked, then the body's size, before anything reads the body.
+    app.add_middleware(BodySizeLimit, max_bytes=config.args.max_request_bytes)
+    if config.args.api_key:
+        app.add_middleware(APIKeyCheck, api_key=config.args.api_key)
+    return app
+# --8<-- [end:create-app]

@@ -1,0 +1,146 @@
+"""SGLang's native endpoints, in SGLang's own dialect, so that SGLang's clients work unchanged (``/generate``
+came with chapter 02; the dialect, the batches and the other endpoints with the complete server).
+
+- ``POST /generate``: ``text`` or ``input_ids``, one prompt or a list, and ``sampling_params``
+  (``max_new_tokens`` defaults to 128, as in SGLang; ``n`` samples per prompt). The answer is
+  ``{"text", "output_ids"?, "meta_info"}`` for one prompt and one sample, a list of them otherwise.
+  ``meta_info`` holds the token counts, the cached tokens and the finish reason as SGLang sends it, an
+  object: ``{"type": "stop", "matched": <the stop string or token>}``, ``{"type": "length", "length":
+  N}`` or ``{"type": "abort"}``. With ``return_logprob``, ``output_token_logprobs`` lists ``[logprob,
+  token id, text or None]`` per token and ``output_top_logprobs`` the ``top_logprobs_num`` best of each.
+  Streamed, each event carries the text *so far*, as SGLang's does, not the increment.
+- ``GET /get_model_info``, ``GET /get_server_info``: what is served, and with which settings.
+- ``POST /flush_cache``: drop every cached prefix no request is using (the scheduler does it between steps).
+"""
+
+import time
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from ..core import InvalidParam, SamplingParams
+from ..messages import TokenizeRequest, TokenText, pack_ids
+from .api import APIError, check_encodable, collect, error_body, refuse, sse, submit, token_biases
+from .frontend import Output
+from .protocol import GenerateRequest, GenerateSampling
+
+router = APIRouter()
+
+
+def params_of(sampling: GenerateSampling, logprobs: int | None) -> list[SamplingParams]:
+    refuse(sampling.model_dump(exclude_unset=True))
+    constraints = [(kind, spec) for kind, spec in (("json_schema", sampling.json_schema), ("regex", sampling.regex),
+                                                   ("ebnf", sampling.ebnf)) if spec is not None]
+    if len(constraints) > 1:
+        raise APIError(400, "give at most one of json_schema, regex and ebnf", "sampling_params")
+    stop = [sampling.stop] if isinstance(sampling.stop, str) else list(sampling.stop or [])
+    seed = sampling.sampling_seed if sampling.sampling_seed is not None else sampling.seed
+    try:
+        return [SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                               seed=None if seed is None else seed + i, max_tokens=sampling.max_new_tokens,
+                               stop=[check_encodable(s, "stop") for s in stop], ignore_eos=sampling.ignore_eos,
+                               logit_bias=token_biases(sampling.logit_bias), logprobs=logprobs,
+                               constraint=constraints[0] if constraints else None)
+                for i in range(sampling.n)]
+    except InvalidParam as error:
+        raise APIError(400, str(error), f"sampling_params.{error.param}") from None
+
+
+def prompts_of(body: GenerateRequest) -> tuple[list[dict], bool]:
+    """Each prompt as TokenizeRequest fields, and whether the body held a batch."""
+    if (body.text is None) == (body.input_ids is None):
+        raise APIError(400, "give exactly one of text and input_ids", "text")
+    if body.text is not None:
+        texts = body.text if isinstance(body.text, list) else [body.text]
+        return [{"text": check_encodable(t, "text")} for t in texts], isinstance(body.text, list)
+    batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
+    ids = body.input_ids if batch else [body.input_ids]
+    return [{"input_ids": pack_ids(i)} for i in ids], batch
+
+
+def finish_reason(out: Output) -> dict | None:
+    if out.finish_reason is None:
+        return None
+    if out.finish_reason == "length":
+        return {"type": "length", "length": out.completion_tokens}
+    if out.finish_reason == "stop":
+        return {"type": "stop", "matched": out.matched_stop}
+    return {"type": out.finish_reason}  # abort, error
+
+
+def logprob_entries(tokens: list[TokenText], with_text: bool) -> tuple[list, list]:
+    text = lambda t: t if with_text else None  # noqa: E731
+    return ([[t.logprob, t.id, text(t.text)] for t in tokens],
+            [[[lp, i, text(s)] for i, s, lp in t.top] for t in tokens])
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, http: HTTPRequest):
+    prompts, batch = prompts_of(body)
+    if not prompts:
+        raise APIError(400, "the batch is empty", "text")
+    if not 0 <= body.top_logprobs_num <= 20:
+        raise APIError(400, "top_logprobs_num must be in [0, 20]", "top_logprobs_num")
+    params = params_of(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
+    per_prompt, started = len(params), time.monotonic()
+    requests = [TokenizeRequest(f"gen-{time.monotonic_ns():x}-{p * per_prompt + j}", param, **prompt)
+                for p, prompt in enumerate(prompts) for j, param in enumerate(params)]
+    outputs = await submit(http.app.state.frontend, requests)
+    texts, logprobs = [""] * len(requests), [[] for _ in requests]
+
+    def result(index: int, out: Output) -> dict:
+        meta = {"id": requests[index].uid, "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
+                "finish_reason": finish_reason(out), "e2e_latency": round(time.monotonic() - started, 4)}
+        if body.return_logprob:
+            tokens, top = logprob_entries(logprobs[index], body.return_text_in_logprobs)
+            meta["output_token_logprobs"] = tokens
+            if body.top_logprobs_num:
+                meta["output_top_logprobs"] = top
+        return {"text": texts[index], "meta_info": meta, "index": index}
+
+    if body.stream:
+        async def events():
+            async for index, out in outputs:
+                if out.error is not None or out.finish_reason == "error":
+                    message = out.error.message if out.error else "internal error in the scheduler"
+                    yield sse(error_body(message, 400 if out.error else 500))
+                    return
+                texts[index] += out.text
+                logprobs[index] += out.logprobs
+                yield sse(result(index, out))  # the text so far, as SGLang streams it
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    finals = {}
+    for index, out in await collect(http, outputs):
+        texts[index] += out.text
+        logprobs[index] += out.logprobs
+        if out.finish_reason:
+            finals[index] = out
+    results = [result(i, finals[i]) for i in range(len(requests))]
+    return results if batch or per_prompt > 1 else results[0]
+
+
+@router.get("/get_model_info")
+async def get_model_info(http: HTTPRequest):
+    config = http.app.state.config
+    return {"model_path": config.model_path, "tokenizer_path": config.model_path, "is_generation": True,
+            "served_model_name": config.model_name, "context_length": config.context_length,
+            "vocab_size": config.vocab_size}
+
+
+@router.get("/get_server_info")
+async def get_server_info(http: HTTPRequest):
+    config = http.app.state.config
+    settings = {name: value for name, value in vars(config.args).items() if name != "api_key"}
+    return settings | {"model_path": config.model_path, "served_model_name": config.model_name,
+                       "context_length": config.context_length, "version": "minisgl",
+                       "internal_states": [http.app.state.frontend.state()]}
+
+
+@router.post("/flush_cache")
+async def flush_cache(http: HTTPRequest):
+    await http.app.state.frontend.flush_cache()
+    return {"message": "cache flush requested: the scheduler drops every prefix no request is using"}
