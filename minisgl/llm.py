@@ -24,6 +24,7 @@ from .config import resolve_config
 from .core import SamplingParams
 from .default_model import default_model_path
 from .engine import Engine
+from .grammar import Grammars
 from .messages import AbortRequest, TokenizeError, TokenizeRequest, pack_ids, unpack_ids
 from .scheduler import Scheduler
 from .tokenizer.detokenize import Detokenizer
@@ -58,7 +59,8 @@ class LLM:
                              attention_backend=args.attention_backend,
                              cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
         self.scheduler = Scheduler(self.engine, args.max_running_requests, args.chunked_prefill_size,
-                                   set(config.eos_token_ids), args.cache_type)
+                                   set(config.eos_token_ids), args.cache_type,
+                                   Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)))
         self.uids = count()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
@@ -84,6 +86,7 @@ class LLM:
         if isinstance(message, TokenizeError):
             raise ValueError(message.message)
         self.scheduler.handle(message)
+        self.raise_refusals([uid])
         finished = False
         try:
             while not finished:
@@ -123,6 +126,7 @@ class LLM:
             ready.append(message)
         for message in ready:
             self.scheduler.handle(message)
+        self.raise_refusals(uids)
         results = {uid: Completion() for uid in uids}
         left = set(uids)
         while left:
@@ -144,3 +148,14 @@ class LLM:
                     left.discard(uid)
         return [results[uid] for uid in uids]
     # --8<-- [end:run]
+
+    def raise_refusals(self, uids: list[str]) -> None:
+        """If the scheduler refused one of these requests (its constraint does not compile), run none of them."""
+        if not self.scheduler.refused:
+            return
+        refusal = self.scheduler.refused[0]
+        for uid in uids:
+            self.scheduler.handle(AbortRequest(uid))
+        self.scheduler.step()  # the aborts' outputs, and the refusals, leave with this step
+        prefix = f"prompt {uids.index(refusal.uid)}: " if len(uids) > 1 else ""
+        raise ValueError(prefix + refusal.message)

@@ -415,7 +415,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: HTTPRequest):
     config = http.app.state.config
-    refuse(body.model_dump(exclude_unset=True))
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of is supported only equal to n (every sample is returned)", "best_of")
     # A string, a list of strings, a list of token ids, or a list of lists of ids: always a list of prompts.
     prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
         else [body.prompt]

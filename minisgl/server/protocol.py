@@ -16,7 +16,7 @@ those are a record of the conversation, not options, and are left alone.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # Known fields that do something this server does not do, and the one value at which they do nothing.
 NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
@@ -114,14 +114,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # the legacy API's number of top tokens (0: only the chosen one)
     echo: bool = False
-    best_of: int | None = None  # implemented only as n (one sample per choice)
+    best_of: int | None = None  # implemented only equal to n (one sample per choice)
     suffix: str | None = None
-
-    @model_validator(mode="after")
-    def best_of_is_n(self):
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is supported only equal to n")
-        return self
 
 
 class GenerateSampling(Strict):

@@ -53,7 +53,7 @@ def test_token_ids_and_chats_and_stop_strings(llm, server, tokenizer):
 
 
 def test_a_bad_prompt_is_refused_before_anything_runs(llm):
-    with pytest.raises(ValueError, match=r"prompt 1: .*exceeds the context length of 512"):
+    with pytest.raises(ValueError, match=r"prompt 1: .*longer than the model.s context length of 512"):
         llm.generate(["short", "word " * 600], SamplingParams(max_tokens=8))
     assert llm.scheduler.state()["waiting"] == 0
     with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
@@ -64,3 +64,12 @@ def test_tensor_parallelism_is_refused_not_ignored(model_path):
     """One process is one rank: asking for three must fail, not run quietly on one."""
     with pytest.raises(ValueError, match="one rank, not tp_size 3"):
         LLM(model_path, tp_size=3)
+
+
+def test_a_constraint_shapes_the_reply_and_one_that_does_not_compile_runs_nothing(llm):
+    [yes_no] = llm.generate("Is water wet? Answer:", SamplingParams(max_tokens=8, constraint=("regex", " (yes|no)")))
+    assert yes_no.text in (" yes", " no") and yes_no.finish_reason == "stop"
+    with pytest.raises(ValueError, match=r"prompt 1: the regex does not compile"):
+        llm.generate(["fine", "broken"], [SamplingParams(max_tokens=2), SamplingParams(constraint=("regex", "(a"))])
+    state = llm.scheduler.state()
+    assert state["running"] == state["waiting"] == 0 and state["in_use_pages"] == 0
