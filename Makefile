@@ -43,7 +43,8 @@ docs: setup
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
 # 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run); 05 against
 # chapter 03 (one run), radix against naive on shared prefixes, capacity in pages against slots, and
-# chunked prefill against none. Each writes its table and plot for the book. Frozen chapters are named
+# chunked prefill against none; the epilogue's structured output, its cost per step and under load. Each writes
+# its table (and plot, where a page has one) for the book. Frozen chapters are named
 # by number: `top` is the newest chapter, whichever that is.
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
@@ -61,6 +62,8 @@ bench: setup
 	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_chapters_c32.md
+	$(PYTHON) benchmarks/grammar_cost.py
+	$(PYTHON) benchmarks/structured_output.py
 	$(PYTHON) benchmarks/plot_results.py
 
 gpu-check: setup

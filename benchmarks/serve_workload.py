@@ -730,14 +730,16 @@ def report(args, run: dict, table: list[dict], best: list[dict], computed: int |
 
 
 # ---------------------------------------------------------------- shared with the chapter 05 benchmarks
-# (shared_prefix.py, capacity.py, chunked_prefill.py): the same server options, metadata and report lines.
+# (shared_prefix.py, capacity.py, chunked_prefill.py) and structured_output.py: the same server options, metadata
+# and report lines.
 
 
-def add_server_options(parser: argparse.ArgumentParser, max_running_requests: int, context_length: int, output: Path):
+def add_server_options(parser: argparse.ArgumentParser, max_running_requests: int, context_length: int, output: Path,
+                       dtype: str = "bfloat16"):
     """The options every server benchmark takes, with this benchmark's defaults."""
     parser.add_argument("--max-running-requests", type=int, default=max_running_requests, help="passed to the server")
     parser.add_argument("--context-length", type=int, default=context_length, help="passed to the server")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="passed to the server")
+    parser.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16"], help="passed to the server")
     parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the server (OMP_NUM_THREADS); 0: torch's default, one per core")
