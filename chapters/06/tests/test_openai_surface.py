@@ -465,3 +465,33 @@ def test_server_and_model_info_and_flushing_the_cache(server):
             break
         time.sleep(0.1)
     assert post_state(server)["cached_pages"] == 0
+
+
+@pytest.fixture(scope="module")
+def tool_template_server(start_server, tiny_chat_model, tmp_path_factory):
+    """The tiny random model with a chat template that takes tools (as tool-trained models' templates do)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-tools")
+    shutil.copytree(tiny_chat_model, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(
+        "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return start_server("--model-path", str(folder), "--served-model-name", MODEL)
+
+
+def test_tool_choice_auto_shows_the_tools_to_the_template_and_parses_a_call_from_the_reply(tool_template_server):
+    client = openai.OpenAI(base_url=tool_template_server.url + "/v1", api_key="unused", max_retries=0)
+    plain = chat(client, "weather in Oslo?", max_tokens=4, tools=[WEATHER])
+    without = chat(client, "weather in Oslo?", max_tokens=4)
+    assert plain.usage.prompt_tokens > without.usage.prompt_tokens  # the template rendered the tools
+    assert plain.choices[0].finish_reason == "length" and not plain.choices[0].message.tool_calls
+    # The random model would never write a call by itself: a regex makes it write one, in the template's form.
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    reply = chat(client, "weather in Oslo?", max_tokens=60, tools=[WEATHER], tool_choice="auto",
+                 extra_body={"regex": re.escape(call)})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Oslo"}

@@ -7,6 +7,7 @@ radix tree, which must stay identical (same pages handed out, same nodes split a
 import pytest
 
 from openai_contract import *  # noqa: F403  the contract's tests and fixtures, run against this chapter
+from openai_contract import MODEL
 
 pytestmark = pytest.mark.ranks(3)
 
@@ -14,3 +15,20 @@ pytestmark = pytest.mark.ranks(3)
 @pytest.fixture(scope="module")
 def server(start_server):
     return start_server("--tp-size", "3", "--tp-check-lockstep")
+
+
+def test_constraints_logprobs_and_logit_bias_keep_the_ranks_in_lockstep(server, client):
+    """Every rank compiles the grammar, masks and advances it: sampled replies (not only greedy ones)
+    stay identical across ranks, or the lockstep check would stop the server."""
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], max_tokens=20, temperature=1.0,
+            seed=seed, logprobs=True, top_logprobs=2, logit_bias={"28": -5},
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        assert json.loads(reply.choices[0].message.content)["answer"] in ("yes", "no")
+        assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+    assert client.models.list().data[0].id == MODEL  # the server is still up: no rank left lockstep
