@@ -69,7 +69,8 @@ def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     for row, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            biases = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[row, ids] += biases
 # --8<-- [end:logit-bias]
 
 

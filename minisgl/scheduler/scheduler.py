@@ -123,7 +123,8 @@ class Scheduler:
             request.grammar = self.grammars.matcher(request.params.constraint)
         except GrammarError as error:
             logger.info("request %s refused: %s", request.uid, error)
-            self.refused.append(TokenizeError(request.uid, str(error), constraint_param(request.params.constraint[0])))
+            param = constraint_param(request.params.constraint[0])
+            self.refused.append(TokenizeError(request.uid, str(error), param))
             return False
         return True
     # --8<-- [end:start-grammar]

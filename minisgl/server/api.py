@@ -166,8 +166,8 @@ def constraint_of(body: SamplingFields) -> tuple[str, str] | None:
         elif kind == "json_schema":
             schema = (format_.get("json_schema") or {}).get("schema")
             if not isinstance(schema, dict):
-                raise APIError(400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
-                               "response_format")
+                message = 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'
+                raise APIError(400, message, "response_format")
             given.append(("json_schema", json.dumps(schema)))
         elif kind != "text":
             raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",

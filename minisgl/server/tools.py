@@ -42,9 +42,12 @@ def template_takes_tools(chat_template: str | None) -> bool:
 
 
 def function_of(tool: dict) -> dict:
-    if tool.get("type") != "function" or not isinstance(tool.get("function"), dict) or "name" not in tool["function"]:
-        raise ToolError("tools", 'each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
-    return tool["function"]
+    function = tool.get("function")
+    named = isinstance(function, dict) and isinstance(function.get("name"), str)
+    if tool.get("type") != "function" or not named:
+        raise ToolError("tools", 'each tool must be {"type": "function", "function": {"name": ..., '
+                                 '"parameters": ...}}')
+    return function
 
 
 def call_schema(function: dict) -> dict:
@@ -64,8 +67,8 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
     choice = tool_choice or "auto"
     if choice == "auto":
         if not takes_tools:
-            raise ToolError("tool_choice", 'this model\'s chat template takes no tools, so it cannot choose to call '
-                                           'one: send tool_choice "required" or name a function to force a call')
+            raise ToolError("tool_choice", "this model's chat template takes no tools, so it cannot choose to "
+                                           'call one: send tool_choice "required" or name a function')
         return ToolPlan(None, tools, forced=False)
     if choice == "required":
         chosen = functions
@@ -73,7 +76,8 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
         name = choice["function"].get("name")
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
-            raise ToolError("tool_choice", f"tool_choice names the function {name!r}, which is not among the tools")
+            message = f"tool_choice names the function {name!r}, which is not among the tools"
+            raise ToolError("tool_choice", message)
     else:
         raise ToolError("tool_choice", 'tool_choice must be "none", "auto", "required" or '
                                        '{"type": "function", "function": {"name": ...}}')
