@@ -25,6 +25,7 @@ sample the same tokens.
 
 import re
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -43,6 +44,7 @@ class Grammars:
         self.model_path, self.vocab_size, self.eos_ids = model_path, vocab_size, sorted(eos_ids)
         self.keep = keep
         self.compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self.pending: dict[tuple[str, str], Future] = {}  # constraints being compiled on a thread
         self.compiles = 0  # how many constraints were compiled (not found among the kept ones)
         self._compiler = None
 
@@ -58,17 +60,34 @@ class Grammars:
         return self._compiler
 
     # --8<-- [start:compile]
-    def matcher(self, constraint: tuple[str, str]) -> xgr.GrammarMatcher:
-        """A fresh matcher (the start of the grammar) for one request; raises GrammarError."""
+    def compile_later(self, constraint: tuple[str, str], pool: ThreadPoolExecutor | None) -> Future:
+        """The constraint's grammar, as a future: done at once if it is kept (or there is no ``pool``, then it
+        is compiled here), else compiled on ``pool``'s thread; a constraint already being compiled is not
+        compiled twice. Its result (or its GrammarError) goes to ``matcher``."""
         constraint = tuple(constraint)
-        compiled = self.compiled.get(constraint)
-        if compiled is None:
-            compiled = self.compile(*constraint)
-            self.compiled[constraint] = compiled
-            if len(self.compiled) > self.keep:
-                self.compiled.popitem(last=False)
+        if constraint in self.compiled or pool is None:
+            done = Future()
+            try:
+                done.set_result(self.compiled[constraint] if constraint in self.compiled else self.compile(*constraint))
+            except Exception as error:  # a GrammarError, or anything else the grammar engine raised
+                done.set_exception(error)
+            return done
+        if constraint not in self.pending:
+            self.pending[constraint] = pool.submit(self.compile, *constraint)
+        return self.pending[constraint]
+
+    def matcher(self, constraint: tuple[str, str], compiled: "xgr.CompiledGrammar") -> xgr.GrammarMatcher:
+        """A fresh matcher (the start of the grammar) for one request; the grammar is kept for the next."""
+        constraint = tuple(constraint)
+        self.pending.pop(constraint, None)
+        self.compiled[constraint] = compiled
         self.compiled.move_to_end(constraint)
-        return xgr.GrammarMatcher(compiled)
+        if len(self.compiled) > self.keep:
+            self.compiled.popitem(last=False)
+        matcher = xgr.GrammarMatcher(compiled)
+        if not allows_anything(matcher, self.vocab_size):
+            raise GrammarError(f"the {constraint[0].replace('_', ' ')} allows no reply at all")
+        return matcher
 
     def compile(self, kind: str, spec: str) -> xgr.CompiledGrammar:
         compiler = self.compiler()
@@ -89,6 +108,13 @@ class Grammars:
     # --8<-- [end:compile]
 
 
+def allows_anything(matcher: xgr.GrammarMatcher, vocab_size: int) -> bool:
+    """Whether a fresh matcher allows at least one token (``[^\\s\\S]`` allows none: refused, not run)."""
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
+
+
 def plain_message(error: Exception) -> str:
     """xgrammar's C++ message without its timestamp, source file and assertion text."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -102,11 +128,14 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> None:
 
     ``logits`` [requests, vocab]; ``matchers[i]`` is request i's matcher, or None (unconstrained).
     """
-    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])  # every bit 1: all allowed
-    for row, matcher in enumerate(matchers):
-        if matcher is not None:
-            matcher.fill_next_token_bitmask(bitmask, row)
-    logits.masked_fill_(~unpack_bits(bitmask.to(logits.device), logits.shape[-1]), float("-inf"))
+    rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[-1])
+    for i, row in enumerate(rows):
+        matchers[row].fill_next_token_bitmask(bitmask, i)
+    allowed = unpack_bits(bitmask.to(logits.device), logits.shape[-1])
+    allowed[~allowed.any(dim=-1)] = True  # a dead end (no token allowed): left free, so its token is refused
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ new token of every request it touched. It deals in token ids only; text is the d
 import logging
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..core import Batch, Request
 from ..engine import Engine
@@ -48,8 +49,9 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, engine: Engine, max_running_requests: int, chunked_prefill_size: int, eos_ids: set[int],
-                 cache_type: str = "radix", grammars: Grammars | None = None):
-        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused)."""
+                 cache_type: str = "radix", grammars: Grammars | None = None, compile_in_background: bool = False):
+        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused),
+        on a thread of its own if ``compile_in_background`` (one rank only: see ``start_grammar``)."""
         self.engine = engine
         self.page_size = engine.kv_cache.page_size
         self.pages = PageAllocator(engine.kv_cache.num_pages)  # which page is whose: ours to decide
@@ -66,6 +68,8 @@ class Scheduler:
         # remember recent ones so that the request is dropped when it arrives.
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
         self.grammars = grammars
+        self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar") if compile_in_background else None
+        self.compiling: list[tuple[Request, Future]] = []  # constrained requests whose grammar is not ready yet
         self.outputs: list[tuple[Request, int, str | None]] = []  # this step's (request, token, finish)
         self.logprobs: dict[int, object] = {}  # id(request) -> this step's log probabilities, for those that asked
         self.matched_eos: dict[str, int] = {}  # uid -> the EOS token that stopped it, this step
@@ -74,8 +78,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        """Whether a step would do anything: someone waits, is being prefilled or runs."""
-        return bool(self.waiting or self.prefilling or self.running)
+        """Whether a step would do anything: someone waits, is being prefilled or runs (or waits for its grammar)."""
+        return bool(self.waiting or self.prefilling or self.running or self.compiling)
 
     def state(self) -> dict:
         in_use = self.pages.num_total - self.pages.num_free - self.cache.cached_pages
@@ -101,9 +105,10 @@ class Scheduler:
             if self.early_aborts.pop(message.uid, 1) is None:
                 return  # aborted before it arrived
             request = Request(message.uid, unpack_ids(message.prompt_ids), message.params)
-            if request.params.constraint is not None and not self.start_grammar(request):
-                return
-            self.waiting.append(request)
+            if request.params.constraint is not None:
+                self.start_grammar(request)  # it waits once its grammar is ready
+            else:
+                self.waiting.append(request)
         elif isinstance(message, FlushCache):
             self.flush_cache()
         elif not self.abort_now(message.uid):
@@ -114,19 +119,36 @@ class Scheduler:
     # --8<-- [end:handle]
 
     # --8<-- [start:start-grammar]
-    def start_grammar(self, request: Request) -> bool:
-        """Give a constrained request its grammar's matcher, compiled here on arrival (between steps, and
-        once per distinct constraint); refuse it if the constraint does not compile."""
-        try:
-            if self.grammars is None:
-                raise GrammarError("this server runs no grammar engine")
-            request.grammar = self.grammars.matcher(request.params.constraint)
-        except GrammarError as error:
-            logger.info("request %s refused: %s", request.uid, error)
-            param = constraint_param(request.params.constraint[0])
-            self.refused.append(TokenizeError(request.uid, str(error), param))
-            return False
-        return True
+    def start_grammar(self, request: Request) -> None:
+        """Compile a constrained request's constraint (once per distinct constraint), then let it wait.
+
+        A large JSON schema can take seconds to compile. On one rank that happens on a thread of its own,
+        and the running requests go on stepping meanwhile; ``grammars_ready`` moves the request to the
+        waiting queue when its grammar is done. Under tensor parallelism it happens here, at once: every
+        rank must admit the same requests at the same step, and a thread finishes at a different moment
+        on each rank.
+        """
+        if self.grammars is None:
+            self.refuse(request, GrammarError("this server runs no grammar engine"))
+            return
+        self.compiling.append((request, self.grammars.compile_later(request.params.constraint, self.compile_pool)))
+        self.grammars_ready()
+
+    def grammars_ready(self) -> None:
+        """Move every constrained request whose grammar is compiled to the waiting queue (or refuse it)."""
+        for request, compiled in [(r, c) for r, c in self.compiling if c.done()]:
+            self.compiling.remove((request, compiled))
+            try:
+                request.grammar = self.grammars.matcher(request.params.constraint, compiled.result())
+            except Exception as error:  # GrammarError, or anything else the grammar engine raised
+                self.refuse(request, error)
+            else:
+                self.waiting.append(request)
+
+    def refuse(self, request: Request, error: Exception) -> None:
+        logger.info("request %s refused: %s", request.uid, error)
+        message = str(error) if isinstance(error, GrammarError) else f"the constraint failed to compile: {error}"
+        self.refused.append(TokenizeError(request.uid, message, constraint_param(request.params.constraint[0])))
     # --8<-- [end:start-grammar]
 
     def flush_cache(self) -> None:
@@ -138,6 +160,8 @@ class Scheduler:
     def step(self) -> BatchTokenOutput | None:
         """One forward pass: a token for every running request and the next prompt chunks of the requests
         being prefilled. Returns what happened to every request it touched, as one message (None: idle)."""
+        if self.compiling:
+            self.wait_for_grammars()
         self.prefilling += self.admit()
         decoding = list(self.running)  # a copy: finishing a request removes it from running
         chunks = self.prefill_chunks()
@@ -211,8 +235,11 @@ class Scheduler:
         """Record one sampled token and decide whether the request is done (stop strings are the
         detokenizer's call: it sends an abort when it sees one)."""
         params = request.params
-        if request.grammar is not None:
-            request.grammar.accept_token(token)  # the mask allowed only tokens the grammar accepts
+        if request.grammar is not None and not request.grammar.accept_token(token):
+            # Only at a dead end of the grammar, where the mask left the row free: end this request alone.
+            logger.warning("request %s: its grammar allows no next token; ending it", request.uid)
+            self.finish(request, "error")
+            return
         if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
             self.matched_eos[request.uid] = token
             self.finish(request, "stop")  # the EOS token is not part of the reply
@@ -236,7 +263,19 @@ class Scheduler:
             request.pages, request.node = [], None
         self.outputs.append((request, token, reason))
 
+    def wait_for_grammars(self) -> None:
+        """Take the grammars that are ready; with nothing else to run, first wait a little for one (rather
+        than spin, with the compiling thread, on the same cores)."""
+        if not (self.waiting or self.prefilling or self.running):
+            wait([compiled for _, compiled in self.compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        self.grammars_ready()
+
     def abort_now(self, uid: str) -> bool:
+        for request, compiled in self.compiling:
+            if request.uid == uid:
+                self.compiling.remove((request, compiled))
+                self.finish(request, "abort")
+                return True
         for request in [*self.running, *self.prefilling, *self.waiting]:
             if request.uid == uid:
                 logger.info("request %s aborted after %d tokens", uid, len(request.output_ids))
@@ -246,7 +285,8 @@ class Scheduler:
 
     def fail_all(self, error: Exception) -> None:
         """After a failed step (a bug, a device error): end every request with an error, keep serving."""
-        in_flight = [*self.running, *self.prefilling, *self.waiting]
+        in_flight = [*self.running, *self.prefilling, *self.waiting, *(r for r, _ in self.compiling)]
+        self.compiling = []
         logger.exception("step failed; failing %d requests", len(in_flight))
         for request in in_flight:
             self.finish(request, "error")

@@ -59,7 +59,7 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
         num_pages = engine.kv_cache.num_pages
         grammars = Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids))
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
-                              args.cache_type, grammars)
+                              args.cache_type, grammars, compile_in_background=args.tp_size == 1)
         inbox = to_detokenizer = None
         if rank == 0:
             context = zmq.Context()

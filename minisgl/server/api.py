@@ -148,9 +148,12 @@ def refuse(fields: dict) -> None:
 def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float]:
     """OpenAI sends token ids as JSON object keys, so as strings."""
     try:
-        return {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
+        biases = {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
     except ValueError:
         raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
+    if any(not 0 <= token < 2**31 for token in biases):  # the tokenizer checks them against the vocabulary
+        raise APIError(400, "logit_bias keys must be token ids of the vocabulary", "logit_bias")
+    return biases
 
 
 # --8<-- [start:constraint]
@@ -164,15 +167,17 @@ def constraint_of(body: SamplingFields) -> tuple[str, str] | None:
         if kind == "json_object":
             given.append(("json_object", ""))
         elif kind == "json_schema":
-            schema = (format_.get("json_schema") or {}).get("schema")
+            described = format_.get("json_schema")
+            schema = described.get("schema") if isinstance(described, dict) else None
             if not isinstance(schema, dict):
                 message = 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'
                 raise APIError(400, message, "response_format")
-            given.append(("json_schema", json.dumps(schema)))
+            given.append(("json_schema", check_encodable(json.dumps(schema, ensure_ascii=False), "response_format")))
         elif kind != "text":
             raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
                            "response_format")
-    given += [(kind, spec) for kind, spec in (("regex", body.regex), ("ebnf", body.ebnf)) if spec is not None]
+    given += [(kind, check_encodable(spec, kind)) for kind, spec in (("regex", body.regex), ("ebnf", body.ebnf))
+              if spec is not None]
     if len(given) > 1:
         raise APIError(400, "give at most one of response_format, regex and ebnf", "response_format")
     return given[0] if given else None
@@ -214,7 +219,11 @@ def choices(params: list[SamplingParams], prompts: list[dict]) -> list[TokenizeR
 
 def prompt_of(prompt: str | list[int], param: str) -> dict:
     """A prompt as TokenizeRequest fields: text, or token ids."""
-    return {"text": check_encodable(prompt, param)} if isinstance(prompt, str) else {"input_ids": pack_ids(prompt)}
+    if isinstance(prompt, str):
+        return {"text": check_encodable(prompt, param)}
+    if any(not 0 <= token < 2**31 for token in prompt):  # the tokenizer checks them against the vocabulary
+        raise APIError(400, f"{param} token ids must be in the vocabulary", param)
+    return {"input_ids": pack_ids(prompt)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,24 +273,25 @@ class Reply:
     tools: ToolPlan | None = None
     echo: list[str] | None = None  # per prompt: text to put before each of its choices (completions' echo)
 
-    def choice(self, index: int, text: str, out: Output | None, logprobs: list[TokenText], streamed: bool) -> dict:
+    def choice(self, index: int, text: str, out: Output | None, logprobs: list[TokenText], streamed: bool,
+               offset: int = 0) -> dict:
+        """``offset``: where ``text`` starts in the choice's whole text (a streamed chunk's log probabilities)."""
         finish = out.finish_reason if out else None
         choice = {"index": index}
         if self.shape is CHAT:
             message = {"content": text} if (text or not streamed) else {}
-            if self.tools is not None and out is not None:  # the whole reply is known: look for calls in it
-                if finish != "length" or not self.tools.forced:
-                    content, calls = parse_calls(text, self.tools.forced)
-                    if calls:
-                        message = {"content": content, "tool_calls": [c | {"index": i} if streamed else c
-                                                                      for i, c in enumerate(calls)]}
-                        finish = "tool_calls"
+            if self.tools is not None and out is not None and finish == "stop":  # the whole reply: find calls
+                content, calls = parse_calls(text, self.tools.forced, self.tools.names)
+                if calls:
+                    message = {"content": content, "tool_calls": [c | {"index": i} if streamed else c
+                                                                  for i, c in enumerate(calls)]}
+                    finish = "tool_calls"
             if not streamed:
                 message = {"role": "assistant", "content": None} | message
             choice["delta" if streamed else "message"] = message
         else:
             choice["text"] = text
-        choice["logprobs"] = self.shape.logprobs(logprobs, 0) if self.logprobs else None
+        choice["logprobs"] = self.shape.logprobs(logprobs, offset) if self.logprobs else None
         choice["finish_reason"] = finish
         choice["matched_stop"] = out.matched_stop if out else None
         return choice
@@ -310,6 +320,7 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
     if body.stream:
         async def events():
             latest, held = {}, [""] * reply.num_choices  # held: a tool call's text, sent once it is whole
+            offsets = [len(text) for text in echo]  # where each choice's next chunk starts in its whole text
             chunk = lambda choices: header | {"object": shape.chunk_object, "choices": choices}  # noqa: E731
             for index in range(reply.num_choices):  # the role (chat) or the echoed prompt, before any token
                 if shape is CHAT:
@@ -328,7 +339,9 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                     held[index] += text
                     text = held[index] if done else ""
                 if text or done or out.logprobs:
-                    payload = chunk([reply.choice(index, text, out if done else None, out.logprobs, streamed=True)])
+                    payload = chunk([reply.choice(index, text, out if done else None, out.logprobs, streamed=True,
+                                                  offset=offsets[index])])
+                    offsets[index] += len(text)
                     if body.continuous_usage:
                         payload["usage"] = reply.usage(latest)
                     yield sse(payload)
@@ -388,6 +401,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         raise APIError(400, "messages must not be empty", "messages")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if body.tools:
+        check_encodable(json.dumps(body.tools, ensure_ascii=False), "tools")
     try:
         messages = [{"role": m.role, "content": check_encodable(m.text(), "messages")}
                     | ({"tool_calls": m.tool_calls} if m.tool_calls else {}) for m in body.messages]

@@ -2,8 +2,9 @@
 came with chapter 02; the dialect, the batches and the other endpoints with the complete server).
 
 - ``POST /generate``: ``text`` or ``input_ids``, one prompt or a list, and ``sampling_params``
-  (``max_new_tokens`` defaults to 128, as in SGLang; ``n`` samples per prompt). The answer is
-  ``{"text", "output_ids"?, "meta_info"}`` for one prompt and one sample, a list of them otherwise.
+  (``max_new_tokens`` defaults to 128, as in SGLang; ``n`` samples per prompt; ``top_k`` -1, SGLang's
+  "no limit", is 0 here). The answer is ``{"text", "meta_info", "index"}`` for one prompt and one
+  sample, a list of them otherwise.
   ``meta_info`` holds the token counts, the cached tokens and the finish reason as SGLang sends it, an
   object: ``{"type": "stop", "matched": <the stop string or token>}``, ``{"type": "length", "length":
   N}`` or ``{"type": "abort"}``. With ``return_logprob``, ``output_token_logprobs`` lists ``[logprob,
@@ -20,8 +21,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
 from ..core import InvalidParam, SamplingParams
-from ..messages import TokenizeRequest, TokenText, pack_ids
-from .api import APIError, check_encodable, collect, error_body, refuse, sse, submit, token_biases
+from ..messages import TokenizeRequest, TokenText
+from .api import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
 from .frontend import Output
 from .protocol import GenerateRequest, GenerateSampling
 
@@ -30,21 +31,22 @@ router = APIRouter()
 
 def params_of(sampling: GenerateSampling, logprobs: int | None) -> list[SamplingParams]:
     refuse(sampling.model_dump(exclude_unset=True))
-    constraints = [(kind, spec) for kind, spec in (("json_schema", sampling.json_schema), ("regex", sampling.regex),
-                                                   ("ebnf", sampling.ebnf)) if spec is not None]
+    constraints = [(kind, check_encodable(spec, kind)) for kind, spec in (
+        ("json_schema", sampling.json_schema), ("regex", sampling.regex), ("ebnf", sampling.ebnf)) if spec is not None]
     if len(constraints) > 1:
         raise APIError(400, "give at most one of json_schema, regex and ebnf", "sampling_params")
     stop = [sampling.stop] if isinstance(sampling.stop, str) else list(sampling.stop or [])
     seed = sampling.sampling_seed if sampling.sampling_seed is not None else sampling.seed
     try:
-        return [SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        return [SamplingParams(temperature=sampling.temperature, top_k=max(sampling.top_k, 0), top_p=sampling.top_p,
                                seed=None if seed is None else seed + i, max_tokens=sampling.max_new_tokens,
                                stop=[check_encodable(s, "stop") for s in stop], ignore_eos=sampling.ignore_eos,
                                logit_bias=token_biases(sampling.logit_bias), logprobs=logprobs,
                                constraint=constraints[0] if constraints else None)
                 for i in range(sampling.n)]
     except InvalidParam as error:
-        raise APIError(400, str(error), f"sampling_params.{error.param}") from None
+        param = {"max_tokens": "max_new_tokens", "top_logprobs": "top_logprobs_num"}.get(error.param, error.param)
+        raise APIError(400, str(error).replace(error.param, param), f"sampling_params.{param}") from None
 
 
 def prompts_of(body: GenerateRequest) -> tuple[list[dict], bool]:
@@ -56,7 +58,7 @@ def prompts_of(body: GenerateRequest) -> tuple[list[dict], bool]:
         return [{"text": check_encodable(t, "text")} for t in texts], isinstance(body.text, list)
     batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
     ids = body.input_ids if batch else [body.input_ids]
-    return [{"input_ids": pack_ids(i)} for i in ids], batch
+    return [prompt_of(i, "input_ids") for i in ids], batch
 
 
 def finish_reason(out: Output) -> dict | None:

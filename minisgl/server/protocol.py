@@ -43,14 +43,14 @@ class Strict(BaseModel):
 
 class SamplingFields(Strict):
     model: str | None = None
-    max_tokens: int | None = None  # None: as many as the context leaves room for
-    max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
+    max_tokens: int | None = Field(None, lt=2**31)  # None: as many as the context leaves room for
+    max_completion_tokens: int | None = Field(None, lt=2**31)  # the newer OpenAI name for max_tokens
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = Field(0, lt=2**31)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63 - 16)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: dict | None = None
@@ -121,15 +121,15 @@ class CompletionRequest(SamplingFields):
 class GenerateSampling(Strict):
     """SGLang's ``sampling_params`` of ``/generate``."""
 
-    max_new_tokens: int | None = 128  # SGLang's default; None: as much as the context leaves
+    max_new_tokens: int | None = Field(128, lt=2**31)  # SGLang's default; None: as much as the context leaves
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = Field(0, ge=-1, lt=2**31)  # -1: no limit, as in SGLang
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
-    sampling_seed: int | None = None
-    seed: int | None = None
+    sampling_seed: int | None = Field(None, ge=-(2**63), lt=2**63 - 16)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63 - 16)
     logit_bias: dict[str, float] | None = None
     json_schema: str | None = None
     regex: str | None = None

@@ -35,6 +35,7 @@ class ToolPlan:
     constraint: tuple[str, str] | None  # the grammar that forces a call, or None ("auto")
     template_tools: list[dict] | None  # the tools handed to the chat template, if it takes them
     forced: bool  # the whole reply is a call
+    names: set[str]  # the functions a call may name
 
 
 def template_takes_tools(chat_template: str | None) -> bool:
@@ -60,16 +61,20 @@ def call_schema(function: dict) -> dict:
 # --8<-- [start:plan]
 def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None) -> ToolPlan | None:
     """What a chat request's tools mean for its prompt and its grammar (None: an ordinary chat)."""
-    if not tools or tool_choice == "none":
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise ToolError("tool_choice", "tool_choice needs tools")
         return None
     functions = [function_of(tool) for tool in tools]
+    if tool_choice == "none":
+        return None
     takes_tools = template_takes_tools(chat_template)
     choice = tool_choice or "auto"
     if choice == "auto":
         if not takes_tools:
             raise ToolError("tool_choice", "this model's chat template takes no tools, so it cannot choose to "
                                            'call one: send tool_choice "required" or name a function')
-        return ToolPlan(None, tools, forced=False)
+        return ToolPlan(None, tools, forced=False, names={f["name"] for f in functions})
     if choice == "required":
         chosen = functions
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
@@ -83,7 +88,8 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
                                        '{"type": "function", "function": {"name": ...}}')
     schemas = [call_schema(f) for f in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    return ToolPlan(("json_schema", json.dumps(schema)), tools if takes_tools else None, forced=True)
+    return ToolPlan(("json_schema", json.dumps(schema)), tools if takes_tools else None, forced=True,
+                    names={f["name"] for f in chosen})
 # --8<-- [end:plan]
 
 
@@ -110,22 +116,25 @@ def as_template_messages(messages: list[dict]) -> list[dict]:
 
 
 # --8<-- [start:parse]
-def parse_calls(text: str, forced: bool) -> tuple[str | None, list[dict]]:
-    """Split a reply into its text and its tool calls (OpenAI's ``tool_calls`` entries)."""
-    found = [m.group(1) for m in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)]
-    rest = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip()
-    if not found and (forced or text.strip().startswith("{")):
+def parse_calls(text: str, forced: bool, names: set[str]) -> tuple[str | None, list[dict]]:
+    """Split a reply into its text and its calls (OpenAI's ``tool_calls`` entries) of the functions
+    ``names``. A forced reply is one call's JSON (unless it was cut short: then it is text); otherwise
+    calls are looked for in ``<tool_call>`` tags, or as a reply that is a call's JSON alone."""
+    if forced:
         found, rest = [text], ""
+    else:
+        found = [m.group(1) for m in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S)]
+        rest = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip()
+        if not found and text.strip().startswith("{"):
+            found, rest = [text], ""
     calls = []
     for raw in found:
         try:
             call = json.loads(raw)
         except json.JSONDecodeError:
-            if forced:
-                raise
-            return text, []  # not a call after all: the reply is text
-        if not isinstance(call, dict) or "name" not in call:
-            return (text, []) if not forced else (None, [])
+            return text, []  # not a call after all (or one cut short by a stop string): the reply is text
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return text, []
         arguments = call.get("arguments", call.get("parameters", {}))
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": call["name"], "arguments": json.dumps(arguments)}})

@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -139,13 +140,22 @@ def test_grammars_are_compiled_once_per_distinct_constraint(model_path):
     from minisgl.grammar import GrammarError, Grammars
 
     grammars = Grammars(model_path, 49152, {2})
+
+    def matcher(constraint, pool=None):
+        return grammars.matcher(constraint, grammars.compile_later(constraint, pool).result())
+
     schema = ("json_schema", json.dumps(SCHEMA))
-    first, second = grammars.matcher(schema), grammars.matcher(schema)
+    first, second = matcher(schema), matcher(schema)
     assert grammars.compiles == 1 and first is not second  # one grammar, a matcher (a position in it) each
-    grammars.matcher(("regex", "a+"))
+    with ThreadPoolExecutor(1) as pool:  # on a thread, two requests with one constraint wait for one compile
+        regex = ("regex", "a+")
+        assert grammars.compile_later(regex, pool) is grammars.compile_later(regex, pool)
+        matcher(regex, pool)
     assert grammars.compiles == 2
     with pytest.raises(GrammarError, match="regex"):
-        grammars.matcher(("regex", "(a"))
+        matcher(("regex", "(a"))
+    with pytest.raises(GrammarError, match="allows no reply"):
+        matcher(("regex", "[^\\s\\S]"))
 
 
 def test_the_mask_lets_through_exactly_the_tokens_the_grammar_allows(model_path):
@@ -154,7 +164,8 @@ def test_the_mask_lets_through_exactly_the_tokens_the_grammar_allows(model_path)
     from minisgl.grammar import Grammars, apply_grammar_masks
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    matcher = Grammars(model_path, 49152, {2}).matcher(("regex", "(yes|no)"))
+    grammars = Grammars(model_path, 49152, {2})
+    matcher = grammars.matcher(("regex", "(yes|no)"), grammars.compile("regex", "(yes|no)"))
     logits = torch.zeros(2, 49152)
     apply_grammar_masks(logits, [matcher, None])
     allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
@@ -253,14 +264,21 @@ def test_tool_plans_and_reply_parsing():
     with_tools = "{% for t in tools %}{{ t }}{% endfor %}{{ messages }}"
     plan = plan_tools([WEATHER], "auto", with_tools)
     assert plan.constraint is None and plan.template_tools == [WEATHER] and template_takes_tools(with_tools)
-    assert plan_tools([WEATHER], "none", with_tools) is None and plan_tools(None, "required", None) is None
+    assert plan_tools([WEATHER], "none", with_tools) is None and plan_tools(None, None, None) is None
     with pytest.raises(ToolError):
         plan_tools([{"type": "function"}], "required", None)
+    names = {"get_weather"}
     text, calls = parse_calls('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
-                              '</tool_call>', forced=False)
+                              '</tool_call>', forced=False, names=names)
     assert text == "Let me check." and calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
-    assert parse_calls("It is sunny {probably}.", forced=False) == ("It is sunny {probably}.", [])
+    assert parse_calls("It is sunny {probably}.", forced=False, names=names) == ("It is sunny {probably}.", [])
+    person = '{"name": "Bob", "age": 3}'  # JSON with a "name", but no declared function's: text
+    assert parse_calls(person, forced=False, names=names) == (person, [])
+    cut = '{"name": "get_weather", "arguments": {"city": "Os'  # a forced call cut short (a stop string): text
+    assert parse_calls(cut, forced=True, names=names) == (cut, [])
+    with pytest.raises(ToolError, match="needs tools"):
+        plan_tools(None, "required", None)
 
 
 def test_logit_bias_bans_and_forces_tokens(client, tokenizer):
@@ -495,3 +513,70 @@ def test_tool_choice_auto_shows_the_tools_to_the_template_and_parses_a_call_from
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert choice.message.tool_calls[0].function.name == "get_weather"
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+
+
+
+# ---------------------------------------------------------------- odd requests found in review
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi", "regex": "[^\\s\\S]"}, "regex"),  # matches nothing: no reply can exist
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999999999999999": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": [2**40]}, "prompt"),
+    ("/v1/completions", {"prompt": [[5, 2**40]]}, "prompt"),
+    ("/generate", {"input_ids": [2**40]}, "input_ids"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2**70}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "regex": "a\ud800"}, "regex"),
+    ("/generate", {"text": "hi", "sampling_params": {"json_schema": "\ud800"}}, "json_schema"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     "tool_choice"),
+])
+def test_odd_requests_get_a_400_not_a_500(server, client, path, body, param):
+    response = httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert chat(client, "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_forced_call_cut_by_a_stop_string_is_returned_as_text(client):
+    reply = chat(client, "What is the weather in Paris?", max_tokens=60, temperature=0, tools=[WEATHER],
+                 tool_choice="required", stop=["}"])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content.startswith('{"name": "get_weather"')
+
+
+def test_streamed_text_offsets_run_on_across_chunks(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=6, temperature=0,
+                                            logprobs=0, stream=True, echo=False))
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
+def test_generate_takes_sglangs_top_k_of_minus_one(server):
+    out = post(server, "/generate", {"text": "Hi", "sampling_params": {"top_k": -1, "max_new_tokens": 2}})
+    assert out["meta_info"]["completion_tokens"] == 2
+
+
+def test_a_slow_grammar_compiles_while_other_requests_run(server, client):
+    """A schema that takes seconds to compile does not hold up the requests already running or sent after it:
+    it compiles on the scheduler's grammar thread, and the request waits for it there."""
+    slow = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "maxLength": 1200}}}
+    done = []
+
+    def constrained():
+        chat(client, "Say something.", max_tokens=2, response_format=slow)
+        done.append("constrained")
+
+    thread = threading.Thread(target=constrained)
+    thread.start()
+    time.sleep(0.5)  # the constrained request is in the scheduler, its grammar compiling
+    chat(client, "Say something else.", max_tokens=4, temperature=0)
+    done.append("free")
+    thread.join()
+    assert done == ["free", "constrained"]
