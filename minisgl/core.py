@@ -50,6 +50,7 @@ class SamplingParams:
     # From the complete server's OpenAI surface on (issue 13):
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log probability and the k likeliest
+    prompt_logprobs: bool = False  # the same for every prompt token but the first (completions' echo)
     # A constraint on the reply's text, compiled into a grammar by the scheduler (``grammar.py``):
     # ("json_object", ""), ("json_schema", schema as JSON text), ("regex", pattern) or ("ebnf", grammar).
     constraint: tuple[str, str] | None = None
@@ -89,6 +90,7 @@ class Request:
     generator: Any = None  # its own random stream (a torch.Generator), made by the engine on admission
     announced: bool = False  # has the detokenizer been told about it (stop strings, prompt length)?
     grammar: Any = None  # its grammar's matcher, when its params carry a constraint (``grammar.py``)
+    prompt_logprobs: list = field(default_factory=list)  # (token, TokenLogprobs) of its prompt, if asked for
 
     def uncached_ids(self) -> list[int]:
         """The tokens the next forward pass must run: the whole prompt at first, then the last sampled token."""

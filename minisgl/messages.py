@@ -81,6 +81,10 @@ class NewRequestInfo(msgspec.Struct):
     prompt_tokens: int
     stop: list[str]
     cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache already held
+    # When asked for (completions' echo with logprobs): the first prompt token, and each later one's
+    # (token, log probabilities)
+    first_prompt_ids: list[int] = []
+    prompt_logprobs: list[tuple[int, TokenLogprobs]] = []
 
 
 class BatchTokenOutput(msgspec.Struct, tag=True):
@@ -106,7 +110,7 @@ class TokenText(msgspec.Struct, array_like=True):
 
     id: int
     text: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
     top: list[tuple[int, str, float]]
 
 
@@ -121,6 +125,7 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     cached_tokens: list[int]
     logprobs: list[list[TokenText]] = []  # empty, or per request the tokens its new text came from
     matched_stops: list[str | int | None] = []  # empty, or per request: the stop string or token that ended it
+    prompt_logprobs: list[list[TokenText]] = []  # empty, or per request: its prompt's tokens, if it asked
 
 
 # Not a message: the numbers rank 0's scheduler publishes for ``GET /state`` in a shared array, in this

@@ -119,26 +119,36 @@ class Engine:
 
     # --8<-- [start:engine-step]
     @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32."""
-        if self.graphs is not None and self.graphs.fits(batch):
+    def forward(self, batch: Batch, more_rows: list[int] = ()) -> torch.Tensor:
+        """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32 (then
+        those of the tokens at ``more_rows`` of the batch, for prompt log probabilities)."""
+        if self.graphs is not None and self.graphs.fits(batch) and not more_rows:
             return self.graphs.forward(batch)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         positions = as_tensor(batch.positions)
         self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
         hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
-        last_tokens = as_tensor([n - 1 for n in accumulate(batch.new_lens)])  # each request's last new token
-        return self.model.logits(hidden[last_tokens])  # only those are sampled
+        last_tokens = [n - 1 for n in accumulate(batch.new_lens)]  # each request's last new token
+        return self.model.logits(hidden[as_tensor(last_tokens + list(more_rows))])  # only those are sampled
 
     @torch.inference_mode()
-    def step(self, batch: Batch) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+    def step(self, batch: Batch) -> tuple[list[int | None], list[TokenLogprobs | None], list[list]]:
         """Run the batch's new tokens and return the next token of each request that ``batch.sample`` says
         to sample, None for the others (a chunk in the middle of a prompt); the same on every rank. With
-        them, the log probabilities of each sampled request that asked for them (None for the others)."""
-        logits = self.forward(batch)
+        them, the log probabilities of each sampled request that asked for them (None for the others), and
+        of the prompt tokens this step read for each request that asked for those ([] for the others)."""
+        prompt_rows = prompt_logprob_rows(batch)
+        logits = self.forward(batch, [row for _, row, _ in prompt_rows])
+        logits, prompt_logits = logits[: len(batch.requests)], logits[len(batch.requests):]
+        prompt_logprobs = [[] for _ in batch.requests]
+        if prompt_rows:
+            top = [batch.requests[b].params.logprobs or 0 for b, _, _ in prompt_rows]
+            reported = report_logprobs(torch.log_softmax(prompt_logits, dim=-1), [t for _, _, t in prompt_rows], top)
+            for (b, _, token), token_logprobs in zip(prompt_rows, reported):
+                prompt_logprobs[b].append((token, token_logprobs))
         chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
         if not chosen:
-            return [None] * len(batch.requests), [None] * len(batch.requests)
+            return [None] * len(batch.requests), [None] * len(batch.requests), prompt_logprobs
         requests = [batch.requests[b] for b in chosen]
         rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
         # The model's own distribution, before anything below changes it: that is what logprobs report.
@@ -155,5 +165,17 @@ class Engine:
                 logprobs[i] = token_logprobs
         by_row = iter(zip(tokens, logprobs))
         pairs = [next(by_row) if wanted else (None, None) for wanted in batch.sample]
-        return [token for token, _ in pairs], [lp for _, lp in pairs]
+        return [token for token, _ in pairs], [lp for _, lp in pairs], prompt_logprobs
     # --8<-- [end:engine-step]
+
+
+def prompt_logprob_rows(batch: Batch) -> list[tuple[int, int, int]]:
+    """For the requests that want their prompt's log probabilities: (request, row of the batch, the prompt
+    token that row predicts), for every token of its chunk that is followed by another prompt token."""
+    rows, start = [], 0
+    for b, (request, new) in enumerate(zip(batch.requests, batch.new_lens)):
+        if request.params.prompt_logprobs:
+            for position in range(request.cached_len, min(request.cached_len + new, len(request.prompt_ids) - 1)):
+                rows.append((b, start + position - request.cached_len, request.prompt_ids[position + 1]))
+        start += new
+    return rows

@@ -168,10 +168,12 @@ class Scheduler:
         batch = decoding + [request for request, _ in chunks]
         if batch:
             new_lens = [1] * len(decoding) + [size for _, size in chunks]
-            next_tokens, logprobs = self.engine.step(Batch(batch, new_lens))
+            next_tokens, logprobs, prompt_logprobs = self.engine.step(Batch(batch, new_lens))
             self.steps["mixed" if decoding and chunks else "decode" if decoding else "prefill"] += 1
-            for request, new, token, token_logprobs in zip(batch, new_lens, next_tokens, logprobs):
+            for request, new, token, token_logprobs, read in zip(batch, new_lens, next_tokens, logprobs,
+                                                                  prompt_logprobs):
                 request.cached_len += new  # its new tokens' keys and values are in its pages now
+                request.prompt_logprobs += read
                 if request in self.prefilling:
                     self.prefill_done(request, finished=token is not None)
                 if token_logprobs is not None:
@@ -213,7 +215,9 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_running_requests:
             request = self.waiting[0]
-            prefix, node = self.cache.match_prefix(request.prompt_ids)
+            # A request that wants its prompt's log probabilities computes the whole prompt: none is cached.
+            prefix, node = ([], self.cache.root) if request.params.prompt_logprobs else \
+                self.cache.match_prefix(request.prompt_ids)
             self.cache.lock(node)  # before counting: its pages must not be counted as evictable
             needed = pages_for(len(request.prompt_ids) + request.params.max_tokens, self.page_size) - len(prefix)
             if needed > self.pages.num_free + self.cache.evictable_pages:
@@ -305,7 +309,9 @@ class Scheduler:
             uids=[r.uid for r, _, _ in self.outputs],
             token_ids=pack_ids([token for _, token, _ in self.outputs]),
             finish_reasons=[finish for _, _, finish in self.outputs],
-            new_requests=[NewRequestInfo(r.uid, len(r.prompt_ids), r.params.stop, r.prefix_len) for r in new],
+            new_requests=[NewRequestInfo(r.uid, len(r.prompt_ids), r.params.stop, r.prefix_len,
+                                         r.prompt_ids[:1] if r.params.prompt_logprobs else [], r.prompt_logprobs)
+                          for r in new],
             # a token's log probabilities go with it; a finish without a token (EOS) reports its EOS token's
             logprobs=[self.logprobs.get(id(r)) for r, _, _ in self.outputs] if self.logprobs else [],
             matched_eos=self.matched_eos,

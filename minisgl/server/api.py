@@ -98,7 +98,7 @@ async def http_error(_, error: HTTPException) -> JSONResponse:
 
 # --8<-- [start:sampling-params-check]
 def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None = None,
-                    constraint: tuple[str, str] | None = None) -> list[SamplingParams]:
+                    constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False) -> list[SamplingParams]:
     """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
     if body.model is not None and body.model != model_name:
         message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
@@ -119,6 +119,7 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
                 ignore_eos=body.ignore_eos,
                 logit_bias=token_biases(body.logit_bias),
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 constraint=constraint,
             )
             for i in range(body.n)
@@ -255,7 +256,8 @@ def completion_logprobs(tokens: list[TokenText], offset: int) -> dict:
         offsets.append(offset)
         offset += len(t.text)
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{text: lp for _, text, lp in t.top} for t in tokens], "text_offset": offsets}
+            "top_logprobs": [None if t.logprob is None else {text: lp for _, text, lp in t.top} for t in tokens],
+            "text_offset": offsets}
 
 
 CHAT = ReplyShape("chatcmpl", "chat.completion", "chat.completion.chunk", "message", chat_logprobs)
@@ -320,14 +322,12 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
     if body.stream:
         async def events():
             latest, held = {}, [""] * reply.num_choices  # held: a tool call's text, sent once it is whole
-            offsets = [len(text) for text in echo]  # where each choice's next chunk starts in its whole text
+            offsets = [0] * reply.num_choices  # where each choice's next chunk starts in its whole text
+            echoed = set()
             chunk = lambda choices: header | {"object": shape.chunk_object, "choices": choices}  # noqa: E731
-            for index in range(reply.num_choices):  # the role (chat) or the echoed prompt, before any token
-                if shape is CHAT:
-                    yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]))
-                elif echo[index]:
-                    yield sse(chunk([reply.choice(index, echo[index], None, [], streamed=True)]))
+            for index in range(reply.num_choices if shape is CHAT else 0):  # the role, before any token
+                yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}]))
             async for index, out in outputs:
                 if out.error is not None or out.finish_reason == "error":
                     message = out.error.message if out.error else frontend.failure or "internal error in the scheduler"
@@ -335,6 +335,9 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                     return
                 latest[index] = out
                 text, done = out.text, out.finish_reason is not None
+                if index not in echoed:  # the echoed prompt (and its log probabilities) go first, with the first text
+                    echoed.add(index)
+                    text, out.logprobs = echo[index] + text, out.prompt_logprobs + out.logprobs
                 if reply.tools is not None:  # calls are parsed from the whole reply
                     held[index] += text
                     text = held[index] if done else ""
@@ -353,7 +356,7 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
     texts, finals, logprobs = list(echo), {}, [[] for _ in range(reply.num_choices)]
     for index, out in await collect(http, outputs):
         texts[index] += out.text
-        logprobs[index] += out.logprobs
+        logprobs[index] += out.prompt_logprobs + out.logprobs
         if out.finish_reason:
             finals[index] = out
     return header | {"object": shape.object, "usage": reply.usage(finals),
@@ -437,13 +440,11 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
         else [body.prompt]
     if not prompts:
         raise APIError(400, "prompt must not be an empty list", "prompt")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs would need the prompt's log probabilities, which this server does "
-                            "not compute; send echo or logprobs", "echo")
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise APIError(400, "echo needs text prompts (this server does not turn token ids back into text here)",
                        "echo")
-    params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body))
+    params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body),
+                             prompt_logprobs=body.echo and body.logprobs is not None)
     outputs = await submit(http.app.state.frontend, choices(params, [prompt_of(p, "prompt") for p in prompts]))
     reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
                   echo=prompts if body.echo else None)

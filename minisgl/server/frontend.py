@@ -54,6 +54,7 @@ class Output:
     error: TokenizeError | None = None  # the request was refused before it ran
     logprobs: list[TokenText] = field(default_factory=list)  # of the tokens this text came from, if asked for
     matched_stop: str | int | None = None  # the stop string or EOS token that ended it
+    prompt_logprobs: list[TokenText] = field(default_factory=list)  # with its first output, if asked for
 
 
 class Frontend:
@@ -90,7 +91,8 @@ class Frontend:
                 output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
                                 message.completion_tokens[i], message.cached_tokens[i],
                                 logprobs=message.logprobs[i] if message.logprobs else [],
-                                matched_stop=message.matched_stops[i] if message.matched_stops else None)
+                                matched_stop=message.matched_stops[i] if message.matched_stops else None,
+                                prompt_logprobs=message.prompt_logprobs[i] if message.prompt_logprobs else [])
                 self.deliver(uid, output)
 
     def deliver(self, uid: str, output: Output) -> None:

@@ -21,6 +21,7 @@ class DetokenizeState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenText] | None = None  # tokens whose log probabilities wait for their text to be sent
+    prompt: list[TokenText] | None = None  # the prompt's log probabilities, sent with the first output
 
 
 class Detokenizer:
@@ -31,10 +32,14 @@ class Detokenizer:
     # --8<-- [start:detokenize]
     def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
         for info in batch.new_requests:
-            self.states[info.uid] = DetokenizeState(
+            self.states[info.uid] = state = DetokenizeState(
                 TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
             )
-        out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[])
+            if info.first_prompt_ids:  # it asked for its prompt's log probabilities
+                first = info.first_prompt_ids[0]
+                state.prompt = [TokenText(first, self.tokenizer.decode([first]), None, [])]
+                state.prompt += [self.token_text(token, logprobs) for token, logprobs in info.prompt_logprobs]
+        out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], prompt_logprobs=[])
         aborts = []
         logprobs = batch.logprobs or [None] * len(batch.uids)
         for uid, token, finish, token_logprobs in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons,
@@ -70,9 +75,12 @@ class Detokenizer:
                 out.cached_tokens.append(state.cached_tokens)
                 out.matched_stops.append(matched)
                 out.logprobs.append(state.logprobs or [])
-                state.logprobs = None
+                out.prompt_logprobs.append(state.prompt or [])
+                state.logprobs = state.prompt = None
         if not any(out.logprobs):
             out.logprobs = []
+        if not any(out.prompt_logprobs):
+            out.prompt_logprobs = []
         return out, aborts
     # --8<-- [end:detokenize]
 

@@ -580,3 +580,37 @@ def test_a_slow_grammar_compiles_while_other_requests_run(server, client):
     done.append("free")
     thread.join()
     assert done == ["free", "constrained"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(client, model_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    for _ in range(2):  # the second time the prompt is in the prefix cache: it must still be scored
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                        logprobs=2)
+    lp, ids = out.choices[0].logprobs, tokenizer.encode(prompt)
+    assert out.choices[0].text.startswith(prompt) and len(lp.tokens) == len(ids) + 3
+    assert "".join(lp.tokens) == out.choices[0].text and lp.text_offset[len(ids)] == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    for position in range(1, len(ids)):
+        assert lp.token_logprobs[position] == pytest.approx(expected[position - 1, ids[position]].item(), abs=2e-3)
+        assert len(lp.top_logprobs[position]) <= 2
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                              logprobs=2, stream=True))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens and "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
+
+
+def test_prompt_logprob_rows_follow_chunks_of_a_prompt():
+    from minisgl.core import Batch, Request, SamplingParams
+    from minisgl.engine.engine import prompt_logprob_rows
+
+    running = Request("a", [1, 2], SamplingParams(logprobs=0), output_ids=[3], cached_len=2)
+    scored = Request("b", [10, 11, 12, 13, 14], SamplingParams(prompt_logprobs=True))
+    assert prompt_logprob_rows(Batch([running, scored], [1, 3])) == [(1, 1, 11), (1, 2, 12), (1, 3, 13)]
+    scored.cached_len = 3  # the second chunk: its last token predicts the first generated one, not a prompt token
+    assert prompt_logprob_rows(Batch([scored], [2])) == [(0, 0, 14)]
