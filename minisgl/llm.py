@@ -25,7 +25,7 @@ from .core import SamplingParams
 from .default_model import default_model_path
 from .engine import Engine
 from .grammar import Grammars
-from .messages import AbortRequest, TokenizeError, TokenizeRequest, pack_ids, unpack_ids
+from .messages import AbortRequest, TokenizeError, TokenizeRequest, TokenText, pack_ids, unpack_ids
 from .scheduler import Scheduler
 from .tokenizer.detokenize import Detokenizer
 from .tokenizer.tokenize import Tokenizer
@@ -40,6 +40,8 @@ class Completion:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    matched_stop: str | int | None = None  # the stop string or end-of-sequence token that ended it
+    logprobs: list[TokenText] = field(default_factory=list)  # per generated token, if SamplingParams.logprobs
 
 
 class LLM:
@@ -143,8 +145,9 @@ class LLM:
                 result = results[uid]
                 result.text += text.texts[i]
                 result.prompt_tokens, result.cached_tokens = text.prompt_tokens[i], text.cached_tokens[i]
+                result.logprobs += text.logprobs[i] if text.logprobs else []
                 if text.finish_reasons[i] is not None:
-                    result.finish_reason = text.finish_reasons[i]
+                    result.finish_reason, result.matched_stop = text.finish_reasons[i], text.matched_stops[i]
                     left.discard(uid)
         return [results[uid] for uid in uids]
     # --8<-- [end:run]

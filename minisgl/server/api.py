@@ -104,6 +104,8 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
         message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
         raise APIError(404, message, "model", "model_not_found")
     refuse(body.model_dump(exclude_unset=True))
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options needs stream: true", "stream_options")
     for stop in body.stop_list:
         check_encodable(stop, "stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -299,7 +301,9 @@ class Reply:
         return choice
 
     def usage(self, latest: dict[int, Output]) -> dict:
-        firsts = [latest[i] for i in range(0, self.num_choices, self.per_prompt) if i in latest]
+        # one output of each prompt's choices (any: they share the prompt) counts that prompt
+        groups = [range(p, p + self.per_prompt) for p in range(0, self.num_choices, self.per_prompt)]
+        firsts = [next(latest[i] for i in group if i in latest) for group in groups if any(i in latest for i in group)]
         prompt_tokens = sum(out.prompt_tokens for out in firsts)
         completion = sum(out.completion_tokens for out in latest.values())
         cached = sum(out.cached_tokens for out in firsts)

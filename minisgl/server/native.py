@@ -142,7 +142,7 @@ async def get_server_info(http: HTTPRequest):
                        "internal_states": [http.app.state.frontend.state()]}
 
 
-@router.post("/flush_cache")
+@router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(http: HTTPRequest):
     await http.app.state.frontend.flush_cache()
     return {"message": "cache flush requested: the scheduler drops every prefix no request is using"}

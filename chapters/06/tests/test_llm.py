@@ -73,3 +73,9 @@ def test_a_constraint_shapes_the_reply_and_one_that_does_not_compile_runs_nothin
         llm.generate(["fine", "broken"], [SamplingParams(max_tokens=2), SamplingParams(constraint=("regex", "(a"))])
     state = llm.scheduler.state()
     assert state["running"] == state["waiting"] == 0 and state["in_use_pages"] == 0
+
+
+def test_completions_carry_their_matched_stop_and_log_probabilities(llm):
+    [reply] = llm.generate("Count: one, two,", SamplingParams(max_tokens=20, stop=[","], logprobs=2))
+    assert reply.finish_reason == "stop" and reply.matched_stop == ","
+    assert len(reply.logprobs) >= 1 and all(len(t.top) == 2 and t.logprob <= 0 for t in reply.logprobs)

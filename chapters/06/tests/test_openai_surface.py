@@ -477,6 +477,7 @@ def test_server_and_model_info_and_flushing_the_cache(server):
     assert "api_key" not in server_info
     post(server, "/generate", {"text": "A fairly long prompt to cache. " * 5, "sampling_params": {"max_new_tokens": 1}})
     assert post_state(server)["cached_pages"] > 0
+    assert httpx.get(server.url + "/flush_cache", timeout=30).status_code == 200  # SGLang takes GET too
     post(server, "/flush_cache", {})
     for _ in range(50):
         if post_state(server)["cached_pages"] == 0:
@@ -533,6 +534,7 @@ def test_tool_choice_auto_shows_the_tools_to_the_template_and_parses_a_call_from
     ("/generate", {"text": "hi", "sampling_params": {"json_schema": "\ud800"}}, "json_schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
      "tool_choice"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_odd_requests_get_a_400_not_a_500(server, client, path, body, param):
     response = httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"},
