@@ -47,7 +47,7 @@ class SamplingParams:
     max_tokens: int | None = 256  # None: whatever the context leaves room for (the tokenizer decides)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
-    # From the complete server's OpenAI surface on (issue 13):
+    # The complete server's OpenAI surface (the epilogue, after chapter 06):
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log probability and the k likeliest
     prompt_logprobs: bool = False  # the same for every prompt token but the first (completions' echo)
@@ -56,8 +56,8 @@ class SamplingParams:
     constraint: tuple[str, str] | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise InvalidParam("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too
+            raise InvalidParam("temperature", f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -44,7 +44,7 @@ class Grammars:
         self.model_path, self.vocab_size, self.eos_ids = model_path, vocab_size, sorted(eos_ids)
         self.keep = keep
         self.compiled: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
-        self.pending: dict[tuple[str, str], Future] = {}  # constraints being compiled on a thread
+        self.pending: dict[tuple[str, str], Future] = {}  # compiles on a thread not yet taken by the scheduler
         self.compiles = 0  # how many constraints were compiled (not found among the kept ones)
         self._compiler = None
 
@@ -79,7 +79,6 @@ class Grammars:
     def matcher(self, constraint: tuple[str, str], compiled: "xgr.CompiledGrammar") -> xgr.GrammarMatcher:
         """A fresh matcher (the start of the grammar) for one request; the grammar is kept for the next."""
         constraint = tuple(constraint)
-        self.pending.pop(constraint, None)
         self.compiled[constraint] = compiled
         self.compiled.move_to_end(constraint)
         if len(self.compiled) > self.keep:

@@ -42,6 +42,7 @@ class Completion:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     matched_stop: str | int | None = None  # the stop string or end-of-sequence token that ended it
     logprobs: list[TokenText] = field(default_factory=list)  # per generated token, if SamplingParams.logprobs
+    prompt_logprobs: list[TokenText] = field(default_factory=list)  # per prompt token, if .prompt_logprobs
 
 
 class LLM:
@@ -146,6 +147,7 @@ class LLM:
                 result.text += text.texts[i]
                 result.prompt_tokens, result.cached_tokens = text.prompt_tokens[i], text.cached_tokens[i]
                 result.logprobs += text.logprobs[i] if text.logprobs else []
+                result.prompt_logprobs += text.prompt_logprobs[i] if text.prompt_logprobs else []
                 if text.finish_reasons[i] is not None:
                     result.finish_reason, result.matched_stop = text.finish_reasons[i], text.matched_stops[i]
                     left.discard(uid)

@@ -83,7 +83,7 @@ class NewRequestInfo(msgspec.Struct):
     cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache already held
     # When asked for (completions' echo with logprobs): the first prompt token, and each later one's
     # (token, log probabilities)
-    first_prompt_ids: list[int] = []
+    first_prompt_id: int | None = None
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = []
 
 

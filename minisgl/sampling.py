@@ -42,11 +42,15 @@ def top_k_top_p(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 # --8<-- [end:top-k-top-p]
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 # --8<-- [start:sample]
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """Pick the next token of each request from ``logits`` [requests, vocab] (float32)."""
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    # Below MIN_TEMPERATURE, dividing would overflow the logits to infinities (then NaN): that is greedy anyway.
+    sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if sampled:  # the greedy rows are done; filter and draw the others together
         rows = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)

@@ -48,8 +48,8 @@ from course import REPO_ROOT, chapter_exercises, chapters, snapshot_root  # noqa
 INCLUDE = re.compile(r"""^(?P<indent>[ \t]*)-+8<-+[ \t]+"(?P<target>[^"]+)"[ \t]*$""")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)")
 PAGE_CHAPTER = re.compile(r"^chapters/(\d\d)\.md$")
-CHAPTER_LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>(?:[\w./-]*/)?(?:chapters/)?\d\d(?:\.md|-notebook\.ipynb))"
-                          r"(?P<anchor>#[\w-]*)?\)")
+CHAPTER_LINK = re.compile(r"\[(?P<text>[^\]]+)\]\((?P<target>(?:[\w./-]*/)?(?:chapters/)?"
+                          r"\d\d(?:\.md|-notebook\.ipynb|-epilogue\.md))(?P<anchor>#[\w-]*)?\)")
 
 
 class BookError(PluginError):

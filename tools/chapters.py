@@ -532,8 +532,9 @@ def in_head(path: str, root: Path = REPO_ROOT) -> bool:
     return found.returncode == 0
 
 
-# A chapter's pages in the book: docs/chapters/NN.md and its notebook, docs/chapters/NN-notebook.ipynb.
-PAGE_SUFFIXES = (".md", "-notebook.ipynb")
+# A chapter's pages in the book: docs/chapters/NN.md and its notebook, docs/chapters/NN-notebook.ipynb (and the
+# course's epilogue, docs/chapters/NN-epilogue.md, which follows the last chapter and goes with it).
+PAGE_SUFFIXES = (".md", "-notebook.ipynb", "-epilogue.md")
 
 
 def nav_without(config: str, numbers: list[str]) -> str:

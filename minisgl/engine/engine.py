@@ -119,7 +119,7 @@ class Engine:
 
     # --8<-- [start:engine-step]
     @torch.inference_mode()
-    def forward(self, batch: Batch, more_rows: list[int] = ()) -> torch.Tensor:
+    def forward(self, batch: Batch, more_rows: tuple[int, ...] = ()) -> torch.Tensor:
         """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32 (then
         those of the tokens at ``more_rows`` of the batch, for prompt log probabilities)."""
         if self.graphs is not None and self.graphs.fits(batch) and not more_rows:
@@ -129,7 +129,8 @@ class Engine:
         self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
         hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
         last_tokens = [n - 1 for n in accumulate(batch.new_lens)]  # each request's last new token
-        return self.model.logits(hidden[as_tensor(last_tokens + list(more_rows))])  # only those are sampled
+        # Only the last ones are sampled; the others score prompt tokens (the epilogue's echo with logprobs).
+        return self.model.logits(hidden[as_tensor(last_tokens + list(more_rows))])
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> tuple[list[int | None], list[TokenLogprobs | None], list[list]]:
@@ -138,7 +139,7 @@ class Engine:
         them, the log probabilities of each sampled request that asked for them (None for the others), and
         of the prompt tokens this step read for each request that asked for those ([] for the others)."""
         prompt_rows = prompt_logprob_rows(batch)
-        logits = self.forward(batch, [row for _, row, _ in prompt_rows])
+        logits = self.forward(batch, tuple(row for _, row, _ in prompt_rows))
         logits, prompt_logits = logits[: len(batch.requests)], logits[len(batch.requests):]
         prompt_logprobs = [[] for _ in batch.requests]
         if prompt_rows:
@@ -152,16 +153,16 @@ class Engine:
         requests = [batch.requests[b] for b in chosen]
         rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
         # The model's own distribution, before anything below changes it: that is what logprobs report.
-        wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        model_logprobs = torch.log_softmax(rows[wanted], dim=-1) if wanted else None
+        asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        model_logprobs = torch.log_softmax(rows[asked], dim=-1) if asked else None
         add_logit_bias(rows, [r.params for r in requests])
         if any(r.grammar is not None for r in requests):
             apply_grammar_masks(rows, [r.grammar for r in requests])
         tokens = sample(rows, [r.params for r in requests], [r.generator for r in requests])
         logprobs = [None] * len(requests)
-        if wanted:
-            for i, token_logprobs in zip(wanted, report_logprobs(model_logprobs, [tokens[i] for i in wanted],
-                                                                 [requests[i].params.logprobs for i in wanted])):
+        if asked:
+            for i, token_logprobs in zip(asked, report_logprobs(model_logprobs, [tokens[i] for i in asked],
+                                                                [requests[i].params.logprobs for i in asked])):
                 logprobs[i] = token_logprobs
         by_row = iter(zip(tokens, logprobs))
         pairs = [next(by_row) if wanted else (None, None) for wanted in batch.sample]

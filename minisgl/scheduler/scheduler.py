@@ -1,6 +1,6 @@
 """The scheduler loop: continuous batching (introduced in chapter 02).
 
-The scheduler keeps three collections and runs one step at a time:
+The scheduler keeps three collections (four in the complete server, below) and runs one step at a time:
 
 - ``waiting``: requests that were submitted but have no pages yet (first come, first served);
 - ``prefilling``: admitted requests whose prompt is not yet all in the cache (a long prompt is
@@ -21,6 +21,11 @@ everyone behind it.
 The scheduler runs in a process of its own and speaks only in messages: ``UserRequest`` and
 ``AbortRequest`` come in (``handle``), and every step goes out as one ``BatchTokenOutput`` holding the
 new token of every request it touched. It deals in token ids only; text is the detokenizer's job.
+
+The complete server (the epilogue, after chapter 06) adds constrained requests: each has a grammar,
+compiled on arrival (``start_grammar``; on a thread of its own, with the request in a fourth collection,
+``compiling``, until it is ready), whose matcher the engine's mask reads and ``append_token`` advances.
+It also reports log probabilities, and drops every unused cached prefix on ``FlushCache``.
 """
 
 import logging
@@ -28,7 +33,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from ..core import Batch, Request
+from ..core import Batch, Request, TokenLogprobs
 from ..engine import Engine
 from ..grammar import GrammarError, Grammars
 from ..messages import (
@@ -45,6 +50,10 @@ from .pages import PageAllocator, pages_for
 from .radix import CACHE_TYPES
 
 logger = logging.getLogger(__name__)
+
+# The most prompt tokens a step runs of a request that wants its prompt's log probabilities: each gives a row
+# of logits of the whole vocabulary (512 x 49,152 float32 values: 100 MB).
+PROMPT_LOGPROBS_CHUNK = 512
 
 
 class Scheduler:
@@ -71,7 +80,7 @@ class Scheduler:
         self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar") if compile_in_background else None
         self.compiling: list[tuple[Request, Future]] = []  # constrained requests whose grammar is not ready yet
         self.outputs: list[tuple[Request, int, str | None]] = []  # this step's (request, token, finish)
-        self.logprobs: dict[int, object] = {}  # id(request) -> this step's log probabilities, for those that asked
+        self.logprobs: dict[str, TokenLogprobs] = {}  # uid -> this step's log probabilities, for those that asked
         self.matched_eos: dict[str, int] = {}  # uid -> the EOS token that stopped it, this step
         self.refused: list[TokenizeError] = []  # requests refused on arrival, this step
         self._last_log = time.monotonic()
@@ -98,7 +107,7 @@ class Scheduler:
         }
 
     # --8<-- [start:handle]
-    def handle(self, message: UserRequest | AbortRequest) -> None:
+    def handle(self, message: UserRequest | AbortRequest | FlushCache) -> None:
         """Take one incoming message into the scheduler's state."""
         # --8<-- [start:ex-handle]
         if isinstance(message, UserRequest):
@@ -138,6 +147,7 @@ class Scheduler:
         """Move every constrained request whose grammar is compiled to the waiting queue (or refuse it)."""
         for request, compiled in [(r, c) for r, c in self.compiling if c.done()]:
             self.compiling.remove((request, compiled))
+            self.grammars.pending.pop(tuple(request.params.constraint), None)
             try:
                 request.grammar = self.grammars.matcher(request.params.constraint, compiled.result())
             except Exception as error:  # GrammarError, or anything else the grammar engine raised
@@ -146,6 +156,7 @@ class Scheduler:
                 self.waiting.append(request)
 
     def refuse(self, request: Request, error: Exception) -> None:
+        """Answer a constrained request with a 400 (through the detokenizer) instead of running it."""
         logger.info("request %s refused: %s", request.uid, error)
         message = str(error) if isinstance(error, GrammarError) else f"the constraint failed to compile: {error}"
         self.refused.append(TokenizeError(request.uid, message, constraint_param(request.params.constraint[0])))
@@ -177,7 +188,7 @@ class Scheduler:
                 if request in self.prefilling:
                     self.prefill_done(request, finished=token is not None)
                 if token_logprobs is not None:
-                    self.logprobs[id(request)] = token_logprobs
+                    self.logprobs[request.uid] = token_logprobs
                 if token is not None:  # a chunk in the middle of a prompt gives no token
                     self.append_token(request, token)
             self.log_progress()
@@ -191,6 +202,8 @@ class Scheduler:
         chunks, budget = [], self.chunked_prefill_size or sum(len(r.prompt_ids) for r in self.prefilling)
         for request in self.prefilling:
             left = len(request.prompt_ids) - request.cached_len
+            if request.params.prompt_logprobs:  # each of its tokens brings a row of logits: bound the step's
+                left = min(left, PROMPT_LOGPROBS_CHUNK)
             size = min(left, budget)
             if size <= 0:
                 break
@@ -215,7 +228,8 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_running_requests:
             request = self.waiting[0]
-            # A request that wants its prompt's log probabilities computes the whole prompt: none is cached.
+            # A request that wants its prompt's log probabilities runs its whole prompt, so it matches no cached
+            # prefix (whose tokens would never run, so never be scored); the root it holds locks nothing.
             prefix, node = ([], self.cache.root) if request.params.prompt_logprobs else \
                 self.cache.match_prefix(request.prompt_ids)
             self.cache.lock(node)  # before counting: its pages must not be counted as evictable
@@ -278,6 +292,9 @@ class Scheduler:
         for request, compiled in self.compiling:
             if request.uid == uid:
                 self.compiling.remove((request, compiled))
+                if not any(other is compiled for _, other in self.compiling):  # nobody else waits for it
+                    compiled.cancel()  # (a compile already running finishes; its grammar is then dropped)
+                    self.grammars.pending.pop(tuple(request.params.constraint), None)
                 self.finish(request, "abort")
                 return True
         for request in [*self.running, *self.prefilling, *self.waiting]:
@@ -310,10 +327,10 @@ class Scheduler:
             token_ids=pack_ids([token for _, token, _ in self.outputs]),
             finish_reasons=[finish for _, _, finish in self.outputs],
             new_requests=[NewRequestInfo(r.uid, len(r.prompt_ids), r.params.stop, r.prefix_len,
-                                         r.prompt_ids[:1] if r.params.prompt_logprobs else [], r.prompt_logprobs)
+                                         r.prompt_ids[0] if r.params.prompt_logprobs else None, r.prompt_logprobs)
                           for r in new],
-            # a token's log probabilities go with it; a finish without a token (EOS) reports its EOS token's
-            logprobs=[self.logprobs.get(id(r)) for r, _, _ in self.outputs] if self.logprobs else [],
+            # a token's log probabilities go with it (an EOS token is not part of the reply: the detokenizer drops them)
+            logprobs=[self.logprobs.get(r.uid) for r, _, _ in self.outputs] if self.logprobs else [],
             matched_eos=self.matched_eos,
             refused=self.refused,
         )

@@ -98,7 +98,8 @@ async def http_error(_, error: HTTPException) -> JSONResponse:
 
 # --8<-- [start:sampling-params-check]
 def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None = None,
-                    constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False) -> list[SamplingParams]:
+                    constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False,
+                    logprobs_param: str = "top_logprobs") -> list[SamplingParams]:
     """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
     if body.model is not None and body.model != model_name:
         message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
@@ -127,7 +128,8 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
             for i in range(body.n)
         ]
     except InvalidParam as error:
-        raise APIError(400, str(error), error.param) from None
+        param = logprobs_param if error.param == "top_logprobs" else error.param  # completions call it logprobs
+        raise APIError(400, str(error).replace(error.param, param), param) from None
 
 
 def check_encodable(text: str, param: str) -> str:
@@ -348,7 +350,9 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                 if text or done or out.logprobs:
                     payload = chunk([reply.choice(index, text, out if done else None, out.logprobs, streamed=True,
                                                   offset=offsets[index])])
-                    offsets[index] += len(text)
+                    # the offsets count the tokens' own texts, as in a whole reply (a token that ends halfway
+                    # through a character counts the replacement character it decodes to alone)
+                    offsets[index] += sum(len(t.text) for t in out.logprobs) if out.logprobs else len(text)
                     if body.continuous_usage:
                         payload["usage"] = reply.usage(latest)
                     yield sse(payload)
@@ -412,7 +416,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_encodable(json.dumps(body.tools, ensure_ascii=False), "tools")
     try:
         messages = [{"role": m.role, "content": check_encodable(m.text(), "messages")}
-                    | ({"tool_calls": m.tool_calls} if m.tool_calls else {}) for m in body.messages]
+                    | ({"tool_calls": with_parsed_arguments(m.tool_calls)} if m.tool_calls else {})
+                    for m in body.messages]
         tools = plan_tools(body.tools, body.tool_choice, config.chat_template)
     except (Unsupported, ToolError) as error:
         raise APIError(400, str(error), error.param) from None
@@ -433,6 +438,21 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
 # --8<-- [end:chat]
 
 
+def with_parsed_arguments(calls: list[dict]) -> list[dict]:
+    """OpenAI sends a call's arguments as a JSON string; chat templates (and our own rendering) want the object."""
+    parsed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # not JSON: shown as the text it is
+        parsed.append(call | {"function": function | {"arguments": arguments}})
+    return parsed
+
+
 # --8<-- [start:completions]
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -448,7 +468,7 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
         raise APIError(400, "echo needs text prompts (this server does not turn token ids back into text here)",
                        "echo")
     params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body),
-                             prompt_logprobs=body.echo and body.logprobs is not None)
+                             prompt_logprobs=body.echo and body.logprobs is not None, logprobs_param="logprobs")
     outputs = await submit(http.app.state.frontend, choices(params, [prompt_of(p, "prompt") for p in prompts]))
     reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
                   echo=prompts if body.echo else None)

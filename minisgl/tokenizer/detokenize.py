@@ -28,6 +28,7 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.states: dict[str, DetokenizeState] = {}
+        self.token_texts: dict[int, str] = {}  # each token's own text, decoded once (log probabilities list many)
 
     # --8<-- [start:detokenize]
     def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
@@ -35,9 +36,9 @@ class Detokenizer:
             self.states[info.uid] = state = DetokenizeState(
                 TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
             )
-            if info.first_prompt_ids:  # it asked for its prompt's log probabilities
-                first = info.first_prompt_ids[0]
-                state.prompt = [TokenText(first, self.tokenizer.decode([first]), None, [])]
+            if info.first_prompt_id is not None:  # it asked for its prompt's log probabilities
+                first = info.first_prompt_id
+                state.prompt = [TokenText(first, self.text_of(first), None, [])]
                 state.prompt += [self.token_text(token, logprobs) for token, logprobs in info.prompt_logprobs]
         out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], prompt_logprobs=[])
         aborts = []
@@ -87,5 +88,9 @@ class Detokenizer:
     def token_text(self, token: int, logprobs) -> TokenText:
         """A token's log probabilities with the text of it and of each alternative, for the client."""
         chosen, top = logprobs
-        decode = self.tokenizer.decode
-        return TokenText(token, decode([token]), chosen, [(i, decode([i]), lp) for i, lp in top])
+        return TokenText(token, self.text_of(token), chosen, [(i, self.text_of(i), lp) for i, lp in top])
+
+    def text_of(self, token: int) -> str:
+        if token not in self.token_texts:  # (at most one entry per token of the vocabulary)
+            self.token_texts[token] = self.tokenizer.decode([token])
+        return self.token_texts[token]

@@ -79,3 +79,30 @@ def test_completions_carry_their_matched_stop_and_log_probabilities(llm):
     [reply] = llm.generate("Count: one, two,", SamplingParams(max_tokens=20, stop=[","], logprobs=2))
     assert reply.finish_reason == "stop" and reply.matched_stop == ","
     assert len(reply.logprobs) >= 1 and all(len(t.top) == 2 and t.logprob <= 0 for t in reply.logprobs)
+
+
+
+def test_prompt_log_probabilities_and_no_grammar_left_behind(llm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minisgl.messages import AbortRequest, UserRequest, pack_ids
+
+    params = SamplingParams(max_tokens=2, logprobs=1, prompt_logprobs=True)
+    [scored] = llm.generate("The capital of France is", params)
+    assert len(scored.prompt_logprobs) == scored.prompt_tokens and scored.prompt_logprobs[0].logprob is None
+    assert all(t.logprob <= 0 for t in scored.prompt_logprobs[1:])
+    # Compiles on a thread: a refused constraint and an abort while compiling leave nothing pending.
+    scheduler, grammars = llm.scheduler, llm.scheduler.grammars
+    scheduler.compile_pool = ThreadPoolExecutor(1)
+    try:
+        bad = UserRequest("bad", pack_ids([1, 2]), SamplingParams(constraint=("regex", "(a")))
+        slow = UserRequest("slow", pack_ids([1, 2]), SamplingParams(constraint=("regex", "[a-z]{1,400}")))
+        scheduler.handle(bad)
+        scheduler.handle(slow)
+        scheduler.handle(AbortRequest("slow"))
+        while scheduler.has_work:
+            scheduler.step()
+        scheduler.compile_pool.shutdown(wait=True)
+        assert scheduler.flush_outputs() is None and not scheduler.compiling and not grammars.pending
+    finally:
+        scheduler.compile_pool = None

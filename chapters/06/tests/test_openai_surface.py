@@ -535,6 +535,8 @@ def test_tool_choice_auto_shows_the_tools_to_the_template_and_parses_a_call_from
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
      "tool_choice"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("inf")}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
 ])
 def test_odd_requests_get_a_400_not_a_500(server, client, path, body, param):
     response = httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"},
@@ -542,6 +544,21 @@ def test_odd_requests_get_a_400_not_a_500(server, client, path, body, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert chat(client, "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(client):
+    greedy = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4, temperature=0)
+    tiny = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4, temperature=1e-45)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+def test_earlier_calls_reach_the_template_with_their_arguments_as_objects():
+    from minisgl.server.api import with_parsed_arguments
+    from minisgl.server.tools import as_template_messages
+
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    [shown] = as_template_messages([{"role": "assistant", "content": "", "tool_calls": with_parsed_arguments([call])}])
+    assert json.loads(shown["content"]) == {"name": "get_weather", "arguments": {"city": "Paris"}}
 
 
 def test_a_forced_call_cut_by_a_stop_string_is_returned_as_text(client):
