@@ -267,7 +267,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break  # generation is under way: leave
         busy = httpx.get(server.url + "/state").json()
-        assert busy["running"] == 1 and memory_held(busy) > 0
+        assert busy["running"] == 1 and memory_held(busy) > 0, (busy, server.log_tail())
     deadline = time.monotonic() + 30  # a bounded wait for the abort to travel through the server
     while (state := httpx.get(server.url + "/state").json())["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
