@@ -131,10 +131,14 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> None:
     bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[-1])
     for i, row in enumerate(rows):
         matchers[row].fill_next_token_bitmask(bitmask, i)
-    allowed = unpack_bits(bitmask.to(logits.device), logits.shape[-1])
-    allowed[~allowed.any(dim=-1)] = True  # a dead end (no token allowed): left free, so its token is refused
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    alive = bitmask.ne(0).any(dim=-1).tolist()  # a dead end (no token allowed) is left free: its token is refused
+    forbidden = ~unpack_bits(bitmask.to(logits.device), logits.shape[-1])
+    if len(rows) == len(matchers) and all(alive):
+        logits.masked_fill_(forbidden, float("-inf"))  # every row constrained: one operation
+        return
+    for i, row in enumerate(rows):
+        if alive[i]:
+            logits[row].masked_fill_(forbidden[i], float("-inf"))
 
 
 def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
