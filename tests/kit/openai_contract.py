@@ -265,8 +265,10 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                break  # generation is under way: leave
-        busy = httpx.get(server.url + "/state").json()
+                # Generation is under way. Look now, still connected: leaving the loop closes the connection
+                # (httpcore closes it when its byte stream is abandoned), and the abort would race this look.
+                busy = httpx.get(server.url + "/state").json()
+                break
         assert busy["running"] == 1 and memory_held(busy) > 0, (busy, server.log_tail())
     deadline = time.monotonic() + 30  # a bounded wait for the abort to travel through the server
     while (state := httpx.get(server.url + "/state").json())["running"] and time.monotonic() < deadline:
