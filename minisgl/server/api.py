@@ -47,10 +47,9 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
-    Unsupported,
     refuse_unsupported,
 )
-from .tools import ToolError, ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
+from .tools import ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
 
 # ------------------------------------------------------------------------------------------------
 # Errors
@@ -146,7 +145,7 @@ def check_encodable(text: str, param: str) -> str:
 def refuse(fields: dict) -> None:
     try:
         refuse_unsupported(fields)
-    except Unsupported as error:
+    except InvalidParam as error:
         raise APIError(400, str(error), error.param) from None
 
 
@@ -419,7 +418,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
                     | ({"tool_calls": with_parsed_arguments(m.tool_calls)} if m.tool_calls else {})
                     for m in body.messages]
         tools = plan_tools(body.tools, body.tool_choice, config.chat_template)
-    except (Unsupported, ToolError) as error:
+    except InvalidParam as error:
         raise APIError(400, str(error), error.param) from None
     constraint = constraint_of(body)
     if tools is not None and tools.constraint is not None:

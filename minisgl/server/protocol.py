@@ -18,23 +18,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..core import InvalidParam
+
 # Known fields that do something this server does not do, and the one value at which they do nothing.
 NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
                   "repetition_penalty": 1.0, "stop_token_ids": None, "no_stop_trim": False, "skip_special_tokens": True}
 
 
-class Unsupported(ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
 def refuse_unsupported(fields: dict) -> None:
-    """A 400 (through ``Unsupported``) for a field set to a value whose meaning this server does not implement."""
+    """A 400 (through ``InvalidParam``) for a field set to a value whose meaning this server does not implement."""
     for name, neutral in NEUTRAL_VALUES.items():
         value = fields.get(name, neutral)
         if value != neutral and not (neutral is None and value in ([], "")):
-            raise Unsupported(name, f"{name} is not supported by this server (only {neutral!r})")
+            raise InvalidParam(name, f"{name} is not supported by this server (only {neutral!r})")
 
 
 class Strict(BaseModel):
@@ -95,7 +91,7 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
             for part in self.content:
                 if part.get("type") != "text":
-                    raise Unsupported("messages", f"content parts of type {part.get('type')!r} are not supported: "
+                    raise InvalidParam("messages", f"content parts of type {part.get('type')!r} are not supported: "
                                                   "this model reads text only")
             return "".join(part.get("text", "") for part in self.content)
         return self.content or ""

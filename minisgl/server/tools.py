@@ -23,11 +23,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-
-class ToolError(ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+from ..core import InvalidParam
 
 
 @dataclass
@@ -46,7 +42,7 @@ def function_of(tool: dict) -> dict:
     function = tool.get("function")
     named = isinstance(function, dict) and isinstance(function.get("name"), str)
     if tool.get("type") != "function" or not named:
-        raise ToolError("tools", 'each tool must be {"type": "function", "function": {"name": ..., '
+        raise InvalidParam("tools", 'each tool must be {"type": "function", "function": {"name": ..., '
                                  '"parameters": ...}}')
     return function
 
@@ -63,7 +59,7 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
     """What a chat request's tools mean for its prompt and its grammar (None: an ordinary chat)."""
     if not tools:
         if tool_choice not in (None, "none"):
-            raise ToolError("tool_choice", "tool_choice needs tools")
+            raise InvalidParam("tool_choice", "tool_choice needs tools")
         return None
     functions = [function_of(tool) for tool in tools]
     if tool_choice == "none":
@@ -72,7 +68,7 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
     choice = tool_choice or "auto"
     if choice == "auto":
         if not takes_tools:
-            raise ToolError("tool_choice", "this model's chat template takes no tools, so it cannot choose to "
+            raise InvalidParam("tool_choice", "this model's chat template takes no tools, so it cannot choose to "
                                            'call one: send tool_choice "required" or name a function')
         return ToolPlan(None, tools, forced=False, names={f["name"] for f in functions})
     if choice == "required":
@@ -82,9 +78,9 @@ def plan_tools(tools: list[dict] | None, tool_choice, chat_template: str | None)
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             message = f"tool_choice names the function {name!r}, which is not among the tools"
-            raise ToolError("tool_choice", message)
+            raise InvalidParam("tool_choice", message)
     else:
-        raise ToolError("tool_choice", 'tool_choice must be "none", "auto", "required" or '
+        raise InvalidParam("tool_choice", 'tool_choice must be "none", "auto", "required" or '
                                        '{"type": "function", "function": {"name": ...}}')
     schemas = [call_schema(f) for f in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}

@@ -259,13 +259,14 @@ def test_a_conversation_with_earlier_calls_and_results_goes_on(client):
 
 
 def test_tool_plans_and_reply_parsing():
-    from minisgl.server.tools import ToolError, parse_calls, plan_tools, template_takes_tools
+    from minisgl.core import InvalidParam
+    from minisgl.server.tools import parse_calls, plan_tools, template_takes_tools
 
     with_tools = "{% for t in tools %}{{ t }}{% endfor %}{{ messages }}"
     plan = plan_tools([WEATHER], "auto", with_tools)
     assert plan.constraint is None and plan.template_tools == [WEATHER] and template_takes_tools(with_tools)
     assert plan_tools([WEATHER], "none", with_tools) is None and plan_tools(None, None, None) is None
-    with pytest.raises(ToolError):
+    with pytest.raises(InvalidParam):
         plan_tools([{"type": "function"}], "required", None)
     names = {"get_weather"}
     text, calls = parse_calls('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
@@ -277,7 +278,7 @@ def test_tool_plans_and_reply_parsing():
     assert parse_calls(person, forced=False, names=names) == (person, [])
     cut = '{"name": "get_weather", "arguments": {"city": "Os'  # a forced call cut short (a stop string): text
     assert parse_calls(cut, forced=True, names=names) == (cut, [])
-    with pytest.raises(ToolError, match="needs tools"):
+    with pytest.raises(InvalidParam, match="needs tools"):
         plan_tools(None, "required", None)
 
 
