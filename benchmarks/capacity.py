@@ -35,32 +35,13 @@ The result goes to ``benchmarks/results/capacity.md`` (``--output`` to change) a
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import statistics
 import time
 
-import httpx
-from plot_results import column_key
-from serve_workload import (
-    REPO_ROOT,
-    add_server_options,
-    git_commit,
-    make_workload,
-    markdown_table,
-    model_and_tokenizer,
-    run_info,
-    run_lines,
-    send_one,
-    start_server,
-    stop_on_sigterm,
-    warn_if_busy,
-    write_result,
-)
+from benchkit import record, serving
 from tqdm import tqdm
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "capacity.md"
 TITLE = "Capacity: requests of the serving workload at once in one KV memory budget, slots vs pages"
 
 
@@ -91,11 +72,10 @@ async def peak_running(url: str, model: str, workload, poll_s: float = 0.2, sett
     """Send every request at once; poll /state until admission has stopped (someone waits and ``running`` has
     not changed for ``settle_s``, or nobody waits any more); cancel them. Returns (peak running, waiting then)."""
     n = len(workload.messages)
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=30)) as client:
+    async with serving.http_client(n) as client:
         tasks = []
         for i in range(n):  # a little apart, so that they reach the scheduler in the workload's order
-            request = send_one(client, url, model, workload.messages[i], workload.max_tokens[i])
+            request = serving.send_one(client, url, model, workload.messages[i], workload.max_tokens[i])
             tasks.append(asyncio.create_task(request))
             await asyncio.sleep(stagger_s)
         peak, waiting, changed, start = 0, n, time.monotonic(), time.monotonic()
@@ -113,15 +93,41 @@ async def peak_running(url: str, model: str, workload, poll_s: float = 0.2, sett
                     tqdm.write("warning: a request ended before admission stopped; counting up to here")
                     break
         finally:
-            for task in tasks:
-                task.cancel()  # the client disconnects; the server aborts the request
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                    await task
+            await serving.cancel_all(tasks)
     return peak, waiting
 
 
 COLUMNS = {"KV cache": None, "how": None, "requests at once": None, "tokens held": None, "waiting then": None}
+
+
+def report(run: dict, per_token: int) -> str:
+    """The markdown result, from the JSON's fields and the KV cache's bytes per token."""
+    work, rows = run["workload"], run["rows"]
+    lines = record.run_lines(run) + [
+        (
+            f"- budget: {run['budget_tokens']} tokens of KV cache ({run['slots']} x {run['context_length']}; "
+            f"{run['budget_mib']} MiB in {run['dtype']}, {per_token} bytes a token)"
+        ),
+        (
+            f"- workload: `serve_workload.py`'s {work['requests']} requests (seed {work['seed']}), prompt + "
+            f"max_tokens {work['tokens_min']}..{work['tokens_max']} tokens (mean {work['tokens_mean']}, "
+            f"total {work['tokens_total']})"
+        ),
+    ]
+    if any(row["how"] == "seen in /state" for row in rows):
+        lines.append(f"- server, to confirm (all requests sent together, /state polled): `{run['server']}`")
+    lines += [
+        "",
+        *record.columns_table(COLUMNS, rows, left=2),
+        "",
+        run["verdict"],
+        "",
+        "computed: slots, budget // context_length; pages, the requests in order while their pages",
+        "(ceil((prompt + max_tokens) / page_size) each) fit. seen in /state: the largest running count while",
+        "every request of the workload waited to be admitted. tokens held: what the admitted requests' slots or",
+        "pages can hold.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -132,21 +138,20 @@ def main():
     parser.add_argument("--page-size", type=int, default=16, help="chapter 05's page size")
     parser.add_argument("--observe", nargs="*", default=["naive", "radix"], choices=["naive", "radix"],
                         help="cache types to confirm with /state under load (none: only compute)")
-    add_server_options(parser, max_running_requests=0, context_length=1024, output=RESULTS)
+    serving.add_server_options(parser, max_running_requests=0, context_length=1024, output="capacity.md")
     args = parser.parse_args()
     args.max_running_requests = args.max_running_requests or args.requests  # only pages may limit admission
-    stop_on_sigterm()
+    serving.stop_on_sigterm()
 
-    model_path, tokenizer = model_and_tokenizer(args)
-    workload = make_workload(tokenizer, args.requests, args.seed)
+    model_path, tokenizer = serving.model_and_tokenizer(args)
+    workload = serving.make_workload(tokenizer, args.requests, args.seed)
     lengths = [len(p) + m for p, m in zip(workload.prompt_ids, workload.max_tokens)]
     if max(lengths) > args.context_length:
         parser.error(f"a request needs {max(lengths)} tokens, over --context-length {args.context_length}")
     budget = args.slots * args.context_length
     usable = budget // args.page_size
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
-    warn_if_busy(load_before[0])
+    start = record.start_run("minisgl")
     slots = min(budget // args.context_length, args.requests)
     paged = greedy_pages(lengths, args.page_size, usable)
     pages_label = f"pages of {args.page_size} tokens"
@@ -158,16 +163,15 @@ def main():
     ]
     for cache_type in args.observe:
         extra = ("--page-size", str(args.page_size), "--num-pages", str(usable + 1), "--cache-type", cache_type)
-        with start_server("top", args, extra) as server:
-            tqdm.write(f"{cache_type}: server up at {server.url} (log {server.log_path})")
-            model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        with serving.start_server("top", args, extra) as server:
+            model = serving.served_model(server, cache_type)
             peak, waiting = asyncio.run(peak_running(server.url, model, workload))
             tqdm.write(f"{cache_type}: {peak} running at once, {waiting} waiting")
         rows.append([f"{pages_label}, {cache_type} cache", "seen in /state", peak, None, waiting])
-    table = [{column_key(h): v for h, v in zip(COLUMNS, row)} for row in rows]
+    table = [{record.column_key(h): v for h, v in zip(COLUMNS, row)} for row in rows]
 
     per_token = kv_bytes_per_token(model_path, args.dtype)
-    run = run_info("capacity", TITLE, (load_before, os.getloadavg()), time.perf_counter() - started, commit, model_path)
+    run = record.run_info("capacity", TITLE, start, model_path)
     verdict = (
         f"**In the memory of {args.slots} slots of {args.context_length} tokens, pages of {args.page_size} tokens "
         f"hold {paged} of the workload's requests at once, {paged / slots:.2f}x the {slots} slots**"
@@ -177,10 +181,8 @@ def main():
     run.update({
         "dtype": args.dtype, "page_size": args.page_size, "slots": args.slots, "context_length": args.context_length,
         "budget_tokens": budget, "budget_mib": round(budget * per_token / 2**20),
-        "server": (
-            f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-            f"--context-length {args.context_length} --page-size {args.page_size} --num-pages {usable + 1} "
-            "--cache-type naive|radix"
+        "server": serving.server_command(
+            args, "--page-size", str(args.page_size), "--num-pages", str(usable + 1), "--cache-type", "naive|radix"
         ),
         "workload": {
             "requests": args.requests, "seed": args.seed, "tokens_min": min(lengths), "tokens_max": max(lengths),
@@ -188,30 +190,7 @@ def main():
         },
         "rows": table, "verdict": verdict,
     })
-    lines = run_lines(run) + [
-        (
-            f"- budget: {budget} tokens of KV cache ({args.slots} x {args.context_length}; {run['budget_mib']} MiB "
-            f"in {args.dtype}, {per_token} bytes a token)"
-        ),
-        (
-            f"- workload: `serve_workload.py`'s {args.requests} requests (seed {args.seed}), prompt + max_tokens "
-            f"{min(lengths)}..{max(lengths)} tokens (mean {run['workload']['tokens_mean']}, total {sum(lengths)})"
-        ),
-    ]
-    if args.observe:
-        lines.append(f"- server, to confirm (all requests sent together, /state polled): `{run['server']}`")
-    lines += [
-        "",
-        *markdown_table(COLUMNS, table, left=2),
-        "",
-        verdict,
-        "",
-        "computed: slots, budget // context_length; pages, the requests in order while their pages",
-        "(ceil((prompt + max_tokens) / page_size) each) fit. seen in /state: the largest running count while",
-        "every request of the workload waited to be admitted. tokens held: what the admitted requests' slots or",
-        "pages can hold.",
-    ]
-    write_result(args.output, "\n".join(lines) + "\n", run)
+    record.write_result(args.output, report(run, per_token), run)
 
 
 if __name__ == "__main__":

@@ -34,35 +34,13 @@ beside it; ``plot_results.render`` then draws the chapter 05 plot.
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import os
 import time
 
-import httpx
-from plot_results import column_key
-from serve_workload import (
-    QUESTIONS,
-    REPO_ROOT,
-    RequestResult,
-    add_server_options,
-    git_commit,
-    markdown_table,
-    model_and_tokenizer,
-    percentile,
-    rounded,
-    run_info,
-    run_lines,
-    send_one,
-    start_server,
-    stop_on_sigterm,
-    warn_if_busy,
-    write_result,
-)
-from shared_prefix import notes, prompt_length
+from benchkit import record, serving
 from tqdm import tqdm
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "chunked_prefill.md"
 TITLE = "Chunked prefill: inter-token latency of running requests while a long prompt is prefilled"
 FIRST_TOKENS = 4  # a stream counts as decoding once it has streamed this many pieces
 
@@ -70,22 +48,23 @@ FIRST_TOKENS = 4  # a stream counts as decoding once it has streamed this many p
 def long_prompt(tokenizer, tokens: int, repeat: int) -> list[dict]:
     """A user message of about ``tokens`` tokens (templated), different text for every ``repeat``."""
     head = f"Report number {repeat + 1}: read these notes about the town carefully.\n\n"
-    body = notes(tokenizer, tokens - 40, start=repeat * 3)
+    body = serving.notes(tokenizer, tokens - 40, start=repeat * 3)
     message = [{"role": "user", "content": f"{head}{body}\n\nWhat is the main idea of these notes?"}]
     return message
 
 
 def stream_prompt(repeat: int, i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Story {repeat}-{i}: {QUESTIONS[i % len(QUESTIONS)]} Tell it at length."}]
+    return [{"role": "user", "content": f"Story {repeat}-{i}: {serving.question(i)} Tell it at length."}]
 
 
 async def one_repeat(url: str, model: str, tokenizer, args, repeat: int) -> dict:
     """Streams decoding, then the long prompt: the streams' gaps during its prefill, and just before it."""
-    limits = httpx.Limits(max_connections=args.streams + 4, max_keepalive_connections=args.streams + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=30)) as client:
-        watched = [RequestResult(sent=0.0) for _ in range(args.streams)]  # filled in as the pieces arrive
+    async with serving.http_client(args.streams) as client:
+        watched = [serving.RequestResult(sent=0.0) for _ in range(args.streams)]  # filled in as the pieces arrive
         tasks = [
-            asyncio.create_task(send_one(client, url, model, stream_prompt(repeat, i), args.stream_tokens, watched[i]))
+            asyncio.create_task(
+                serving.send_one(client, url, model, stream_prompt(repeat, i), args.stream_tokens, watched[i])
+            )
             for i in range(args.streams)
         ]
         try:
@@ -96,17 +75,13 @@ async def one_repeat(url: str, model: str, tokenizer, args, repeat: int) -> dict
                 await asyncio.sleep(0.05)
             await asyncio.sleep(args.baseline)
             sent = time.perf_counter()
-            long = await send_one(client, url, model, long_prompt(tokenizer, args.long_tokens, repeat), 4)
+            long = await serving.send_one(client, url, model, long_prompt(tokenizer, args.long_tokens, repeat), 4)
             first = long.chunk_times[0]
             await asyncio.sleep(args.after)
             if any(t.done() for t in tasks):
                 tqdm.write("warning: a stream ended during the measurement: raise --stream-tokens")
         finally:
-            for task in tasks:
-                task.cancel()  # the client disconnects; the server aborts the request
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                    await task
+            await serving.cancel_all(tasks)
         # Until the server has dropped the cancelled streams, so that the next repeat starts on its own.
         for _ in range(100):
             if (await client.get(url + "/state")).json()["running"] == 0:
@@ -134,9 +109,8 @@ COLUMNS = {
 
 def measure(size: int, args, tokenizer) -> dict:
     """One server with ``--chunked-prefill-size size``: a warm-up repeat, then ``--repeats`` measured ones."""
-    with start_server("top", args, ("--chunked-prefill-size", str(size))) as server:
-        tqdm.write(f"chunked prefill {size}: server up at {server.url} (log {server.log_path})")
-        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    with serving.start_server("top", args, ("--chunked-prefill-size", str(size))) as server:
+        model = serving.served_model(server, f"chunked prefill {size}")
         load = os.getloadavg()[0]
         runs = []
         for repeat in tqdm(range(args.repeats + 1), desc=f"chunked prefill {size}", unit="repeat"):
@@ -148,17 +122,40 @@ def measure(size: int, args, tokenizer) -> dict:
     before = [g for r in runs for g in r["before"]]
     ttft = [r["long_ttft"] for r in runs]
     values = [
-        size, len(during), percentile(during, 50) * 1000, percentile(during, 99) * 1000,
+        size, len(during), serving.percentile(during, 50) * 1000, serving.percentile(during, 99) * 1000,
         max(during, default=float("nan")) * 1000,
-        percentile(before, 50) * 1000, sorted(ttft)[len(ttft) // 2], load,
+        serving.percentile(before, 50) * 1000, sorted(ttft)[len(ttft) // 2], load,
     ]
-    row = {column_key(h): rounded(v, d) for (h, d), v in zip(COLUMNS.items(), values)}
     return {
-        **row, "long_ttft_each_s": [round(t, 2) for t in ttft],
+        **record.table_row(COLUMNS, values), "long_ttft_each_s": [round(t, 2) for t in ttft],
         "long_prompt_tokens": runs[0]["long_prompt_tokens"],
         "long_cached_tokens": [r["long_cached_tokens"] for r in runs],
         "timeline": runs[0]["timeline"], "timeline_long_ttft_s": round(runs[0]["long_ttft"], 3),
     }
+
+
+def report(run: dict) -> str:
+    """The markdown result, from the JSON's fields."""
+    lines = record.run_lines(run) + [
+        f"- server (the top-level package, chapter 05), one per setting: `{run['server']}`"
+        + serving.threads_note(run["threads"]),
+        (
+            f"- workload: {run['streams']} streamed requests (short prompts, max_tokens {run['stream_tokens']}, "
+            f"cancelled after the measurement) decoding; then one {run['long_prompt_tokens']}-token prompt (max_tokens "
+            f"4); {run['repeats']} repeats after a warm-up, different text each time; temperature 0, ignore_eos"
+        ),
+        "",
+        *record.columns_table(COLUMNS, run["rows"]),
+        "",
+        run["verdict"],
+        "",
+        "gaps: inter-token gaps of the running streams that overlap the long prompt's prefill (from sending it to",
+        "its first token), over all repeats; ITL p50/p99/max are of those. ITL before: the same streams' gaps that end",
+        f"in the {run['baseline_s']:g} s before the long prompt was sent. long TTFT: its time to first token, median "
+        "of",
+        "the repeats. Numbers move with the machine's load (last column); compare rows of one run.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -172,18 +169,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="measured repeats per setting (after one warm-up)")
     parser.add_argument("--baseline", type=float, default=1.0, help="seconds of plain decoding before the prompt")
     parser.add_argument("--after", type=float, default=0.5, help="seconds of decoding kept after its first token")
-    add_server_options(parser, max_running_requests=0, context_length=2600, output=RESULTS)
+    serving.add_server_options(parser, max_running_requests=0, context_length=2600, output="chunked_prefill.md")
     args = parser.parse_args()
     args.max_running_requests = args.max_running_requests or args.streams + 1
-    stop_on_sigterm()
+    serving.stop_on_sigterm()
 
-    model_path, tokenizer = model_and_tokenizer(args)
-    long_len = prompt_length(tokenizer, long_prompt(tokenizer, args.long_tokens, 0))
+    model_path, tokenizer = serving.model_and_tokenizer(args)
+    long_len = len(serving.chat_prompt_ids(tokenizer, long_prompt(tokenizer, args.long_tokens, 0)))
     if long_len + 4 > args.context_length or args.stream_tokens + 60 > args.context_length:
         parser.error(f"--context-length {args.context_length} is too short for the prompts and --stream-tokens")
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
-    warn_if_busy(load_before[0])
+    start = record.start_run("minisgl")
     rows = [measure(size, args, tokenizer) for size in args.chunked_prefill_sizes]
     long_len = rows[0]["long_prompt_tokens"] or long_len  # as the server counted it (each repeat's text differs)
 
@@ -199,37 +195,15 @@ def main():
             f"({whole['itl_p99_ms'] / best['itl_p99_ms']:.1f}x lower; target: lower): "
             f"{'target met' if met else 'target NOT met'}**"
         )
-    run = run_info(
-        "chunked_prefill", TITLE, (load_before, os.getloadavg()), time.perf_counter() - started, commit, model_path
-    )
-    server = (
-        f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-        f"--context-length {args.context_length} --chunked-prefill-size N"
+    run = record.run_info("chunked_prefill", TITLE, start, model_path
     )
     run.update({
-        "server": server, "dtype": args.dtype, "threads": args.threads or None, "streams": args.streams,
-        "stream_tokens": args.stream_tokens, "long_prompt_tokens": long_len, "repeats": args.repeats,
-        "baseline_s": args.baseline, "rows": rows, "verdict": verdict,
+        "server": serving.server_command(args, "--chunked-prefill-size", "N"), "dtype": args.dtype,
+        "threads": args.threads or None, "streams": args.streams, "stream_tokens": args.stream_tokens,
+        "long_prompt_tokens": long_len, "repeats": args.repeats, "baseline_s": args.baseline, "rows": rows,
+        "verdict": verdict,
     })
-    lines = run_lines(run) + [
-        f"- server (the top-level package, chapter 05), one per setting: `{server}`"
-        + (f"; OMP_NUM_THREADS={args.threads}" if args.threads else "; torch's default threads"),
-        (
-            f"- workload: {args.streams} streamed requests (short prompts, max_tokens {args.stream_tokens}, cancelled "
-            f"after the measurement) decoding; then one {long_len}-token prompt (max_tokens 4); {args.repeats} "
-            "repeats after a warm-up, different text each time; temperature 0, ignore_eos"
-        ),
-        "",
-        *markdown_table(COLUMNS, rows),
-        "",
-        verdict,
-        "",
-        "gaps: inter-token gaps of the running streams that overlap the long prompt's prefill (from sending it to",
-        "its first token), over all repeats; ITL p50/p99/max are of those. ITL before: the same streams' gaps that end",
-        f"in the {args.baseline:g} s before the long prompt was sent. long TTFT: its time to first token, median of",
-        "the repeats. Numbers move with the machine's load (last column); compare rows of one run.",
-    ]
-    write_result(args.output, "\n".join(lines) + "\n", run)
+    record.write_result(args.output, report(run), run)
 
 
 if __name__ == "__main__":

@@ -43,19 +43,17 @@ from pathlib import Path
 
 import torch
 import transformers
-from machine import cpu_model, git_commit
-from plot_results import column_key, dumps, render
+from benchkit import record
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 # Chapter 01's snapshot, not the top level: the top-level package no longer has ``minisgl.generate``.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "chapters" / "01"))
+sys.path.insert(0, str(record.REPO_ROOT / "chapters" / "01"))
 from minisgl.default_model import require_default_model
 from minisgl.generate import Generator
 from minisgl.sampling import SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_single.md"
 COLUMNS = ["dtype", "minisgl tok/s", "transformers tok/s", "ratio (ours / transformers)", "tokens equal (prefix)"]
 
 
@@ -98,9 +96,38 @@ def measure(runners: dict, n: int, repeats: int, bar: tqdm) -> tuple[dict[str, f
     return {name: statistics.median(r) for name, r in rates.items()}, tokens
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens agree: equal greedy tokens mean both engines did the same work."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def report(result: dict) -> str:
+    """The markdown result, from the JSON's fields."""
+    new_tokens, threads = result["new_tokens"], result["torch_threads"]
+    rows = [
+        [r["dtype"], f"{r['minisgl_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
+         f"{r['ratio_ours_transformers']:.2f}", f"{r['tokens_equal_prefix']}/{new_tokens}"]
+        for r in result["rows"]
+    ]
+    lines = [
+        f"# {result['title']}",
+        "",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']}, {threads} torch threads (of {result['cores']} cores)",
+        (
+            f"- load average (1 min) before / after: {result['load_before'][0]:.2f} / {result['load_after'][0]:.2f} "
+            f"(the run itself adds up to {threads})"
+        ),
+        f"- {', '.join(f'{name} {v}' for name, v in result['versions'].items())}",
+        f"- commit: {result['commit']}",
+        (
+            f"- model: {result['model']}; prompt of {result['prompt_tokens']} tokens; {new_tokens} new tokens, "
+            f"greedy; median of {result['repeats']} repeats after one warm-up"
+        ),
+        f"- decode tok/s = {new_tokens - 1} / (time for {new_tokens} new tokens - time for 1)",
+        f"- command: `{result['command']}`",
+        "",
+        *record.markdown_table(COLUMNS, rows, "lrrrr"),
+        "",
+        "tokens equal (prefix): how many leading greedy tokens the two made alike. In bfloat16 the two",
+        "implementations round differently, so their greedy tokens may part early; float32 must match.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -114,11 +141,7 @@ def main():
         parser.error("--new-tokens must be at least 2 (decode time is the difference from a 1-token run)")
     model_path = Path(args.model_path) if args.model_path else require_default_model()
 
-    load_before = os.getloadavg()  # other work on the machine skews every number; say how much there was
-    commit = git_commit("chapters/01")
-    if load_before[0] > 0.5:
-        # With 2 cores, one busy neighbour can make a 2-thread decode several times slower.
-        print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
+    start = record.start_run("chapters/01", busy_threshold=0.5)
     rows = []
     bar = tqdm(total=len(args.dtypes) * 2 * (1 + args.repeats), desc="generate_single", unit="run")
     for dtype in args.dtypes:
@@ -137,73 +160,37 @@ def main():
             args.repeats,
             bar,
         )
-        same = common_prefix(tokens["minisgl"], tokens["transformers"])
+        same = record.common_prefix(tokens["minisgl"], tokens["transformers"])
         mine, theirs_rate = rates["minisgl"], rates["transformers"]
         # Rounded as the table prints them: the JSON holds exactly the table's numbers.
         values = [dtype, round(mine, 1), round(theirs_rate, 1), round(mine / theirs_rate, 2), same]
-        rows.append(dict(zip(map(column_key, COLUMNS), values)))
+        rows.append(dict(zip(map(record.column_key, COLUMNS), values)))
         prompt_tokens = len(prompt_ids)
         del gen, hf
     bar.close()
 
-    load_after = os.getloadavg()
     result = {
         "benchmark": "generate_single",
         "title": "Single-request decode speed",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": cpu_model(),
+        "machine": record.cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in load_after],
+        "load_before": [round(x, 2) for x in start.load],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
         "versions": {
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()
         },
-        "commit": commit,
-        "command": " ".join(["python benchmarks/generate_single.py", *sys.argv[1:]]),
+        "commit": start.commit,
+        "command": record.command_line("generate_single"),
         "model": model_path.name,
         "prompt_tokens": prompt_tokens,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "rows": rows,
     }
-    lines = [
-        f"# {result['title']}",
-        "",
-        f"- date: {result['date']}",
-        f"- machine: {result['machine']}, {result['torch_threads']} torch threads (of {result['cores']} cores)",
-        (
-            f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-            f"(the run itself adds up to {result['torch_threads']})"
-        ),
-        f"- {', '.join(f'{name} {v}' for name, v in result['versions'].items())}",
-        f"- commit: {commit}",
-        (
-            f"- model: {model_path.name}; prompt of {prompt_tokens} tokens; {args.new_tokens} new tokens, greedy; "
-            f"median of {args.repeats} repeats after one warm-up"
-        ),
-        f"- decode tok/s = {args.new_tokens - 1} / (time for {args.new_tokens} new tokens - time for 1)",
-        f"- command: `{result['command']}`",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        dtype, mine, theirs_rate, ratio, same = row.values()
-        lines.append(f"| {dtype} | {mine:.1f} | {theirs_rate:.1f} | {ratio:.2f} | {same}/{args.new_tokens} |")
-    lines += [
-        "",
-        "tokens equal (prefix): how many leading greedy tokens the two made alike. In bfloat16 the two",
-        "implementations round differently, so their greedy tokens may part early; float32 must match.",
-    ]
-    table = "\n".join(lines) + "\n"
-    sidecar = RESULTS.with_suffix(".json")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table)
-    sidecar.write_text(dumps(result))
-    print("\n" + table)
-    print(f"written to {RESULTS} and {sidecar}")
-    render(sidecar)  # chapter 01's plot and its fragment for the book
+    # Its plot and fragment for the book, chapter 01's.
+    record.write_result(record.RESULTS / "generate_single.md", report(result), result)
 
 
 if __name__ == "__main__":

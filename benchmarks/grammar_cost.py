@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 import xgrammar as xgr
-from machine import REPO_ROOT, cpu_model, git_commit
+from benchkit.record import REPO_ROOT, RESULTS, command_line, cpu_model, git_commit, load_line, write_result
 
 sys.path.insert(0, str(REPO_ROOT))  # the top-level minisgl, the complete server
 
@@ -54,8 +54,7 @@ from minisgl.config import eos_token_ids, read_json  # noqa: E402
 from minisgl.default_model import require_default_model  # noqa: E402
 from minisgl.grammar import Grammars, apply_grammar_masks, unpack_bits  # noqa: E402
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "grammar_cost.md"
-STEP_SOURCE = REPO_ROOT / "benchmarks" / "results" / "serve_ch06_peers.json"
+STEP_SOURCE = RESULTS / "serve_ch06_peers.json"
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -160,7 +159,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=None,
                         help="a decode step's time at --batch requests, ms (default: from serve_ch06_peers.json)")
     parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the markdown result")
+    parser.add_argument("--output", type=Path, default=RESULTS / "grammar_cost.md", help="the markdown result")
     args = parser.parse_args()
     step_ms, step_source = (args.step_ms, "given with --step-ms") if args.step_ms else default_step_ms()
 
@@ -206,19 +205,18 @@ def main() -> None:
         print(f"{kind}: {rows[-1]}", file=sys.stderr)
     load_after, elapsed = os.getloadavg(), time.perf_counter() - started
 
-    loads = lambda values: " / ".join(f"{x:.2f}" for x in values)  # noqa: E731
     lines = [
         "# Structured output: what xgrammar's compile, mask and advance cost per constraint kind", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; whole run {elapsed:.0f} s",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        f"- load average (1, 5, 15 min) before: {loads(load_before)}; after: {loads(load_after)}",
+        load_line(load_before, load_after),
         f"- python {platform.python_version()}, torch {torch.__version__}, xgrammar {version('xgrammar')}; "
         f"minisgl commit {git_commit('minisgl/grammar.py')}",
         f"- model: {model_path.name}, vocabulary {vocab}; the grammar compiler (the tokenizer's "
         f"{vocab} tokens analysed, once per server): {setup_ms:.0f} ms",
         f"- mask: `apply_grammar_masks` on [{args.batch}, {vocab}] float32 logits, all {args.batch} rows "
         f"constrained; each valid output driven {args.repeats} times token by token, the end token included",
-        f"- command: `{' '.join(['python benchmarks/grammar_cost.py', *sys.argv[1:]])}`",
+        f"- command: `{command_line('grammar_cost')}`",
         "",
         "| constraint | the valid output | tokens | first compile ms | cached lookup µs | fill one row µs (p90) "
         f"| mask batch {args.batch} µs (p90) | of which applying the bitmask µs | xgrammar's apply µs | accept µs "
@@ -255,11 +253,7 @@ def main() -> None:
         ]
     else:
         lines.append("No decode step time was given (`--step-ms`) or found, so no comparison.")
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
-    print(f"written to {args.output}")
+    write_result(args.output, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

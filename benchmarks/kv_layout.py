@@ -46,14 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model, git_commit
+from benchkit.record import REPO_ROOT, RESULTS, command_line, cpu_model, git_commit, warn_if_busy, write_result
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # the top-level minisgl: chapter 05's, the one with pages
 from minisgl.attention.paged import SPARE_PAGE, padded_locations, paged_decode_attention
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "kv_layout.md"
 LAYOUTS = ("token-major", "heads-major")
 COLUMNS = [
     "dtype", "page size", "layout", "gather, index_select", "index_select + SDPA", "gather, cache[loc]",
@@ -201,7 +199,6 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def report(args, rows: list[dict], load_before, load_after, lengths: list[int]) -> str:
-    command = " ".join(["python benchmarks/kv_layout.py", *sys.argv[1:]])
     lines = [
         "# Paged KV cache layout: token-major against heads-major, one layer's decode attention",
         "",
@@ -219,7 +216,7 @@ def report(args, rows: list[dict], load_before, load_after, lengths: list[int]) 
             f"scrambled order; one layer"
         ),
         f"- median ms of {args.repeats} rounds (every variant of every row once a round, shuffled) after two warm-ups",
-        f"- command: `{command}`",
+        f"- command: `{command_line('kv_layout')}`",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---|---:|---|" + "---:|" * (len(COLUMNS) - 3),
@@ -247,7 +244,7 @@ def book_fragment(rows: list[dict], load_before, load_after) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {cpu_model()} ({os.cpu_count()} cores), load average "
         f"(1 min) {load_before[0]:.2f} before the run and {load_after[0]:.2f} after; one layer's decode attention, "
-        f"median ms (`{' '.join(['python benchmarks/kv_layout.py', *sys.argv[1:]])}`):",
+        f"median ms (`{command_line('kv_layout')}`):",
         "",
         "| dtype | page size | gather, token-major | gather, heads-major | whole attention, token-major "
         "| whole attention, heads-major | heads-major / token-major |",
@@ -275,14 +272,13 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=100, help="timed rounds; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "kv_layout.md")
     args = parser.parse_args()
     if args.heads % args.kv_heads:
         parser.error("--heads must be a multiple of --kv-heads")
 
     load_before = os.getloadavg()  # other work on the machine skews every number; say how much there was
-    if load_before[0] > 0.5:
-        print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
+    warn_if_busy(load_before[0], threshold=0.5)
     calls, lengths = {}, []
     for dtype_name in args.dtypes:
         for page_size in args.page_sizes:
@@ -301,13 +297,9 @@ def main():
                 row = {"dtype": dtype_name, "page size": page_size, "layout": layout}
                 rows.append(row | {key[-1]: t for key, t in ms.items() if key[:3] == (dtype_name, page_size, layout)})
     load_after = os.getloadavg()
-    table = report(args, rows, load_before, load_after, lengths)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
-    if args.output == RESULTS:  # the default run is the one the book shows
+    write_result(args.output, report(args, rows, load_before, load_after, lengths))
+    if args.output == RESULTS / "kv_layout.md":  # the default run is the one the book shows
         args.output.with_suffix(".book.md").write_text(book_fragment(rows, load_before, load_after))
-    print("\n" + table)
-    print(f"written to {args.output}")
 
 
 if __name__ == "__main__":

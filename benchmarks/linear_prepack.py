@@ -11,12 +11,10 @@ that no weight stays in the CPU's caches between two uses, as in a real decode s
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
-from machine import cpu_model
+from benchkit.record import RESULTS, cpu_model
 
-RESULTS = Path(__file__).resolve().parent / "results" / "linear_prepack.md"  # and linear_prepack.book.md
 SHAPES = {  # name: (out features, in features) of SmolLM2-135M's matrices; 30 layers, one LM head
     "qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576),
 }
@@ -72,9 +70,9 @@ def main() -> None:
         f" so reading the {weights_mb:.0f} MB of weights once takes at least {weights_mb / 1e3 / bandwidth * 1e3:.1f}"
         " ms.",
     ]
-    RESULTS.write_text("\n".join(lines) + "\n")
+    (RESULTS / "linear_prepack.md").write_text("\n".join(lines) + "\n")
     # The chapter page includes the same without the title (``docs/chapters/06.md``).
-    RESULTS.with_suffix(".book.md").write_text("\n".join(lines[2:]) + "\n")
+    (RESULTS / "linear_prepack.book.md").write_text("\n".join(lines[2:]) + "\n")
     print("\n".join(lines))
 
 

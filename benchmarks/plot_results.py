@@ -12,131 +12,44 @@ The benchmark scripts call ``render`` right after writing their result; ``make b
 after them. By hand, from the repository root:
 
     python benchmarks/plot_results.py                   # every figure and fragment, from results/NAME.json
-    python benchmarks/plot_results.py --from-markdown   # first make any missing NAME.json from NAME.md
 
-``--from-markdown`` is for results measured before the benchmarks wrote JSON: it reads the numbers
-and the metadata back out of the markdown, exactly as printed there.
+(Two results measured before the benchmarks wrote JSON were converted from their markdown once; their
+JSON says ``converted_from``. The converter is in the repository's history.)
 """
 
 import argparse
 import itertools
 import json
-import re
-import subprocess
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display is needed, or wanted, on a server
-import matplotlib.pyplot as plt
+from benchkit.plots import (
+    BLUE,
+    CAPTION_GREY,
+    GREEN,
+    ORANGE,
+    PURPLE,
+    SKY,
+    VERMILLION,
+    bar_panel,
+    footer,
+    fragment,
+    grouped_panel,
+    heading,
+    measured,
+    panels,
+    save,
+    verdict_words,
+)
+from benchkit.record import REPO_ROOT, RESULTS, markdown_table
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = REPO_ROOT / "benchmarks" / "results"
-ASSETS = REPO_ROOT / "docs" / "assets" / "benchmarks"
-FROM_PAGE = "../assets/benchmarks"  # ASSETS as a chapter page (docs/chapters/NN.md) links to it
-
-# About 8 inches at 120 dpi: 960 px, shown at the book's column width (~800 px) with 10 pt text still
-# about 14 px high.
-FIGSIZE, DPI = (8, 3.8), 120
-# Okabe-Ito colours: distinguishable with any colour vision, and dark enough to read on white.
-BLUE, ORANGE, GREEN, VERMILLION, PURPLE, SKY = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9"
-CAPTION_GREY = "#444444"
-
-plt.rcParams.update({
-    "font.size": 10.5,
-    "axes.titlesize": 11.5,
-    "axes.labelsize": 10.5,
-    "xtick.labelsize": 10,
-    "ytick.labelsize": 10,
-    "legend.fontsize": 10,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    # Opaque white, not transparent: the book's dark theme would put dark text on a dark page.
-    "figure.facecolor": "white",
-    "savefig.facecolor": "white",
-})
-
-
-def column_key(header: str) -> str:
-    """A table column's key in the JSON: "TTFT p50 s" -> "ttft_p50_s", "tok / CPU s" -> "tok_cpu_s"."""
-    return re.sub(r"[^a-z0-9]+", "_", header.lower()).strip("_")
-
-
-def dumps(result: dict) -> str:
-    return json.dumps(result, indent=2) + "\n"
-
-
-# ---------------------------------------------------------------- shared pieces of figures and fragments
-
-
-def bar_panel(ax, labels: list[str], values: list[float], colors: list[str], title: str, ylabel: str, decimals: int):
-    """One panel of bars, each labelled with its value as the table prints it."""
-    bars = ax.bar(range(len(values)), values, width=0.62, color=colors)
-    ax.bar_label(bars, labels=[f"{v:.{decimals}f}" for v in values], padding=2, fontsize=10)
-    ax.set_xticks(range(len(values)), labels)
-    ax.tick_params(axis="x", length=0)
-    ax.set_ylim(0, max(values) * 1.2)  # room for the value labels above the tallest bar
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-
-
-def caption(result: dict) -> str:
-    """The figure's last line: where and when it was measured, and how busy the machine was."""
-    before, after = result["load_before"][0], result["load_after"][0]
-    return (
-        f"{result['machine']}, {result['cores']} cores · {result['date'][:10]} · "
-        f"load average (1 min) {before:.2f} before, {after:.2f} after"
-    )
-
-
-def heading(fig, title: str, handles: list | None = None, ncols: int | None = None):
-    """The figure's title, with the colour legend under it if there is one (in one row, unless ``ncols``)."""
-    if handles is None:
-        fig.suptitle(title, fontweight="bold", fontsize=12)
-    else:
-        # The legend's own title is the figure's: constrained layout makes room for an outside legend, but
-        # lays a suptitle over it.
-        fig.legend(
-            handles=handles, loc="outside upper center", ncols=ncols or len(handles), frameon=False, title=title,
-            title_fontproperties={"weight": "bold", "size": 12},
-        )
-
-
-def save(fig, png: str) -> Path:
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    path = ASSETS / png
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: reruns differ only in numbers
-    plt.close(fig)
-    return path
-
-
-def table(header: list[str], rows: list[list], align: str) -> list[str]:
-    """A markdown table; ``align`` has an ``l`` or ``r`` per column."""
-    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-
-
-def fragment(lead: str, header: list[str], rows: list[list], align: str, png: str, alt: str) -> str:
-    return "\n".join([lead, "", *table(header, rows, align), "", f"![{alt}]({FROM_PAGE}/{png})", ""])
-
-
-def measured(result: dict) -> str:
-    """The fragment's opening words: when, on what, how loaded."""
-    before, after = result["load_before"][0], result["load_after"][0]
-    return (
-        f"Measured {result['date'][:10]} on {result['machine']} ({result['cores']} cores), "
-        f"load average (1 min) {before:.2f} before the run and {after:.2f} after"
-    )
-
 
 # ---------------------------------------------------------------- chapter 01: one request, decode speed
 
 
 def decode_figure(result: dict):
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+    fig, ax = panels()
     width, x = 0.36, range(len(rows))
     ours = [r["minisgl_tok_s"] for r in rows]
     theirs = [r["transformers_tok_s"] for r in rows]
@@ -153,7 +66,7 @@ def decode_figure(result: dict):
         Patch(color=BLUE, label="minisgl, chapter 01 (Generator)"), Patch(color=ORANGE, label="transformers generate")
     ]
     heading(fig, "Chapter 01: decoding one request, minisgl vs transformers", handles)
-    fig.supxlabel(caption(result), fontsize=10, color=CAPTION_GREY)
+    footer(fig, result)
     return fig
 
 
@@ -185,23 +98,46 @@ def engine_colors(rows: list[dict]) -> dict[str, str]:
     return {engine: ORANGE if engine == "transformers" else next(ours) for engine in engines}
 
 
-def serve_figure(result: dict, title: str, panels: list[tuple], tick, legend=None):
-    """One bar per table row in each panel: (column key, panel title, y label, decimals)."""
+# A serving result's panels: (column key, panel title, y label, decimals).
+THROUGHPUT = ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1)
+TTFT_P50 = ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2)
+TTFT_P99 = ("ttft_p99_s", "TTFT p99 (s)", "seconds", 2)
+ITL_P50 = ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0)
+
+
+def serve_figure(result: dict, title: str, charts: list[tuple], tick, legend=None):
+    """One bar per table row in each of the ``charts`` (panels as ``THROUGHPUT`` is one)."""
     rows = result["rows"]
     colors = engine_colors(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=FIGSIZE, layout="constrained")
-    for ax, (key, name, ylabel, decimals) in zip(axes, panels):
+    fig, axes = panels(len(charts))
+    for ax, (key, name, ylabel, decimals) in zip(axes, charts):
         ticks, values = [tick(result, r) for r in rows], [r[key] for r in rows]
         bar_panel(ax, ticks, values, [colors[r["engine"]] for r in rows], name, ylabel, decimals)
     handles = [Patch(color=color, label=legend(result, engine)) for engine, color in colors.items()] if legend else None
     heading(fig, title, handles)
     workload = result["workload"]
-    fig.supxlabel(
-        f"{caption(result)}\n{result['model']}, {result['dtype']}, {workload['requests']} streamed chat requests, "
+    footer(
+        fig, result,
+        f"{result['model']}, {result['dtype']}, {workload['requests']} streamed chat requests, "
         f"{workload['max_tokens_total']} output tokens",
-        fontsize=10, color=CAPTION_GREY,
     )
     return fig
+
+
+def clients(result: dict) -> str:
+    """How many clients a one-concurrency comparison ran (its rows' mode is "concurrency 32")."""
+    return result["rows"][0]["mode"].replace("concurrency ", "")
+
+
+def one_after_the_other(result: dict) -> str:
+    """A comparison fragment's opening words: when, where, and each row's load at its start."""
+    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in result["rows"])
+    return f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same " \
+        "workload"
+
+
+def versus(row: dict, base: dict) -> str:
+    return f"{row['output_tok_s'] / base['output_tok_s']:.2f}x"
 
 
 def chapter_of(row: dict) -> str:
@@ -228,10 +164,7 @@ def continuous_figure(result: dict):
     return serve_figure(
         result,
         "Chapter 02: continuous batching vs transformers' static batching",
-        [
-            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
-            ("ttft_p50_s", "Time to first token, p50 (s)", "seconds", 2),
-        ],
+        [THROUGHPUT, ("ttft_p50_s", "Time to first token, p50 (s)", "seconds", 2)],
         continuous_tick,
         continuous_legend,
     )
@@ -255,7 +188,7 @@ def continuous_fragment(result: dict, png: str) -> str:
             r["engine"], r["mode"], r["requests"], f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"]
         ]
         if hf:
-            row.insert(4, f"{r['output_tok_s'] / hf['output_tok_s']:.2f}x")
+            row.insert(4, versus(r, hf))
         rows.append(row)
     alt = "Bar charts of the table: output tokens per second and median time to first token of each row"
     return fragment(lead, header, rows, "llrrrrr" if hf else "llrrrr", png, alt)
@@ -268,33 +201,19 @@ def split_tick(result: dict, row: dict) -> str:
 
 
 def split_figure(result: dict):
-    clients = result["rows"][0]["mode"].replace("concurrency ", "")
-    return serve_figure(
-        result,
-        f"Chapter 03: one process (chapter 02) vs the process tree, {clients} clients",
-        [
-            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
-            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
-            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
-        ],
-        split_tick,
-    )
+    title = f"Chapter 03: one process (chapter 02) vs the process tree, {clients(result)} clients"
+    return serve_figure(result, title, [THROUGHPUT, TTFT_P50, ITL_P50], split_tick)
 
 
 def split_fragment(result: dict, png: str) -> str:
     rows = result["rows"]
-    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
-    lead = (
-        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
-        f"workload, server and client sharing the cores: `{result['command']}`."
-    )
+    lead = f"{one_after_the_other(result)}, server and client sharing the cores: `{result['command']}`."
     base = rows[0]
     header = ["server", "output tok/s", f"vs chapter {chapter_of(base)}", "TTFT p50 s", "ITL p50 ms", "tok / CPU s"]
     table_rows = [
         [
-            split_tick(result, r).replace("\n", ", "), f"{r['output_tok_s']:.1f}",
-            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"],
-            f"{r['tok_cpu_s']:.1f}",
+            split_tick(result, r).replace("\n", ", "), f"{r['output_tok_s']:.1f}", versus(r, base),
+            f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"], f"{r['tok_cpu_s']:.1f}",
         ]
         for r in rows
     ]
@@ -316,28 +235,16 @@ def kv_tick(result: dict, row: dict) -> str:
 
 
 def paged_figure(result: dict):
-    clients = result["rows"][0]["mode"].replace("concurrency ", "")
-    return serve_figure(
-        result,
-        f"Chapter 05: paged KV cache + prefix cache vs chapter 03's slots, {clients} clients",
-        [
-            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
-            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
-            ("ttft_p99_s", "TTFT p99 (s)", "seconds", 2),
-            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
-        ],
-        kv_tick,
-    )
+    title = f"Chapter 05: paged KV cache + prefix cache vs chapter 03's slots, {clients(result)} clients"
+    return serve_figure(result, title, [THROUGHPUT, TTFT_P50, TTFT_P99, ITL_P50], kv_tick)
 
 
 def paged_fragment(result: dict, png: str) -> str:
     rows = result["rows"]
-    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
     defaults = result.get("top_defaults") or {}
     knobs = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in defaults.items() if name != "num_pages")
     lead = (
-        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
-        f"workload, server and client sharing the cores, both servers `{result['server']}` "
+        f"{one_after_the_other(result)}, server and client sharing the cores, both servers `{result['server']}` "
         f"(chapter 05 at its defaults: {knobs}; its pages hold as many tokens as chapter 03's slots): "
         f"`{result['command']}`."
     )
@@ -348,9 +255,9 @@ def paged_fragment(result: dict, png: str) -> str:
     ]
     table_rows = [
         [
-            f"chapter {chapter_of(r)}", r.get("kv_cache") or "?", f"{r['output_tok_s']:.1f}",
-            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
-            r["itl_p50_ms"], "n/a" if r.get("prompt_cached") is None else f"{r['prompt_cached']}%",
+            f"chapter {chapter_of(r)}", r.get("kv_cache") or "?", f"{r['output_tok_s']:.1f}", versus(r, base),
+            f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}", r["itl_p50_ms"],
+            "n/a" if r.get("prompt_cached") is None else f"{r['prompt_cached']}%",
         ]
         for r in rows
     ]
@@ -361,49 +268,30 @@ def paged_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "llrrrrrr", png, alt)
 
 
-def grouped_panel(ax, groups: list[str], series: list[tuple[str, list[float]]], colors: list[str], title: str,
-                  ylabel: str, decimals: int, suffix: str = ""):
-    """Bars side by side in each group, one per series (label, values per group), labelled with their values."""
-    width = 0.8 / len(series)
-    for k, ((_, values), color) in enumerate(zip(series, colors)):
-        x = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(x, values, width, color=color)
-        ax.bar_label(bars, labels=[f"{v:.{decimals}f}{suffix}" for v in values], padding=2, fontsize=9.5)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.tick_params(axis="x", length=0)
-    ax.set_ylim(0, max(v for _, values in series for v in values) * 1.22 or 1)
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-
-
-def verdict_words(met: bool) -> str:
-    return "target met" if met else "target not met"
-
-
 def shared_prefix_figure(result: dict):
     rows = result["rows"]
     parts = list(dict.fromkeys(r["workload"] for r in rows))
     caches = list(dict.fromkeys(r["cache"] for r in rows))
     colors = [BLUE if c == "radix" else VERMILLION for c in caches]
     by = {(r["workload"], r["cache"]): r for r in rows}
-    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE, layout="constrained")
-    panels = [
+    fig, axes = panels(3)
+    charts = [
         ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2, ""),
         ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1, ""),
         ("prefix_hit", "Prefix hit rate (%)", "% of prompt tokens", 0, "%"),
     ]
-    for ax, (key, title, ylabel, decimals, suffix) in zip(axes, panels):
+    for ax, (key, title, ylabel, decimals, suffix) in zip(axes, charts):
         series = [(c, [by[p, c][key] for p in parts]) for c in caches]
         grouped_panel(ax, [p.replace(" ", "\n", 1) for p in parts], series, colors, title, ylabel, decimals, suffix)
     names = {"radix": "--cache-type radix (prefix cache)", "naive": "--cache-type naive (no sharing)"}
     handles = [Patch(color=color, label=names[c]) for c, color in zip(caches, colors)]
     heading(fig, f"Chapter 05: shared prefixes, radix cache vs none, {result['concurrency']} clients", handles)
     work = result["workload"]
-    fig.supxlabel(
-        f"{caption(result)}\n{work['system_prompt']['requests']} requests sharing a "
+    footer(
+        fig, result,
+        f"{work['system_prompt']['requests']} requests sharing a "
         f"{work['system_prompt']['system_prompt_tokens']}-token system prompt; {work['multi_turn']['conversations']} "
         f"chats × {work['multi_turn']['turns']} turns; max_tokens {work['max_tokens']}",
-        fontsize=10, color=CAPTION_GREY,
     )
     return fig
 
@@ -448,7 +336,7 @@ def repeats(n: int) -> str:
 
 def capacity_figure(result: dict):
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
+    fig, ax = panels()
     colors = [ORANGE if r["kv_cache"].startswith("slots") else BLUE if r["how"] == "computed" else GREEN for r in rows]
     labels = [capacity_tick(r) for r in rows]
     bar_panel(ax, labels, [r["requests_at_once"] for r in rows], colors,
@@ -464,10 +352,10 @@ def capacity_figure(result: dict):
     ]
     heading(fig, "Chapter 05: capacity, pages against slots, one KV memory budget", handles, ncols=2)
     work = result["workload"]
-    fig.supxlabel(
-        f"{caption(result)}\n{work['requests']} requests of the serving workload (prompt + max_tokens "
+    footer(
+        fig, result,
+        f"{work['requests']} requests of the serving workload (prompt + max_tokens "
         f"{work['tokens_min']}..{work['tokens_max']}, mean {work['tokens_mean']}); dotted: all of them",
-        fontsize=10, color=CAPTION_GREY,
     )
     return fig
 
@@ -492,7 +380,7 @@ def capacity_fragment(result: dict, png: str) -> str:
 
 def chunked_figure(result: dict):
     rows = result["rows"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained", width_ratios=[1, 1.3])
+    fig, (left, right) = panels(2, width_ratios=[1, 1.3])
     names = [f"chunk {r['chunked_prefill_size']}" if r["chunked_prefill_size"] else "no chunking" for r in rows]
     colors = [BLUE if r["chunked_prefill_size"] else VERMILLION for r in rows]
     series = [(n, [r[k] or 0 for k in ("itl_p50_ms", "itl_p99_ms", "itl_max_ms")]) for n, r in zip(names, rows)]
@@ -509,10 +397,10 @@ def chunked_figure(result: dict):
     handles = [Patch(color=c, label=n) for n, c in zip(names, colors)]
     heading(fig, f"Chapter 05: a {result['long_prompt_tokens']}-token prompt arrives while "
             f"{result['streams']} requests stream", handles)
-    fig.supxlabel(
-        f"{caption(result)}\n{result['model']}, {result['dtype']}; gaps of the running streams while the long "
+    footer(
+        fig, result,
+        f"{result['model']}, {result['dtype']}; gaps of the running streams while the long "
         f"prompt is prefilled, {repeats(result['repeats'])}",
-        fontsize=10, color=CAPTION_GREY,
     )
     return fig
 
@@ -549,7 +437,7 @@ def tp_pairs(rows: list[dict], dtype: str) -> list[tuple[dict, dict]]:
 def tp_figure(result: dict):
     tp, rows = result["tp"], result["rows"]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=FIGSIZE, layout="constrained", squeeze=False)
+    fig, axes = panels(len(dtypes), squeeze=False)
     width = 0.36
     for ax, dtype in zip(axes[0], dtypes):
         pairs = tp_pairs(rows, dtype)
@@ -580,10 +468,10 @@ def tp_figure(result: dict):
         Line2D([], [], color="black", linestyle="--", label=f"TP {tp} rank 0: time inside them, waits included"),
     ]
     heading(fig, f"Chapter 04: a decode step at TP 1 and TP {tp} on {result['cores']} CPU cores", handles, ncols=2)
-    fig.supxlabel(
-        f"{caption(result)}\n{result['model']}, {result['prompt_len']}-token prompts, median of {result['steps']} "
+    footer(
+        fig, result,
+        f"{result['model']}, {result['prompt_len']}-token prompts, median of {result['steps']} "
         f"steps; TP {tp}: {tp} processes × {result['threads'][str(tp)]} thread, gloo",
-        fontsize=10, color=CAPTION_GREY,
     )
     return fig
 
@@ -623,12 +511,10 @@ def tp_fragment(result: dict, png: str) -> str:
         "bandwidth (compute not included; latencies approximate). Sources: "
         + "; ".join(f"{link['link']}: {link['source']}" for link in result["links"]) + ".",
         "",
-        *table(paper_header, paper, "llrrrrr"),
+        *markdown_table(paper_header, paper, "llrrrrr"),
         "",
     ])
 
-
-# The results that chapter pages show: result name -> (PNG, figure, fragment).
 
 # ---------------------------------------------------------------- chapter 06: the complete server against its peers
 
@@ -649,7 +535,7 @@ def peers_figure(result: dict):
     rows = result["rows"]
     levels = sorted({concurrency_of(r) for r in rows if r["engine"] != "transformers"})
     colors = {"minisgl": BLUE, "llama-cpp-python": GREEN, "transformers": ORANGE}
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained")
+    fig, axes = panels(2)
     for ax, (key, name, ylabel, log) in zip(axes, [("output_tok_s", "Throughput (tok/s)", "output tokens / s", False),
                                                    ("ttft_p99_s", "TTFT p99 (s, log scale)", "seconds", True)]):
         width = 0.8 / len(PEERS)
@@ -676,8 +562,8 @@ def peers_figure(result: dict):
     heading(fig, "Chapter 06: the complete server against its peers",
             [Patch(color=colors[e], label=labels[e]) for e in PEERS if peer_row(rows, e)])
     workload = result["workload"]
-    fig.supxlabel(f"{caption(result)}\n{result['model']}, {result['dtype']}, {workload['requests']} streamed chat "
-                  "requests (c=1: the first 16)", fontsize=10, color=CAPTION_GREY)
+    footer(fig, result, f"{result['model']}, {result['dtype']}, {workload['requests']} streamed chat requests (c=1: "
+           "the first 16)")
     return fig
 
 
@@ -695,7 +581,7 @@ def peers_fragment(result: dict, png: str) -> str:
         peer = peer_row(rows, "llama-cpp-python", concurrency_of(r)) if r["engine"] != "transformers" else None
         table_rows.append([
             r["engine"], r["mode"], r["requests"], f"{r['output_tok_s']:.1f}",
-            f"{r['output_tok_s'] / peer['output_tok_s']:.2f}x" if peer else "",
+            versus(r, peer) if peer else "",
             f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}", r["itl_p50_ms"],
         ])
     alt = "Bar charts: output tokens per second and TTFT p99 of minisgl, llama-cpp-python and transformers"
@@ -720,7 +606,7 @@ def peer_targets(rows: list[dict]) -> list[str]:
     if ours(1) and theirs(1):
         ratio = ours(1)["output_tok_s"] / theirs(1)["output_tok_s"]
         checks.append(("at concurrency 1, at least 0.5x llama-cpp-python", f"{ratio:.2f}x", ratio >= 0.5))
-    return ["", *table(["target", "measured", ""], [[t, m, verdict_words(ok)] for t, m, ok in checks], "lrl")]
+    return ["", *markdown_table(["target", "measured", ""], [[t, m, verdict_words(ok)] for t, m, ok in checks], "lrl")]
 
 
 def chapters_tick(result: dict, row: dict) -> str:
@@ -728,34 +614,23 @@ def chapters_tick(result: dict, row: dict) -> str:
 
 
 def chapters_figure(result: dict):
-    clients = result["rows"][0]["mode"].replace("concurrency ", "")
-    return serve_figure(
-        result,
-        f"The course's progress: every chapter's server, {clients} clients",
-        [
-            ("output_tok_s", "Throughput (tok/s)", "output tokens / s", 1),
-            ("ttft_p50_s", "TTFT p50 (s)", "seconds", 2),
-            ("itl_p50_ms", "Inter-token p50 (ms)", "milliseconds", 0),
-        ],
-        chapters_tick,
-    )
+    title = f"The course's progress: every chapter's server, {clients(result)} clients"
+    return serve_figure(result, title, [THROUGHPUT, TTFT_P50, ITL_P50], chapters_tick)
 
 
 def chapters_fragment(result: dict, png: str) -> str:
     rows = result["rows"]
-    loads = ", then ".join(f"{r['load_at_start']:.2f}" for r in rows)
     lead = (
-        f"{measured(result)} ({loads} at the start of each row); the rows ran one after the other on the same "
-        f"workload, each chapter's server at its own defaults with `{result['server']}`: `{result['command']}`."
+        f"{one_after_the_other(result)}, each chapter's server at its own defaults with `{result['server']}`: "
+        f"`{result['command']}`."
     )
     base = rows[0]
     header = ["server", "KV cache", "output tok/s", f"vs chapter {chapter_of(base)}", "TTFT p50 s", "TTFT p99 s",
               "ITL p50 ms"]
     table_rows = [
         [
-            f"chapter {chapter_of(r)}", r.get("kv_cache") or "n/a", f"{r['output_tok_s']:.1f}",
-            f"{r['output_tok_s'] / base['output_tok_s']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
-            r["itl_p50_ms"],
+            f"chapter {chapter_of(r)}", r.get("kv_cache") or "n/a", f"{r['output_tok_s']:.1f}", versus(r, base),
+            f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}", r["itl_p50_ms"],
         ]
         for r in rows
     ]
@@ -763,6 +638,7 @@ def chapters_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "llrrrrr", png, alt)
 
 
+# The results that chapter pages show: result name -> (PNG, figure, fragment).
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
     "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
@@ -794,170 +670,17 @@ def render(result_path: Path) -> list[Path]:
     return written
 
 
-# ---------------------------------------------------------------- results measured before the JSON sidecars
-
-
-def need(pattern: str, text: str, path: Path) -> re.Match:
-    match = re.search(pattern, text, re.MULTILINE)
-    if match is None:
-        raise SystemExit(f"{path}: no line matches {pattern!r}; was it written by an older script?")
-    return match
-
-
-def number(cell: str):
-    """A table cell as the JSON holds it: "18.0" and "128" as numbers, "5/128" (how many of all) as 5."""
-    if re.fullmatch(r"-?\d+", cell):
-        return int(cell)
-    if re.fullmatch(r"-?\d+\.\d+", cell):
-        return float(cell)
-    if match := re.fullmatch(r"(\d+)/\d+", cell):
-        return int(match[1])
-    return cell
-
-
-def first_table(lines: list[str]) -> list[dict]:
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
-    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in block]
-    keys = [column_key(header) for header in cells[0]]
-    return [dict(zip(keys, map(number, row))) for row in cells[2:]]  # cells[1] is the |---| rule
-
-
-def loads(text: str) -> list[float]:
-    return [float(x) for x in text.split(" / ")]
-
-
-def versions(text: str) -> dict[str, str]:
-    return dict(item.split(" ", 1) for item in text.split(", "))
-
-
-def chapter_at(commit: str | None) -> str:
-    """Which chapter the top-level package was at a commit: the highest chapters/NN folder then (now if unknown)."""
-    names = []
-    if commit:
-        listing = subprocess.run(
-            ["git", "ls-tree", "--name-only", commit.split()[0], "chapters/"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-        )
-        names = [Path(line).name for line in listing.stdout.split()]
-    if not names:
-        names = [p.name for p in (REPO_ROOT / "chapters").iterdir()]
-    return max(name for name in names if name.isdigit())
-
-
-def decode_from_markdown(path: Path, text: str) -> dict:
-    machine = need(r"^- machine: (.+), (\d+) torch threads \(of (\d+) cores\)", text, path)
-    load = need(r"^- load average \(1 min\) before / after: ([\d.]+) / ([\d.]+)", text, path)
-    model = need(
-        r"^- model: (.+?); prompt of (\d+) tokens; (\d+) new tokens, greedy; median of (\d+) repeats", text, path
-    )
-    return {
-        "benchmark": "generate_single",
-        "title": text.splitlines()[0].removeprefix("# "),
-        "date": need(r"^- date: (\S+)", text, path)[1],
-        "machine": machine[1],
-        "cores": int(machine[3]),
-        "torch_threads": int(machine[2]),
-        "load_before": [float(load[1])],
-        "load_after": [float(load[2])],
-        "versions": versions(need(r"^- (torch .+)$", text, path)[1]),
-        "commit": commit[1] if (commit := re.search(r"^- commit: (.+)$", text, re.MULTILINE)) else None,
-        "command": need(r"^- command: `([^`]+)`", text, path)[1],
-        "model": model[1],
-        "prompt_tokens": int(model[2]),
-        "new_tokens": int(model[3]),
-        "repeats": int(model[4]),
-        "rows": first_table(text.splitlines()),
-        "converted_from": path.name,
-    }
-
-
-def serve_from_markdown(path: Path, text: str) -> dict:
-    load = need(r"^- load average \(1, 5, 15 min\) before: ([\d. /]+); after: ([\d. /]+)$", text, path)
-    machine = need(r"^- machine: (.+), (\d+) cores", text, path)
-    software = need(r"^- (python .+); minisgl commit (.+) \(at the start\)$", text, path)
-    server = need(r"^- server: `([^`]+)`, run from (.+); (.+)$", text, path)
-    work = need(
-        r"^- workload: (\d+) chat requests \(seed (\d+)\); prompts (\d+)\.\.(\d+) tokens \(median (\d+)\); "
-        r"max_tokens (\d+)\.\.(\d+) \(mean (\d+), total (\d+)\)",
-        text, path,
-    )
-    command = need(r"^- command: `([^`]+)`", text, path)[1]
-    model = re.search(r"^- model: (.+)$", text, re.MULTILINE)
-    threads = re.search(r"OMP_NUM_THREADS=(\d+)", server[3])
-    commit = software[2]
-    rows = first_table(text.splitlines())
-    for row in rows:  # "minisgl" is the top-level package: the newest chapter at that commit
-        label = re.fullmatch(r"minisgl(?: ch(\d+))?", row["engine"])
-        row["chapter"] = None if label is None else label[1] or chapter_at(commit)
-    headlines = [
-        {"engine": m[1], "mode": m[2], "versus": m[3], "tok_s_ratio": float(m[4]), "tok_cpu_s_ratio": float(m[5])}
-        for m in re.finditer(
-            r"^\*\*(.+?) at (.+?) / (transformers static batch \d+): ([\d.]+)x output tokens/s\*\* "
-            r"\(([\d.]+)x per CPU second\)",
-            text, re.MULTILINE,
-        )
-    ]
-    computed = re.search(r"^transformers computed (\d+) tokens", text, re.MULTILINE)
-    return {
-        "benchmark": "serve_workload",
-        "title": text.splitlines()[0].removeprefix("# "),
-        "date": need(r"^- date: ([^;]+);", text, path)[1],
-        "elapsed_min": float(need(r"whole run ([\d.]+) min", text, path)[1]),
-        "machine": machine[1],
-        "cores": int(machine[2]),
-        "load_before": loads(load[1]),
-        "load_after": loads(load[2]),
-        "versions": versions(software[1]),
-        "commit": commit,
-        "command": command,
-        # Older results did not name the model: without --model-path it was the default one.
-        "model": model[1] if model else "SmolLM2-135M-Instruct" if "--model-path" not in command else None,
-        "server": server[1],
-        "dtype": need(r"--dtype (\S+)", server[1], path)[1],
-        "run_from": ["." if place == "the repository root" else place.strip("`/") for place in server[2].split(", ")],
-        "threads": int(threads[1]) if threads else None,
-        "workload": {
-            "requests": int(work[1]), "seed": int(work[2]),
-            "prompt_tokens_min": int(work[3]), "prompt_tokens_max": int(work[4]), "prompt_tokens_median": int(work[5]),
-            "max_tokens_min": int(work[6]), "max_tokens_max": int(work[7]), "max_tokens_mean": int(work[8]),
-            "max_tokens_total": int(work[9]),
-        },
-        "rows": rows,
-        "headlines": headlines,
-        "transformers_computed_tokens": int(computed[1]) if computed else None,
-        "converted_from": path.name,
-    }
-
-
-def from_markdown(path: Path) -> dict:
-    text = path.read_text()
-    if text.startswith("# Single-request decode speed"):
-        return decode_from_markdown(path, text)
-    if text.startswith("# Serving throughput"):
-        return serve_from_markdown(path, text)
-    raise SystemExit(f"{path}: not a result of generate_single.py or serve_workload.py")
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--from-markdown", action="store_true",
-        help="first write NAME.json from NAME.md for each chapter result that has no JSON yet",
-    )
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     missing = []
     for name in FIGURES:
         result = RESULTS / f"{name}.json"
-        if args.from_markdown and not result.exists():
-            result.write_text(dumps(from_markdown(RESULTS / f"{name}.md")))
-            print(f"written {result.relative_to(REPO_ROOT)} from {name}.md")
         if result.exists():
             render(result)
         else:
             missing.append(name)
     if missing:
-        raise SystemExit(f"no JSON result for {', '.join(missing)}: run its benchmark, or this with --from-markdown")
+        raise SystemExit(f"no JSON result for {', '.join(missing)}: run its benchmark")
 
 
 if __name__ == "__main__":

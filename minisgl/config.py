@@ -8,8 +8,11 @@ whole tokenizer just to learn one token id. So the launcher reads the model fold
 hands the result to every child.
 
 Nothing here imports torch or transformers' model code: the API server, which runs this, never needs
-them. The files are read as plain JSON; only the end-of-sequence *token* named by the tokenizer needs
-the tokenizer's vocabulary, and the small ``tokenizers`` library reads that.
+them. The files are read as plain JSON. ``config.json``'s model settings are read by the model's own
+reader, ``ModelConfig`` (plain Python too), the one the schedulers build the model from, so the launcher
+and the schedulers cannot read the file differently, and a model minisgl cannot run, or cannot split
+over ``--tp-size`` ranks, is refused before any process starts. Only the end-of-sequence *token* named
+by the tokenizer needs the tokenizer's vocabulary, and the small ``tokenizers`` library reads that.
 """
 
 import json
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from .args import ServerArgs
 from .core import pages_for
+from .models.config import ModelConfig, check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +45,10 @@ def resolve_config(args: ServerArgs) -> ServerConfig:
     raw = read_json(path / "config.json")
     if raw is None:
         raise FileNotFoundError(f"no config.json in model folder {path}")
+    model = ModelConfig.from_dict(raw)
+    check_tensor_parallel(model, args.tp_size)
     tokenizer_config = read_json(path / "tokenizer_config.json") or {}
-    heads = raw["num_attention_heads"]
-    check_tp_size(args.tp_size, heads, raw.get("num_key_value_heads", heads), raw["intermediate_size"])
-    max_positions = raw.get("max_position_embeddings", 2048)
+    max_positions = model.max_position_embeddings
     if args.context_length > max_positions:
         logger.info("--context-length %d is longer than the model's %d positions: using %d",
                     args.context_length, max_positions, max_positions)
@@ -53,43 +57,12 @@ def resolve_config(args: ServerArgs) -> ServerConfig:
         model_path=str(path),
         model_name=args.served_model_name or path.name,
         context_length=min(args.context_length, max_positions),
-        vocab_size=raw["vocab_size"],
+        vocab_size=model.vocab_size,
         eos_token_ids=eos_token_ids(path, raw, tokenizer_config),
         chat_template=chat_template(path, tokenizer_config),
         num_pages=kv_cache_pages(args, min(args.context_length, max_positions)),
     )
 # --8<-- [end:server-config]
-
-
-# --8<-- [start:check-tp-size]
-def tensor_parallel_problem(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> str | None:
-    """Why a model cannot be split across ``tp_size`` ranks, or None if it can (introduced in chapter 04).
-
-    Every rank gets the same number of query heads and the same slice of the MLP. KV heads are split
-    the same way when there are at least as many as ranks; with fewer, each is held by a group of ranks
-    (replicated), which works when the ranks divide evenly among them. The vocabulary need not divide:
-    the embedding and the LM head pad it (``layers/embedding.py``).
-    """
-    if num_heads % tp_size:
-        return f"does not divide the model's {num_heads} attention heads"
-    if num_kv_heads % tp_size and tp_size % num_kv_heads:
-        return f"and the model's {num_kv_heads} KV heads do not divide one another"
-    if intermediate_size % tp_size:
-        return f"does not divide the model's {intermediate_size} MLP intermediate features"
-    return None
-
-
-def check_tp_size(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
-    """Refuse a TP size the model cannot be split by, naming the numbers and the sizes that work."""
-    if tp_size < 1:
-        raise ValueError(f"--tp-size must be at least 1, got {tp_size}")
-    problem = tensor_parallel_problem(tp_size, num_heads, num_kv_heads, intermediate_size)
-    if problem:
-        sizes = [n for n in range(1, num_heads + 1)
-                 if tensor_parallel_problem(n, num_heads, num_kv_heads, intermediate_size) is None]
-        raise ValueError(f"--tp-size {tp_size} {problem}: use a TP size the model can be split by "
-                         f"({', '.join(map(str, sizes))})")
-# --8<-- [end:check-tp-size]
 
 
 def kv_cache_pages(args: ServerArgs, context_length: int) -> int:
@@ -122,7 +95,8 @@ def local_model_folder(name_or_path: str) -> Path:
 
 def eos_token_ids(path: Path, raw: dict, tokenizer_config: dict) -> tuple[int, ...]:
     """The end ids of config.json, of generation_config.json (chat models often add their end-of-turn
-    token there), and the tokenizer's own ``eos_token``, in that order, each once."""
+    token there), and the tokenizer's own ``eos_token``, in that order, each once: the server's one set
+    of end tokens (``ModelConfig`` carries none: the model itself does not need them)."""
     generation_config = read_json(path / "generation_config.json") or {}
     ids = as_list(raw.get("eos_token_id")) + as_list(generation_config.get("eos_token_id"))
     eos = tokenizer_config.get("eos_token")

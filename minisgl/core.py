@@ -5,7 +5,8 @@ This is the contract between the scheduler, which decides *what* runs, and the e
 - ``SamplingParams``: how a request wants its tokens chosen; it travels in messages from the API
   server to the scheduler;
 - ``Request``: one request as the scheduler tracks it (its tokens, its page table, its state);
-- ``Batch``: what one forward pass runs, in plain Python lists; the engine turns it into tensors.
+- ``Batch``: what one forward pass runs, in plain Python lists; the engine turns it into tensors;
+- ``Sampled``: what the engine's step gives back for each request of the batch.
 
 The module imports no torch, on purpose: the API server and the tokenizer processes use these types
 too, and a process that never runs the model should not pay for loading torch (hundreds of MB).
@@ -56,6 +57,9 @@ class SamplingParams:
     constraint: tuple[str, str] | None = None
 
     def __post_init__(self):
+        # Each error names the field of this class. An HTTP API that calls a field something else (chat's
+        # top_logprobs, /generate's max_new_tokens) bounds it in its own schema (``server/protocol.py``), so
+        # that a client's error names the field it sent.
         if not 0 <= self.temperature < float("inf"):  # NaN fails too
             raise InvalidParam("temperature", f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -65,7 +69,7 @@ class SamplingParams:
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise InvalidParam("max_tokens", f"max_tokens must be > 0, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidParam("top_logprobs", f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+            raise InvalidParam("logprobs", f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         for token, bias in self.logit_bias.items():
             if not -100 <= bias <= 100:
                 raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for {token}")
@@ -136,3 +140,16 @@ class Batch:
             self.seq_lens.append(request.cached_len + new)
             self.sample.append(request.cached_len + new == request.seq_len)
 # --8<-- [end:batch]
+
+
+# --8<-- [start:sampled]
+@dataclass
+class Sampled:
+    """What the engine's step gives one request of a batch (chapter 06): its next token (None for a chunk in
+    the middle of a prompt), and the log probabilities it asked for, of that token and of the prompt tokens
+    this step read (the epilogue's ``logprobs`` and ``echo``)."""
+
+    token: int | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+# --8<-- [end:sampled]

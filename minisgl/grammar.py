@@ -17,18 +17,27 @@ break the shape:
 3. **Advance**: the scheduler feeds the chosen token to the matcher. When the grammar is complete, only
    the end-of-sequence token is allowed, and the request stops.
 
+The scheduler sees all of this through one small seam, ``GrammarManager``: it hands over a constrained
+request on arrival (``add``), takes back the ones whose grammar is ready at the start of each step
+(``ready``), asks for the step's mask (``mask_for``) and advances a matcher with each token (``accept``).
+Compiling, the requests that wait for it and the matchers are the manager's business.
+
 The mask is applied where tokens are chosen, after the forward pass and before sampling, because it
 depends on every token chosen so far: it cannot be known before the previous step's token is. Under
 tensor parallelism every rank holds the same matchers and applies the same masks, so the ranks still
 sample the same tokens.
 """
 
+import logging
 import re
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 import xgrammar as xgr
+
+logger = logging.getLogger(__name__)
 
 CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "ebnf")
 
@@ -150,3 +159,88 @@ def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
 # --8<-- [end:mask]
+
+
+# --8<-- [start:grammar-manager]
+class GrammarManager:
+    """The scheduler's one seam to constrained decoding: compiling, the requests waiting for it, the
+    matchers and the mask.
+
+    A large JSON schema can take seconds to compile. On one rank that happens on a thread of its own
+    (``in_background``), and the running requests go on stepping meanwhile. Under tensor parallelism it
+    happens at once, in ``add``: every rank must admit the same requests at the same step, and a thread
+    finishes at a different moment on each rank.
+    """
+
+    def __init__(self, grammars: Grammars | None, in_background: bool = False):
+        """``grammars`` None: a server without a grammar engine refuses every constrained request."""
+        self.grammars = grammars
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar") if in_background and grammars else None
+        self.compiling: list[tuple[object, Future]] = []  # (request, its grammar to be), in arrival order
+
+    def add(self, request) -> None:
+        """Start compiling a constrained request's constraint (once per distinct constraint)."""
+        if self.grammars is None:
+            compiled = Future()
+            compiled.set_exception(GrammarError("this server runs no grammar engine"))
+        else:
+            compiled = self.grammars.compile_later(request.params.constraint, self.pool)
+        self.compiling.append((request, compiled))
+
+    def ready(self, idle: bool = False) -> tuple[list, list[tuple[object, str]]]:
+        """The requests whose grammar is ready (each with its matcher, in ``request.grammar``), and those
+        refused with why (the constraint does not compile, or allows nothing). ``idle``: nothing else
+        runs, so wait a little for a compile rather than spin, with its thread, on the same cores."""
+        if idle and self.compiling:
+            wait([compiled for _, compiled in self.compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        ready, refused = [], []
+        for request, compiled in [(r, c) for r, c in self.compiling if c.done()]:
+            self.compiling.remove((request, compiled))
+            if self.grammars is not None:  # done: later requests look it up among the kept ones
+                self.grammars.pending.pop(tuple(request.params.constraint), None)
+            try:
+                grammar = compiled.result()  # (raises first: its GrammarError, or "no grammar engine")
+                request.grammar = self.grammars.matcher(request.params.constraint, grammar)
+            except Exception as error:  # GrammarError, or anything else the grammar engine raised
+                refused.append((request, str(error) if isinstance(error, GrammarError)
+                                else f"the constraint failed to compile: {error}"))
+            else:
+                ready.append(request)
+        return ready, refused
+
+    def abort(self, uid: str):
+        """Take back a request still waiting for its grammar (None if it is not here)."""
+        for request, compiled in self.compiling:
+            if request.uid == uid:
+                self.compiling.remove((request, compiled))
+                if not any(other is compiled for _, other in self.compiling):  # nobody else waits for it
+                    compiled.cancel()  # (a compile already running finishes; its grammar is then dropped)
+                    self.grammars.pending.pop(tuple(request.params.constraint), None)
+                return request
+        return None
+
+    def drop_all(self) -> list:
+        """Every request still waiting for its grammar, taken back (the server is failing)."""
+        requests = [request for request, _ in self.compiling]
+        self.compiling = []
+        return requests
+
+    @staticmethod
+    def accept(request, token: int) -> bool:
+        """Advance a constrained request's matcher by its new token; False at a dead end of its grammar, or
+        if its matcher fails (that request's own trouble: it ends, and the others go on)."""
+        try:
+            return request.grammar is None or request.grammar.accept_token(token)
+        except Exception:
+            logger.exception("request %s: its grammar's matcher failed", request.uid)
+            return False
+
+    @staticmethod
+    def mask_for(requests: list) -> Callable | None:
+        """The mask of one batch's sampled rows, as a function of their logits (None: none is constrained).
+        It reads each matcher when it is called, so one function serves every step of the same batch."""
+        matchers = [request.grammar for request in requests]
+        if all(matcher is None for matcher in matchers):
+            return None
+        return lambda logits: apply_grammar_masks(logits, matchers)
+# --8<-- [end:grammar-manager]

@@ -24,8 +24,8 @@ from .config import resolve_config
 from .core import SamplingParams
 from .default_model import default_model_path
 from .engine import Engine
-from .grammar import Grammars
-from .messages import AbortRequest, TokenizeError, TokenizeRequest, TokenText, pack_ids, unpack_ids
+from .grammar import GrammarManager, Grammars
+from .messages import AbortRequest, TokenizeError, TokenizeRequest, TokenText, pack_ids
 from .scheduler import Scheduler
 from .tokenizer.detokenize import Detokenizer
 from .tokenizer.tokenize import Tokenizer
@@ -61,9 +61,10 @@ class LLM:
                              config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
                              attention_backend=args.attention_backend,
                              cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
+        # Constraints compile inline, here: nothing else of this process would run meanwhile.
+        grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)))
         self.scheduler = Scheduler(self.engine, args.max_running_requests, args.chunked_prefill_size,
-                                   set(config.eos_token_ids), args.cache_type,
-                                   Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)))
+                                   set(config.eos_token_ids), args.cache_type, grammars)
         self.uids = count()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
@@ -88,29 +89,24 @@ class LLM:
         message = self.tokenizer.tokenize(TokenizeRequest(uid, replace(params or SamplingParams()), messages=messages))
         if isinstance(message, TokenizeError):
             raise ValueError(message.message)
-        self.scheduler.handle(message)
-        self.raise_refusals([uid])
-        finished = False
+        self.submit([message])
+        finished, aborts = False, []
         try:
             while not finished:
                 if should_stop():
                     return
-                output = self.scheduler.step()
+                output = self.scheduler.step(aborts)
                 if output is None:
+                    aborts = []
                     continue
-                text, aborts = self.detokenizer.detokenize(output)
-                for abort in aborts:
-                    self.scheduler.handle(abort)
+                text, aborts = self.detokenizer.detokenize(output)  # a stop string: aborted in the next step
                 for piece, finish in zip(text.texts, text.finish_reasons):  # only this request runs
                     finished = finish is not None
                     if piece:
                         yield piece
         finally:
-            if not finished:  # stopped early, or the caller went away: free what it holds
-                self.scheduler.handle(AbortRequest(uid))
-                while self.scheduler.has_work:
-                    if (output := self.scheduler.step()) is not None:
-                        self.detokenizer.detokenize(output)
+            if not finished or aborts:  # stopped early, the caller went away, or a stop string: free its pages
+                self.abort([uid])
 
     # --8<-- [start:run]
     def run(self, prompts: list[dict], params) -> list[Completion]:
@@ -127,21 +123,18 @@ class LLM:
             if isinstance(message, TokenizeError):
                 raise ValueError(f"prompt {len(ready)}: {message.message}")
             ready.append(message)
-        for message in ready:
-            self.scheduler.handle(message)
-        self.raise_refusals(uids)
+        self.submit(ready)
         results = {uid: Completion() for uid in uids}
-        left = set(uids)
+        left, aborts = set(uids), []
         while left:
-            output = self.scheduler.step()
+            output = self.scheduler.step(aborts)  # the last step's stop strings: the scheduler frees their pages
             if output is None:
+                aborts = []
                 continue
-            for uid, token in zip(output.uids, unpack_ids(output.token_ids)):
-                if token >= 0 and uid in left:
-                    results[uid].token_ids.append(token)
+            for out in output.outputs:
+                if out.token >= 0 and out.uid in left:
+                    results[out.uid].token_ids.append(out.token)
             text, aborts = self.detokenizer.detokenize(output)
-            for abort in aborts:  # a stop string: the scheduler frees its pages
-                self.scheduler.handle(abort)
             for i, uid in enumerate(text.uids):
                 result = results[uid]
                 result.text += text.texts[i]
@@ -151,16 +144,28 @@ class LLM:
                 if text.finish_reasons[i] is not None:
                     result.finish_reason, result.matched_stop = text.finish_reasons[i], text.matched_stops[i]
                     left.discard(uid)
+        if aborts:  # the last step's stop strings: free those requests' pages now
+            self.abort([abort.uid for abort in aborts])
         return [results[uid] for uid in uids]
     # --8<-- [end:run]
 
-    def raise_refusals(self, uids: list[str]) -> None:
-        """If the scheduler refused one of these requests (its constraint does not compile), run none of them."""
-        if not self.scheduler.refused:
-            return
-        refusal = self.scheduler.refused[0]
-        for uid in uids:
-            self.scheduler.handle(AbortRequest(uid))
-        self.scheduler.step()  # the aborts' outputs, and the refusals, leave with this step
-        prefix = f"prompt {uids.index(refusal.uid)}: " if len(uids) > 1 else ""
-        raise ValueError(prefix + refusal.message)
+    def submit(self, messages: list) -> None:
+        """Hand tokenized requests to the scheduler. If it refuses one (its constraint does not compile),
+        run none of them: a ValueError says which and why."""
+        for message in messages:
+            self.scheduler.handle(message)
+        refused = self.scheduler.grammars_ready()
+        if refused:
+            uids = [message.uid for message in messages]
+            self.abort(uids)
+            prefix = f"prompt {uids.index(refused[0].uid)}: " if len(uids) > 1 else ""
+            raise ValueError(prefix + refused[0].message)
+
+    def abort(self, uids: list[str]) -> None:
+        """End these requests and free what they hold (their last outputs go to the detokenizer, which
+        forgets them)."""
+        output = self.scheduler.step([AbortRequest(uid) for uid in uids])
+        while output is not None or self.scheduler.has_work:
+            if output is not None:
+                self.detokenizer.detokenize(output)
+            output = self.scheduler.step()

@@ -5,13 +5,15 @@ The server is a tree of processes that talk over ZMQ sockets:
     API server --TokenizeRequest/AbortRequest/FlushCache--> tokenizer --UserRequest/AbortRequest/FlushCache--> scheduler
     scheduler --BatchTokenOutput--> detokenizer --BatchTextOutput--> API server
     tokenizer --TokenizeError--> API server          detokenizer --AbortRequest--> scheduler
+    scheduler --BatchTokenOutput(refused)--> detokenizer --Refusal--> API server   (the complete server)
 
 Messages are msgspec Structs, encoded as MessagePack: compact, fast, and typed on both ends (a
-malformed message fails to decode instead of travelling on). Token ids travel as one packed array of
-int32, 4 bytes a token, rather than as a list of MessagePack integers: a fixed width whatever the
+malformed message fails to decode instead of travelling on). A prompt's token ids travel as one packed
+array of int32, 4 bytes a token, rather than as a list of MessagePack integers: a fixed width whatever the
 vocabulary (MessagePack spends 3 bytes on an id below 65536 and 5 above, so for a small vocabulary
 the list is a little smaller), copied as one block instead of integer by integer, and ready to turn
-into a tensor without a Python loop when a later chapter wants that.
+into a tensor without a Python loop when a later chapter wants that. (A step's output carries one
+token per request, each in the ``TokenOutput`` that says what happened to it.)
 
 Each socket carries one union of message types; ``tag=True`` puts the type's name in each message so
 the receiver knows which one arrived. This module imports no torch (``SamplingParams`` comes from the
@@ -65,8 +67,7 @@ class UserRequest(msgspec.Struct, tag=True):
 
 
 class TokenizeError(msgspec.Struct, tag=True):
-    """Tokenizer -> API server: the request cannot run (say, it does not fit in the context). Also a
-    refusal by the scheduler (a constraint that does not compile), which the detokenizer relays."""
+    """Tokenizer -> API server: the request cannot run (say, it does not fit in the context)."""
 
     uid: str
     message: str
@@ -87,21 +88,32 @@ class NewRequestInfo(msgspec.Struct):
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = []
 
 
+class TokenOutput(msgspec.Struct, array_like=True):
+    """What one step did to one request: its new token, and why it finished, if it did."""
+
+    uid: str
+    token: int = -1  # -1: it finished without a new token (EOS, abort, error)
+    finish: str | None = None  # None: it goes on; "stop", "length", "abort" or "error"
+    logprobs: TokenLogprobs | None = None  # the token's, if the request asked for them
+    matched_eos: int | None = None  # the end-of-sequence token that stopped it (not part of the reply)
+    new: NewRequestInfo | None = None  # with its first output: what the detokenizer must know first
+
+
+class Refusal(msgspec.Struct, tag=True):
+    """Scheduler -> detokenizer -> API server: a request the scheduler would not run, because its constraint
+    does not compile (``constraint`` is its kind; the API server names the request field it came from)."""
+
+    uid: str
+    message: str
+    constraint: str
+
+
 class BatchTokenOutput(msgspec.Struct, tag=True):
-    """Scheduler -> detokenizer: the new token of every request in one step, in one message.
+    """Scheduler -> detokenizer: what one step did, one ``TokenOutput`` per request it touched (a step's
+    result, sent as the scheduler returned it), and the requests it refused."""
 
-    ``token_ids[i]`` is -1 when request ``uids[i]`` finished without a new token (EOS, abort).
-    ``logprobs`` is empty unless some request asked for log probabilities; then ``logprobs[i]`` is request
-    ``uids[i]``'s (or None). ``matched_eos`` names the end-of-sequence token that stopped a request.
-    """
-
-    uids: list[str]
-    token_ids: bytes
-    finish_reasons: list[str | None]
-    new_requests: list[NewRequestInfo] = []
-    logprobs: list[TokenLogprobs | None] = []
-    matched_eos: dict[str, int] = {}
-    refused: list[TokenizeError] = []  # requests the scheduler would not run (their grammar does not compile)
+    outputs: list[TokenOutput]
+    refused: list[Refusal] = []
 
 
 class TokenText(msgspec.Struct, array_like=True):
@@ -136,7 +148,7 @@ COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "t
 ToTokenizer = TokenizeRequest | AbortRequest | FlushCache
 ToScheduler = UserRequest | AbortRequest | FlushCache
 ToDetokenizer = BatchTokenOutput
-ToAPIServer = BatchTextOutput | TokenizeError
+ToAPIServer = BatchTextOutput | TokenizeError | Refusal
 
 _encoder = msgspec.msgpack.Encoder()
 

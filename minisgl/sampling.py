@@ -10,14 +10,20 @@ Given the logits of each request's last position, sampling
    replays the same draws whatever else is in the batch.
 
 Every request brings its own parameters, and the filtering runs on the whole batch at once: sort each
-row once, then cut by rank (top-k) and by running probability (top-p) with per-row thresholds.
+row once, then cut by rank (top-k) and by running probability (top-p) with per-row thresholds. The
+batch's parameters become tensors once, in a ``SamplingBatch``, when the batch's requests change
+(chapter 06; SGLang's ``SamplingBatchInfo`` is the same idea), and ``sampler`` is the whole sampling
+step the engine runs after the forward pass.
 (``SamplingParams`` itself lives in ``core.py``, which the processes that never sample import without
 torch.)
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 
-from .core import SamplingParams, TokenLogprobs
+from .core import TokenLogprobs
 
 
 # --8<-- [start:top-k-top-p]
@@ -45,37 +51,89 @@ def top_k_top_p(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 MIN_TEMPERATURE = 1e-5
 
 
+# --8<-- [start:sampling-batch]
+@dataclass
+class SamplingBatch:
+    """How the sampled rows of a batch choose their tokens, as tensors on the device (chapter 06).
+
+    Built when the batch's sampled requests change, not every step: in a run of decode steps the same
+    requests sample again and again, with the same temperatures, filters, biases and random streams.
+    ``uids`` says which requests it was built for, in row order.
+    """
+
+    uids: tuple[str, ...]
+    drawn: torch.Tensor | None  # the rows that draw at random (temperature >= MIN_TEMPERATURE); the rest are greedy
+    temperature: torch.Tensor | None  # [drawn rows]
+    top_k: torch.Tensor | None  # [drawn rows], 0: no limit
+    top_p: torch.Tensor | None  # [drawn rows]
+    generators: list  # each drawn row's own random stream
+    # The complete server's OpenAI surface (the epilogue): logit_bias as (rows, token ids, biases), the rows
+    # that want log probabilities with how many alternatives each, and the constraints' mask (``grammar.py``).
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logprob_rows: list[int] = field(default_factory=list)
+    logprob_top: list[int] = field(default_factory=list)
+    mask: Callable[[torch.Tensor], None] | None = None
+
+    @classmethod
+    def build(cls, requests: list, device, mask: Callable | None = None) -> "SamplingBatch":
+        """``requests``: the sampled requests, in row order (each with its ``params`` and ``generator``)."""
+        params = [request.params for request in requests]
+        drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+        as_tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
+        return cls(
+            uids=tuple(request.uid for request in requests),
+            drawn=as_tensor(drawn) if drawn else None,
+            temperature=as_tensor([params[i].temperature for i in drawn]) if drawn else None,
+            top_k=as_tensor([params[i].top_k for i in drawn]) if drawn else None,
+            top_p=as_tensor([params[i].top_p for i in drawn]) if drawn else None,
+            generators=[requests[i].generator for i in drawn],
+            bias=(as_tensor([r for r, _, _ in bias], torch.long), as_tensor([t for _, t, _ in bias], torch.long),
+                  as_tensor([v for _, _, v in bias], torch.float32)) if bias else None,
+            logprob_rows=[i for i, p in enumerate(params) if p.logprobs is not None],
+            logprob_top=[p.logprobs for p in params if p.logprobs is not None],
+            mask=mask,
+        )
+# --8<-- [end:sampling-batch]
+
+
 # --8<-- [start:sample]
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """Pick the next token of each request from ``logits`` [requests, vocab] (float32)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
+    """Pick the next token of each row of ``logits`` [rows, vocab] (float32)."""
     tokens = logits.argmax(dim=-1)
     # Below MIN_TEMPERATURE, dividing would overflow the logits to infinities (then NaN): that is greedy anyway.
-    sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-    if sampled:  # the greedy rows are done; filter and draw the others together
-        rows = torch.tensor(sampled, device=logits.device)
-        temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-        top_k = torch.tensor([params[i].top_k for i in sampled], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
-        probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)
+    if batch.drawn is not None:  # the greedy rows are done; filter and draw the others together
+        probs = torch.softmax(logits[batch.drawn] / batch.temperature[:, None], dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs = top_k_top_p(sorted_probs, top_k, top_p)
-        for row, i in enumerate(sampled):  # one draw per request, each from its own random stream
-            choice = torch.multinomial(sorted_probs[row], 1, generator=generators[i])
-            tokens[i] = order[row, choice]
+        sorted_probs = top_k_top_p(sorted_probs, batch.top_k, batch.top_p)
+        for row, generator in enumerate(batch.generators):  # one draw per request, each from its own stream
+            choice = torch.multinomial(sorted_probs[row], 1, generator=generator)
+            tokens[batch.drawn[row]] = order[row, choice]
     return tokens.tolist()
 # --8<-- [end:sample]
 
 
-# --8<-- [start:logit-bias]
-def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
-    """OpenAI's ``logit_bias``: add each request's bias to its tokens' logits, in place, before sampling
-    (-100 all but bans a token, +100 all but forces it)."""
-    for row, p in enumerate(params):
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            biases = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-            logits[row, ids] += biases
-# --8<-- [end:logit-bias]
+# --8<-- [start:sampler]
+def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """The engine's sampling step: the token of each row of ``logits`` [rows, vocab], and the log
+    probabilities of each row that asked for them (None for the others). The order matters: first the
+    model's own log probabilities (what ``logprobs`` reports, before anything changes them), then
+    ``logit_bias``, then the constraints' mask (after the bias, so no bias brings back a forbidden token),
+    then sampling."""
+    model_logprobs = torch.log_softmax(logits[batch.logprob_rows], dim=-1) if batch.logprob_rows else None
+    if batch.bias is not None:  # OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it
+        rows, ids, biases = batch.bias
+        logits.index_put_((rows, ids), biases.to(logits.dtype), accumulate=True)
+    if batch.mask is not None:
+        batch.mask(logits)
+    tokens = sample(logits, batch)
+    logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+    if model_logprobs is not None:
+        chosen = [tokens[row] for row in batch.logprob_rows]
+        for row, reported in zip(batch.logprob_rows, report_logprobs(model_logprobs, chosen, batch.logprob_top)):
+            logprobs[row] = reported
+    return tokens, logprobs
+# --8<-- [end:sampler]
 
 
 # --8<-- [start:logprobs]
@@ -88,6 +146,30 @@ def report_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -
     best_values, best_ids = best_values.tolist(), best_ids.tolist()
     return [(chosen[i], list(zip(best_ids[i][: top[i]], best_values[i][: top[i]]))) for i in range(len(tokens))]
 # --8<-- [end:logprobs]
+
+
+# --8<-- [start:prompt-logprobs]
+def prompt_logprob_rows(batch) -> list[tuple[int, int, int]]:
+    """For the requests of a ``Batch`` that want their prompt's log probabilities (the epilogue's echo):
+    (request, row of the batch, the prompt token that row predicts), for every token of its chunk that is
+    followed by another prompt token."""
+    rows, start = [], 0
+    for b, (request, new) in enumerate(zip(batch.requests, batch.new_lens)):
+        if request.params.prompt_logprobs:
+            for position in range(request.cached_len, min(request.cached_len + new, len(request.prompt_ids) - 1)):
+                rows.append((b, start + position - request.cached_len, request.prompt_ids[position + 1]))
+        start += new
+    return rows
+
+
+def score_prompt_rows(logits: torch.Tensor, rows: list[tuple[int, int, int]], batch) -> list:
+    """(request, (prompt token, its TokenLogprobs)) for each of ``rows``, from their ``logits``."""
+    if not rows:
+        return []
+    top = [batch.requests[b].params.logprobs or 0 for b, _, _ in rows]
+    reported = report_logprobs(torch.log_softmax(logits, dim=-1), [token for _, _, token in rows], top)
+    return [(b, (token, token_logprobs)) for (b, _, token), token_logprobs in zip(rows, reported)]
+# --8<-- [end:prompt-logprobs]
 
 
 # --8<-- [start:make-generator]

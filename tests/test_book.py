@@ -1,6 +1,8 @@
 """The book: its build hook (tools/book.py) and the built site, where no exercise is given away."""
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import book  # noqa: E402
-from chapters import book_diff, diff_counts  # noqa: E402
+from chapters import book_diff, changed_files, chapter_package, diff_counts, renames  # noqa: E402
 from course import chapter_exercises, chapters  # noqa: E402
 
 FIRST = chapters()[0]
@@ -84,6 +86,119 @@ def test_links_to_chapter_pages_this_checkout_lacks_become_text():
     )
     assert book.unlink_missing_chapters("[03](chapters/03.md)", Path("."), files) == "03"
     assert book.unlink_missing_chapters("[setup](../setup.md)", Path("chapters"), files) == "[setup](../setup.md)"
+
+
+# --- "What changed since chapter NN": the page names every file the diff changes ----------------------
+
+# The chapter pages held to naming, in their "What changed" section, every file their diff changes, with
+# the parts that section is told in (each opens with its title, bolded). Chapter 06's snapshot is also the
+# epilogue's, so its page tells the chapter's own change and the clients' layer apart, each file in one.
+WHAT_CHANGED_PARTS = {
+    "06": ("The chapter's own change.", "The clients' layer (the epilogue)."),
+}
+# A page whose snapshot another page shares: that page's block of files is the same as this part's.
+SHARED_SNAPSHOT_PAGES = {("06", "The clients' layer (the epilogue)."): "06-epilogue.md"}
+
+
+def what_changed_section(text: str) -> str:
+    """A chapter page's "What changed since chapter NN" section, up to its generated diffstat."""
+    match = re.search(r"^## What changed since chapter \d\d\n(.*?)(?=^--8<--|^## )", text, re.MULTILINE | re.DOTALL)
+    assert match, "the page has no section '## What changed since chapter NN'"
+    return match[1]
+
+
+def what_changed_parts(section: str, titles: tuple[str, ...]) -> dict[str, str]:
+    """Each part of the section, by its title: from its bolded title to the next one (or the section's end)."""
+    starts = []
+    for title in titles:
+        assert section.count(f"**{title}**") == 1, f"the section should open one part with **{title}**"
+        starts.append(section.index(f"**{title}**"))
+    bounds = sorted(zip(starts, titles)) + [(len(section), None)]
+    return {title: section[start:end] for (start, title), (end, _) in itertools.pairwise(bounds)}
+
+
+def named(text: str) -> set[str]:
+    """What a text names as code: every `...` span."""
+    return set(re.findall(r"`([^`\n]+)`", text))
+
+
+def files_the_diff_changes(old: str, new: str) -> dict[str, tuple[str, ...]]:
+    """Each file the diff from chapter ``old`` to ``new`` changes, adds, removes or moves, with the names
+    that count as naming it (a moved file: its old path or its new one)."""
+    before, after = chapter_package(old), chapter_package(new)
+    moves = renames(before, after)
+    files = {rel: (rel,) for rel in changed_files(before, after) if rel not in moves and rel not in moves.values()}
+    files |= {to: (to, moved_from) for moved_from, to in moves.items()}
+    return dict(sorted(files.items()))
+
+
+def what_changed_problems(text: str, files: dict[str, tuple[str, ...]], titles: tuple[str, ...]) -> list[str]:
+    """Each changed file the section names in no part, or in more than one."""
+    parts = what_changed_parts(what_changed_section(text), titles)
+    names = {title: named(part) for title, part in parts.items()}
+    problems = []
+    for rel, aliases in files.items():
+        naming = [title for title in titles if names[title] & set(aliases)]
+        if not naming:
+            problems.append(f"{rel}: the diff changes it, but 'What changed' names it in no part")
+        elif len(naming) > 1:
+            problems.append(f"{rel}: named in more than one part of 'What changed': {', '.join(naming)}")
+    return problems
+
+
+def page_text(chapter: str) -> str:
+    return (REPO_ROOT / "docs" / "chapters" / f"{chapter}.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("chapter", sorted(WHAT_CHANGED_PARTS))
+def test_what_changed_names_every_file_of_the_diff_in_one_part(chapter):
+    before = chapters()[chapters().index(chapter) - 1]
+    problems = what_changed_problems(page_text(chapter), files_the_diff_changes(before, chapter),
+                                     WHAT_CHANGED_PARTS[chapter])
+    assert not problems, f"docs/chapters/{chapter}.md:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("chapter", sorted(WHAT_CHANGED_PARTS))
+def test_the_what_changed_check_catches_a_file_left_out_or_named_twice(chapter):
+    before = chapters()[chapters().index(chapter) - 1]
+    text, titles = page_text(chapter), WHAT_CHANGED_PARTS[chapter]
+    files = files_the_diff_changes(before, chapter)
+    section = what_changed_section(text)
+    parts = what_changed_parts(section, titles)
+    first, last = parts[titles[0]], parts[titles[-1]]
+    # A file of the first part, no longer named there: the check names it.
+    left_out = next(rel for rel in files if rel in named(first))
+    without = text.replace(section, section.replace(first, first.replace(f"`{left_out}`", left_out)))
+    assert what_changed_problems(without, files, titles) == [
+        f"{left_out}: the diff changes it, but 'What changed' names it in no part"]
+    # The same file named in the last part too: the check names it again.
+    twice = text.replace(section, section.replace(last, last + f"\n- also `{left_out}`\n"))
+    assert what_changed_problems(twice, files, titles) == [
+        f"{left_out}: named in more than one part of 'What changed': {titles[0]}, {titles[-1]}"]
+    # A file the section never names, and a page without the section at all.
+    assert what_changed_problems(text, files | {"brand_new.py": ("brand_new.py",)}, titles) == [
+        "brand_new.py: the diff changes it, but 'What changed' names it in no part"]
+    with pytest.raises(AssertionError, match="no section"):
+        what_changed_problems(text.replace("## What changed since chapter", "## Changes since chapter"), files, titles)
+
+
+def files_block(text: str) -> set[str]:
+    """The paths of a page's block of files (a code block opening with ``minisgl/``, after "The files")."""
+    match = re.search(r"^The files\b.*?:\n\n```\nminisgl/\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert match, "the page has no block of files (```, minisgl/, a path per line) after 'The files...:'"
+    return {line.split()[0] for line in match[1].splitlines() if line.startswith("  ") and not line.startswith("   ")}
+
+
+@pytest.mark.parametrize("chapter,title", sorted(SHARED_SNAPSHOT_PAGES))
+def test_a_page_sharing_a_snapshot_lists_the_files_of_its_part(chapter, title):
+    before = chapters()[chapters().index(chapter) - 1]
+    files = files_the_diff_changes(before, chapter)
+    part = what_changed_parts(what_changed_section(page_text(chapter)), WHAT_CHANGED_PARTS[chapter])[title]
+    in_part = {rel for rel, aliases in files.items() if named(part) & set(aliases)}
+    other = SHARED_SNAPSHOT_PAGES[(chapter, title)]
+    listed = files_block((REPO_ROOT / "docs" / "chapters" / other).read_text(encoding="utf-8"))
+    assert listed == in_part, (f"docs/chapters/{other} lists {sorted(listed - in_part)} that {chapter}.md's "
+                               f"'{title}' does not name, and misses {sorted(in_part - listed)}")
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Attention over a paged KV cache, in plain PyTorch: the oracle for chapter 06's kernels (introduced in chapter 05).
 
 A cache of slots gives every request room for the longest sequence we accept. A paged cache cuts the
-memory into pages of ``page_size`` tokens and gives a request only the pages it fills; its **page
-table row** lists them in order, wherever they lie in the pool:
+memory into pages of ``page_size`` tokens and gives a request only the pages it needs (its prompt and its
+``max_tokens``, ``scheduler/pages.py``); its **page table row** lists them in order, wherever they lie
+in the pool:
 
     position i of a request lives in page row[i // page_size], at offset i % page_size,
     that is at flat location  row[i // page_size] * page_size + i % page_size.
@@ -10,26 +11,14 @@ table row** lists them in order, wherever they lie in the pool:
 Each layer's keys (and values) are one tensor of every page's tokens, **token-major**:
 ``[num_pages * page_size, kv_heads, head_dim]``, so that a token's location is a row number. The other
 candidate was heads-major, ``[kv_heads, num_pages * page_size, head_dim]``, whose rows per head are
-what attention reads. ``benchmarks/kv_layout.py`` measured both for one layer's decode attention
-(32 requests of 365..439 tokens, 9/3 heads, head_dim 64, pages in scrambled order; median ms on 2 AMD
-EPYC cores, load 0.6 to 1.4; ``benchmarks/results/kv_layout.md``):
-
-    dtype     page size   index_select + SDPA        the gather alone
-                          token-major  heads-major   token-major  heads-major
-    float32        1         4.83         6.40          2.17         3.89
-    float32       16         4.43         5.38          1.98         4.18
-    bfloat16       1         3.48         4.54          1.19         1.95
-    bfloat16      16         3.44         4.12          0.92         1.47
-
-Token-major won all four rows of that run, but the machine is shared and the margin moves: over
-seven runs (two of float32 alone), heads-major / token-major for the whole attention ranged from 0.83
-to 1.5 per row, and from 0.98 to 1.26 as the geometric mean of a run's rows. So for the whole attention
-the two are close, token-major ahead more often than not. The gather alone is where they differ every
-time (every row of every run but one): token-major copies a token's heads as one contiguous row of
-kv_heads * head_dim values, where heads-major copies kv_heads short rows from places far apart. SDPA
-then reads heads-major's rectangle, contiguous per head, a little faster, which narrows the gap.
-Storing favours token-major too: a new token's k and v come out of the projection as
-[tokens, kv_heads, head_dim], one row per token.
+what attention reads. ``benchmarks/kv_layout.py`` measures both for one layer's decode attention; its
+numbers are in ``benchmarks/results/kv_layout.md`` and the book's chapter 05 ("Measured"). For the
+whole attention the two layouts are close, and on a shared machine their ratio moves from run to run on
+both sides of 1. The gather alone is where they differ, in token-major's favour: token-major copies a
+token's heads as one contiguous row of kv_heads * head_dim values, where heads-major copies kv_heads
+short rows from places far apart. SDPA then reads heads-major's rectangle, contiguous per head, a little
+faster, which narrows the gap. Storing favours token-major too: a new token's k and v come out of the
+projection as [tokens, kv_heads, head_dim], one row per token.
 
 Page 0 is the **spare page**: the pool never hands it out. Padding locations point into it, so a padded
 gather reads real (finite) memory, which the mask then hides.
@@ -38,15 +27,15 @@ The functions here take tensors on any device and work on one layer's cache; the
 locations once per batch and calls them for every layer:
 
 - ``padded_locations`` / ``token_locations``: page table rows and lengths -> flat locations
-  (``locations_between`` picks some positions of each request out of the padded ones);
+  (``new_token_locations``: a batch's new tokens', for both backends and the CUDA graphs);
 - ``store_kv``: new tokens' keys and values into their locations;
 - ``paged_decode_attention``: one new token per request, every request at once (padded, masked);
 - ``paged_extend_attention``: several new tokens of one request after ``cached_len`` cached ones
   (a prompt, a chunk of one, or a prompt whose prefix the radix cache already holds).
 
-Both attentions gather with ``index_select``, which measured 1.5 to 2.7 times as fast as indexing with
-a tensor (``cache[locations]``), and hand the arithmetic to ``scaled_dot_product_attention``, 1.25 to 2.4
-times as fast as attention written out (matmul, mask, softmax, matmul), with an explicit boolean mask:
+Both attentions gather with ``index_select``, faster than indexing with a tensor (``cache[locations]``),
+and hand the arithmetic to ``scaled_dot_product_attention``, faster than attention written out (matmul,
+mask, softmax, matmul); the same benchmark measures both choices. SDPA gets an explicit boolean mask:
 never ``is_causal=True``, which aligns the causal mask top-left, so that with a cached prefix new token i
 would see keys 0..i instead of 0..cached_len + i.
 """
@@ -54,7 +43,7 @@ would see keys 0..i instead of 0..cached_len + i.
 import torch
 import torch.nn.functional as F
 
-from ..core import SPARE_PAGE  # never handed out; padding points here
+from ..core import SPARE_PAGE, Batch  # SPARE_PAGE: never handed out; padding points here
 
 
 # --8<-- [start:token-locations]
@@ -83,17 +72,30 @@ def token_locations(page_table_rows: list[list[int]], lengths: list[int], page_s
     request. With ``starts`` the cached lengths: the new tokens, in batch order, which is where
     ``store_kv`` writes them.
     """
-    locations = padded_locations(page_table_rows, lengths, page_size, device)
-    return locations_between(locations, starts or [0] * len(lengths), lengths)
+    return torch.tensor(token_location_list(page_table_rows, lengths, page_size, starts), dtype=torch.long,
+                        device=device)
 
 
-def locations_between(locations: torch.Tensor, starts: list[int], ends: list[int]) -> torch.Tensor:
-    """From padded locations [requests, T], those of positions starts[b] .. ends[b] - 1, end to end."""
-    positions = torch.arange(locations.shape[1], device=locations.device)
-    starts_ = torch.tensor(starts, device=locations.device)[:, None]
-    ends_ = torch.tensor(ends, device=locations.device)[:, None]
-    wanted = (positions[None, :] >= starts_) & (positions[None, :] < ends_)  # [requests, T]
-    return locations[wanted]  # a boolean mask reads row by row: request by request, positions in order
+# --8<-- [start:new-locations]
+def token_location_list(page_table_rows: list[list[int]], lengths: list[int], page_size: int,
+                        starts: list[int] | None = None) -> list[int]:
+    """``token_locations`` as Python ints: positions starts[b] .. lengths[b] - 1 of each request b."""
+    locations = []
+    for b, (row, end) in enumerate(zip(page_table_rows, lengths, strict=True)):
+        if len(row) * page_size < end:  # a missing page would silently write into another request's tokens
+            raise ValueError(f"request {b} has {end} tokens but {len(row)} pages of {page_size}")
+        start = starts[b] if starts else 0
+        locations += [row[p // page_size] * page_size + p % page_size for p in range(start, end)]
+    return locations
+
+
+def new_token_locations(batch: Batch, page_size: int) -> list[int]:
+    """Where each new token of ``batch`` goes in the cache, in batch order: the rows ``store_kv`` writes its
+    key and value to. Worked out here only: both backends' ``prepare`` call this, and so does the padding
+    of a CUDA graph's decode step (``engine/graphs.py``)."""
+    cached = [seq_len - new for seq_len, new in zip(batch.seq_lens, batch.new_lens)]
+    return token_location_list([request.pages for request in batch.requests], batch.seq_lens, page_size, cached)
+# --8<-- [end:new-locations]
 
 
 # --8<-- [start:store-kv]

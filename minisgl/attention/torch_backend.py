@@ -11,6 +11,8 @@ whole cached sequence through its page table (``attention/paged.py`` does the wo
 - requests with one new token (decode): all of them attend at once (``paged_decode_attention``);
 - requests with several (a prompt, a chunk of one, a prompt after a cached prefix): one by one, each
   causal with the mask aligned bottom-right (``paged_extend_attention``).
+
+It has no CUDA graph hooks (``supports_graphs = False``): the reference runs eagerly, on any device.
 """
 
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ import torch
 
 from ..core import Batch
 from ..kv_cache import KVCache
-from .paged import locations_between, padded_locations, paged_decode_attention, paged_extend_attention, store_kv
+from . import AttentionBackend
+from .paged import new_token_locations, padded_locations, paged_decode_attention, paged_extend_attention, store_kv
 
 
 @dataclass
@@ -35,7 +38,9 @@ class TorchMetadata:
 
 
 # --8<-- [start:torch-backend]
-class TorchBackend:
+class TorchBackend(AttentionBackend):
+    supports_graphs = False  # the reference runs eagerly, every step: no CUDA graph hooks
+
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
         self.scale = kv_cache.k.shape[-1] ** -0.5  # 1 / sqrt(head_dim)
@@ -56,7 +61,7 @@ class TorchBackend:
             offset += new
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.metadata = TorchMetadata(
-            new_locations=locations_between(locations, starts, batch.seq_lens),
+            new_locations=as_long(new_token_locations(batch, self.kv_cache.page_size)),
             decode_rows=as_long([row for _, row in decode]),
             # cut to the longest decode request: a long prompt chunk in the batch must not widen their gather
             decode_locations=locations[as_long([b for b, _ in decode]), : max(batch.seq_lens[b] for b, _ in decode)]

@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 
 from ..attention import make_backend
-from ..core import Batch, TokenLogprobs, pages_for
+from ..core import Batch, Sampled, pages_for
 from ..distributed import tp_info
-from ..grammar import apply_grammar_masks
 from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..layers.linear import prepack_for_cpu
 from ..models import load_model
-from ..sampling import add_logit_bias, make_generator, report_logprobs, sample
-from .graphs import DecodeGraphs
+from ..sampling import SamplingBatch, make_generator, prompt_logprob_rows, sampler, score_prompt_rows
+from .graphs import DecodeGraphs, graph_batch_sizes
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -109,9 +108,10 @@ class Engine:
                                         bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = make_backend(attention_backend, self.kv_cache)
-        self.graphs = None
-        if cuda_graph_max_bs and self.device.type == "cuda" and hasattr(self.attention, "use_static"):
-            self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
+        self.graphs = None  # the torch backend has no graph hooks: it runs every step eagerly
+        if cuda_graph_max_bs and self.device.type == "cuda" and self.attention.supports_graphs:
+            self.graphs = DecodeGraphs(self.model, self.attention, self.device, graph_batch_sizes(cuda_graph_max_bs),
+                                       max_seq_len=context_length, page_size=page_size)
 
     def new_generator(self, seed: int | None) -> torch.Generator:
         """A request's own random stream, on the device that samples."""
@@ -132,51 +132,25 @@ class Engine:
         # Only the last ones are sampled; the others score prompt tokens (the epilogue's echo with logprobs).
         return self.model.logits(hidden[as_tensor(last_tokens + list(more_rows))])
 
+    def sampling_batch(self, requests: list, mask=None) -> SamplingBatch:
+        """The sampling tensors of a batch's sampled requests (the scheduler keeps them while they stay the same)."""
+        return SamplingBatch.build(requests, self.device, mask)
+
     @torch.inference_mode()
-    def step(self, batch: Batch) -> tuple[list[int | None], list[TokenLogprobs | None], list[list]]:
-        """Run the batch's new tokens and return the next token of each request that ``batch.sample`` says
-        to sample, None for the others (a chunk in the middle of a prompt); the same on every rank. With
-        them, the log probabilities of each sampled request that asked for them (None for the others), and
-        of the prompt tokens this step read for each request that asked for those ([] for the others)."""
-        prompt_rows = prompt_logprob_rows(batch)
+    def step(self, batch: Batch, sampling: SamplingBatch) -> list[Sampled]:
+        """Run the batch's new tokens, then sample the requests that ``batch.sample`` says to (``sampling``:
+        their parameters, in the same order). One ``Sampled`` per request of the batch, the same on every rank."""
+        prompt_rows = prompt_logprob_rows(batch)  # (the epilogue's echo with logprobs; usually none)
         logits = self.forward(batch, tuple(row for _, row, _ in prompt_rows))
-        logits, prompt_logits = logits[: len(batch.requests)], logits[len(batch.requests):]
-        prompt_logprobs = [[] for _ in batch.requests]
-        if prompt_rows:
-            top = [batch.requests[b].params.logprobs or 0 for b, _, _ in prompt_rows]
-            reported = report_logprobs(torch.log_softmax(prompt_logits, dim=-1), [t for _, _, t in prompt_rows], top)
-            for (b, _, token), token_logprobs in zip(prompt_rows, reported):
-                prompt_logprobs[b].append((token, token_logprobs))
+        results = [Sampled() for _ in batch.requests]
         chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
-        if not chosen:
-            return [None] * len(batch.requests), [None] * len(batch.requests), prompt_logprobs
-        requests = [batch.requests[b] for b in chosen]
-        rows = logits if len(chosen) == len(batch.requests) else logits[chosen]
-        # The model's own distribution, before anything below changes it: that is what logprobs report.
-        asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        model_logprobs = torch.log_softmax(rows[asked], dim=-1) if asked else None
-        add_logit_bias(rows, [r.params for r in requests])
-        if any(r.grammar is not None for r in requests):
-            apply_grammar_masks(rows, [r.grammar for r in requests])
-        tokens = sample(rows, [r.params for r in requests], [r.generator for r in requests])
-        logprobs = [None] * len(requests)
-        if asked:
-            for i, token_logprobs in zip(asked, report_logprobs(model_logprobs, [tokens[i] for i in asked],
-                                                                [requests[i].params.logprobs for i in asked])):
-                logprobs[i] = token_logprobs
-        by_row = iter(zip(tokens, logprobs))
-        pairs = [next(by_row) if wanted else (None, None) for wanted in batch.sample]
-        return [token for token, _ in pairs], [lp for _, lp in pairs], prompt_logprobs
+        if chosen:
+            rows = logits[: len(batch.requests)]
+            tokens, logprobs = sampler(rows if len(chosen) == len(batch.requests) else rows[chosen], sampling)
+            for b, token, token_logprobs in zip(chosen, tokens, logprobs):
+                results[b].token, results[b].logprobs = token, token_logprobs
+        for b, scored in score_prompt_rows(logits[len(batch.requests):], prompt_rows, batch):
+            results[b].prompt_logprobs.append(scored)
+        return results
     # --8<-- [end:engine-step]
 
-
-def prompt_logprob_rows(batch: Batch) -> list[tuple[int, int, int]]:
-    """For the requests that want their prompt's log probabilities: (request, row of the batch, the prompt
-    token that row predicts), for every token of its chunk that is followed by another prompt token."""
-    rows, start = [], 0
-    for b, (request, new) in enumerate(zip(batch.requests, batch.new_lens)):
-        if request.params.prompt_logprobs:
-            for position in range(request.cached_len, min(request.cached_len + new, len(request.prompt_ids) - 1)):
-                rows.append((b, start + position - request.cached_len, request.prompt_ids[position + 1]))
-        start += new
-    return rows

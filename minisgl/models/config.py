@@ -13,13 +13,17 @@ Qwen3       Qwen3ForCausalLM       ``attention_bias``      ``attention_bias``   
 Settings this course does not implement (RoPE scaling, MLP biases, sliding-window attention) are
 refused with an error here, rather than silently giving wrong output later. So is a tensor-parallel
 size that the model's heads or MLP cannot be split by (``check_tensor_parallel``).
+
+This is the one reader of ``config.json``'s model settings: the launcher (``minisgl/config.py``) checks a
+model with it before any process starts, and each scheduler builds its model from it. So the module is
+plain Python with no import from the rest of the package (the launcher's config sits above the models,
+and the API server, which runs the launcher, never loads torch). Which tokens end a reply is not here:
+that is a fact about serving, which the launcher gathers from several files (``eos_token_ids`` there).
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from ..config import check_tp_size
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -41,7 +45,6 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     qk_norm: bool
-    eos_token_ids: tuple[int, ...]
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
@@ -61,8 +64,6 @@ class ModelConfig:
             raise ValueError("unsupported setting mlp_bias=true: minisgl's MLP has no biases")
         if raw.get("use_sliding_window"):
             raise ValueError("unsupported setting use_sliding_window=true: minisgl attends to the whole context")
-        eos = raw.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         num_heads = raw["num_attention_heads"]
         return cls(
             architecture=architecture,
@@ -80,7 +81,6 @@ class ModelConfig:
             qkv_bias=architecture == "Qwen2ForCausalLM" or raw.get("attention_bias", False),
             o_bias=architecture != "Qwen2ForCausalLM" and raw.get("attention_bias", False),
             qk_norm=architecture == "Qwen3ForCausalLM",
-            eos_token_ids=eos_ids,
         )
 
     @classmethod
@@ -88,20 +88,36 @@ class ModelConfig:
         config_file = Path(model_path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in model folder {model_path}")
-        raw = json.loads(config_file.read_text())
-        # Chat models often list extra end ids in generation_config.json (Qwen's <|endoftext|>, say).
-        generation_file = Path(model_path) / "generation_config.json"
-        if generation_file.is_file():
-            extra = json.loads(generation_file.read_text()).get("eos_token_id")
-            extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
-            eos = raw.get("eos_token_id")
-            eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-            raw["eos_token_id"] = list(dict.fromkeys(eos + extra))
-        return cls.from_dict(raw)
+        return cls.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
 
 
 # --8<-- [start:check-tensor-parallel]
+def tensor_parallel_problem(tp_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> str | None:
+    """Why a model cannot be split across ``tp_size`` ranks, or None if it can (introduced in chapter 04).
+
+    Every rank gets the same number of query heads and the same slice of the MLP. KV heads are split
+    the same way when there are at least as many as ranks; with fewer, each is held by a group of ranks
+    (replicated), which works when the ranks divide evenly among them. The vocabulary need not divide:
+    the embedding and the LM head pad it (``layers/embedding.py``).
+    """
+    if num_heads % tp_size:
+        return f"does not divide the model's {num_heads} attention heads"
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        return f"and the model's {num_kv_heads} KV heads do not divide one another"
+    if intermediate_size % tp_size:
+        return f"does not divide the model's {intermediate_size} MLP intermediate features"
+    return None
+
+
 def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
-    """Refuse a TP size the model cannot be split by (the launcher checks the same, before any rank starts)."""
-    check_tp_size(tp_size, config.num_heads, config.num_kv_heads, config.intermediate_size)
+    """Refuse a TP size the model cannot be split by, naming the numbers and the sizes that work. The launcher
+    calls it before any rank starts, and each rank again when it builds the model (``load_model``)."""
+    if tp_size < 1:
+        raise ValueError(f"--tp-size must be at least 1, got {tp_size}")
+    shape = config.num_heads, config.num_kv_heads, config.intermediate_size
+    problem = tensor_parallel_problem(tp_size, *shape)
+    if problem:
+        sizes = [n for n in range(1, config.num_heads + 1) if tensor_parallel_problem(n, *shape) is None]
+        raise ValueError(f"--tp-size {tp_size} {problem}: use a TP size the model can be split by "
+                         f"({', '.join(map(str, sizes))})")
 # --8<-- [end:check-tensor-parallel]

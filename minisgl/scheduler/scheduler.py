@@ -19,31 +19,32 @@ when free pages, plus the cache's pages that nobody uses (which can be evicted),
 everyone behind it.
 
 The scheduler runs in a process of its own and speaks only in messages: ``UserRequest`` and
-``AbortRequest`` come in (``handle``), and every step goes out as one ``BatchTokenOutput`` holding the
-new token of every request it touched. It deals in token ids only; text is the detokenizer's job.
+``AbortRequest`` come in, and each step returns what it did as one ``BatchTokenOutput``: a
+``TokenOutput`` for every request it touched (its new token, why it finished if it did), which the
+worker sends as it is. Nothing of a step is kept for the next one. It deals in token ids only; text is
+the detokenizer's job.
 
-The complete server (the epilogue, after chapter 06) adds constrained requests: each has a grammar,
-compiled on arrival (``start_grammar``; on a thread of its own, with the request in a fourth collection,
-``compiling``, until it is ready), whose matcher the engine's mask reads and ``append_token`` advances.
-It also reports log probabilities, and drops every unused cached prefix on ``FlushCache``.
+The complete server (the epilogue, after chapter 06) adds constrained requests, through one seam: a
+``GrammarManager`` (``grammar.py``) takes each on arrival and hands it back when its grammar is compiled;
+``accept`` advances its matcher with each token, and ``mask_for`` gives the engine the batch's mask. It
+also reports log probabilities, and drops every unused cached prefix on ``FlushCache``.
 """
 
 import logging
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from ..core import Batch, Request, TokenLogprobs
+from ..core import Batch, Request, Sampled
 from ..engine import Engine
-from ..grammar import GrammarError, Grammars
+from ..grammar import GrammarManager
 from ..messages import (
     AbortRequest,
     BatchTokenOutput,
     FlushCache,
     NewRequestInfo,
-    TokenizeError,
+    Refusal,
+    TokenOutput,
     UserRequest,
-    pack_ids,
     unpack_ids,
 )
 from .pages import PageAllocator, pages_for
@@ -58,9 +59,8 @@ PROMPT_LOGPROBS_CHUNK = 512
 
 class Scheduler:
     def __init__(self, engine: Engine, max_running_requests: int, chunked_prefill_size: int, eos_ids: set[int],
-                 cache_type: str = "radix", grammars: Grammars | None = None, compile_in_background: bool = False):
-        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused),
-        on a thread of its own if ``compile_in_background`` (one rank only: see ``start_grammar``)."""
+                 cache_type: str = "radix", grammars: GrammarManager | None = None):
+        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused)."""
         self.engine = engine
         self.page_size = engine.kv_cache.page_size
         self.pages = PageAllocator(engine.kv_cache.num_pages)  # which page is whose: ours to decide
@@ -76,19 +76,14 @@ class Scheduler:
         # An abort can overtake its request (they may travel through different tokenizer workers);
         # remember recent ones so that the request is dropped when it arrives.
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
-        self.grammars = grammars
-        self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar") if compile_in_background else None
-        self.compiling: list[tuple[Request, Future]] = []  # constrained requests whose grammar is not ready yet
-        self.outputs: list[tuple[Request, int, str | None]] = []  # this step's (request, token, finish)
-        self.logprobs: dict[str, TokenLogprobs] = {}  # uid -> this step's log probabilities, for those that asked
-        self.matched_eos: dict[str, int] = {}  # uid -> the EOS token that stopped it, this step
-        self.refused: list[TokenizeError] = []  # requests refused on arrival, this step
+        self.grammars = grammars or GrammarManager(None)
+        self.sampling = None  # the engine's SamplingBatch of the last step, kept while the same requests sample
         self._last_log = time.monotonic()
 
     @property
     def has_work(self) -> bool:
         """Whether a step would do anything: someone waits, is being prefilled or runs (or waits for its grammar)."""
-        return bool(self.waiting or self.prefilling or self.running or self.compiling)
+        return bool(self.waiting or self.prefilling or self.running or self.grammars.compiling)
 
     def state(self) -> dict:
         in_use = self.pages.num_total - self.pages.num_free - self.cache.cached_pages
@@ -107,60 +102,26 @@ class Scheduler:
         }
 
     # --8<-- [start:handle]
-    def handle(self, message: UserRequest | AbortRequest | FlushCache) -> None:
-        """Take one incoming message into the scheduler's state."""
-        # --8<-- [start:ex-handle]
+    def handle(self, message: UserRequest | AbortRequest | FlushCache) -> list[TokenOutput]:
+        """Take one incoming message into the scheduler's state; what it ended (an abort) comes back."""
         if isinstance(message, UserRequest):
             if self.early_aborts.pop(message.uid, 1) is None:
-                return  # aborted before it arrived
+                return []  # aborted before it arrived
             request = Request(message.uid, unpack_ids(message.prompt_ids), message.params)
             if request.params.constraint is not None:
-                self.start_grammar(request)  # it waits once its grammar is ready
+                self.grammars.add(request)  # it waits once its grammar is ready
             else:
                 self.waiting.append(request)
         elif isinstance(message, FlushCache):
             self.flush_cache()
-        elif not self.abort_now(message.uid):
+        elif (aborted := self.abort_now(message.uid)) is not None:
+            return [aborted]
+        else:
             self.early_aborts[message.uid] = None
             while len(self.early_aborts) > 10_000:  # most are for requests that had already finished
                 self.early_aborts.popitem(last=False)
-        # --8<-- [end:ex-handle]
+        return []
     # --8<-- [end:handle]
-
-    # --8<-- [start:start-grammar]
-    def start_grammar(self, request: Request) -> None:
-        """Compile a constrained request's constraint (once per distinct constraint), then let it wait.
-
-        A large JSON schema can take seconds to compile. On one rank that happens on a thread of its own,
-        and the running requests go on stepping meanwhile; ``grammars_ready`` moves the request to the
-        waiting queue when its grammar is done. Under tensor parallelism it happens here, at once: every
-        rank must admit the same requests at the same step, and a thread finishes at a different moment
-        on each rank.
-        """
-        if self.grammars is None:
-            self.refuse(request, GrammarError("this server runs no grammar engine"))
-            return
-        self.compiling.append((request, self.grammars.compile_later(request.params.constraint, self.compile_pool)))
-        self.grammars_ready()
-
-    def grammars_ready(self) -> None:
-        """Move every constrained request whose grammar is compiled to the waiting queue (or refuse it)."""
-        for request, compiled in [(r, c) for r, c in self.compiling if c.done()]:
-            self.compiling.remove((request, compiled))
-            self.grammars.pending.pop(tuple(request.params.constraint), None)
-            try:
-                request.grammar = self.grammars.matcher(request.params.constraint, compiled.result())
-            except Exception as error:  # GrammarError, or anything else the grammar engine raised
-                self.refuse(request, error)
-            else:
-                self.waiting.append(request)
-
-    def refuse(self, request: Request, error: Exception) -> None:
-        """Answer a constrained request with a 400 (through the detokenizer) instead of running it."""
-        logger.info("request %s refused: %s", request.uid, error)
-        message = str(error) if isinstance(error, GrammarError) else f"the constraint failed to compile: {error}"
-        self.refused.append(TokenizeError(request.uid, message, constraint_param(request.params.constraint[0])))
-    # --8<-- [end:start-grammar]
 
     def flush_cache(self) -> None:
         """Evict every cached prefix that no request holds (``POST /flush_cache``)."""
@@ -168,32 +129,49 @@ class Scheduler:
         logger.info("cache flushed: %d pages freed, %d still in use", freed, self.cache.cached_pages)
 
     # --8<-- [start:step]
-    def step(self) -> BatchTokenOutput | None:
-        """One forward pass: a token for every running request and the next prompt chunks of the requests
-        being prefilled. Returns what happened to every request it touched, as one message (None: idle)."""
-        if self.compiling:
-            self.wait_for_grammars()
+    def step(self, incoming: list = ()) -> BatchTokenOutput | None:
+        """Take this step's incoming messages, then run one forward pass: a token for every running request
+        and the next prompt chunks of the requests being prefilled. Returns what happened to every request
+        it touched, as one message (None: nothing did)."""
+        outputs = [output for message in incoming for output in self.handle(message)]
+        refused = self.grammars_ready()
         self.prefilling += self.admit()
         decoding = list(self.running)  # a copy: finishing a request removes it from running
         chunks = self.prefill_chunks()
-        batch = decoding + [request for request, _ in chunks]
-        if batch:
-            new_lens = [1] * len(decoding) + [size for _, size in chunks]
-            next_tokens, logprobs, prompt_logprobs = self.engine.step(Batch(batch, new_lens))
+        requests = decoding + [request for request, _ in chunks]
+        if requests:
+            batch = Batch(requests, [1] * len(decoding) + [size for _, size in chunks])
+            results = self.engine.step(batch, self.sampling_for(batch))
             self.steps["mixed" if decoding and chunks else "decode" if decoding else "prefill"] += 1
-            for request, new, token, token_logprobs, read in zip(batch, new_lens, next_tokens, logprobs,
-                                                                  prompt_logprobs):
+            for request, new, result in zip(batch.requests, batch.new_lens, results, strict=True):
                 request.cached_len += new  # its new tokens' keys and values are in its pages now
-                request.prompt_logprobs += read
+                request.prompt_logprobs += result.prompt_logprobs
                 if request in self.prefilling:
-                    self.prefill_done(request, finished=token is not None)
-                if token_logprobs is not None:
-                    self.logprobs[request.uid] = token_logprobs
-                if token is not None:  # a chunk in the middle of a prompt gives no token
-                    self.append_token(request, token)
+                    self.prefill_done(request, finished=result.token is not None)
+                if result.token is not None:  # a chunk in the middle of a prompt gives no token
+                    outputs.append(self.append_token(request, result))
             self.log_progress()
-        return self.flush_outputs()
+        return BatchTokenOutput(outputs, refused) if outputs or refused else None
     # --8<-- [end:step]
+
+    def sampling_for(self, batch: Batch):
+        """The engine's sampling tensors for the batch's sampled requests: the last step's, if the same
+        requests sample again (every decode step but the ones where someone joins or leaves)."""
+        sampled = [request for request, wanted in zip(batch.requests, batch.sample) if wanted]
+        if self.sampling is None or self.sampling.uids != tuple(request.uid for request in sampled):
+            self.sampling = self.engine.sampling_batch(sampled, self.grammars.mask_for(sampled))
+        return self.sampling
+
+    def grammars_ready(self) -> list[Refusal]:
+        """Constrained requests whose grammar is compiled join the waiting queue; those whose constraint does
+        not compile are refused (the API server answers 400, naming the field by the constraint's kind)."""
+        if not self.grammars.compiling:
+            return []
+        ready, failed = self.grammars.ready(idle=not (self.waiting or self.prefilling or self.running))
+        self.waiting += ready
+        for request, why in failed:
+            logger.info("request %s refused: %s", request.uid, why)
+        return [Refusal(request.uid, why, request.params.constraint[0]) for request, why in failed]
 
     # --8<-- [start:prefill-chunks]
     def prefill_chunks(self) -> list[tuple[Request, int]]:
@@ -249,28 +227,26 @@ class Scheduler:
         return admitted
     # --8<-- [end:admit]
 
-    def append_token(self, request: Request, token: int) -> None:
+    def append_token(self, request: Request, sampled: Sampled) -> TokenOutput:
         """Record one sampled token and decide whether the request is done (stop strings are the
         detokenizer's call: it sends an abort when it sees one)."""
-        params = request.params
-        if request.grammar is not None and not request.grammar.accept_token(token):
+        params, token = request.params, sampled.token
+        if not self.grammars.accept(request, token):
             # Only at a dead end of the grammar, where the mask left the row free: end this request alone.
             logger.warning("request %s: its grammar allows no next token; ending it", request.uid)
-            self.finish(request, "error")
-            return
+            return self.finish(request, "error")
         if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
-            self.matched_eos[request.uid] = token
-            self.finish(request, "stop")  # the EOS token is not part of the reply
-            return
+            # the EOS token is not part of the reply (its log probabilities go along: the detokenizer drops them)
+            return self.finish(request, "stop", logprobs=sampled.logprobs, matched_eos=token)
         request.output_ids.append(token)
         if len(request.output_ids) >= params.max_tokens:
-            self.finish(request, "length", token)
-        else:
-            self.outputs.append((request, token, None))
+            return self.finish(request, "length", token, sampled.logprobs)
+        return self.output(request, token, None, sampled.logprobs)
 
-    def finish(self, request: Request, reason: str, token: int = -1) -> None:
+    def finish(self, request: Request, reason: str, token: int = -1, logprobs=None,
+               matched_eos: int | None = None) -> TokenOutput:
         """End a request: leave whichever collection holds it, give the prefix cache what it computed,
-        free the rest of its pages at once (exactly once, however it ends)."""
+        free the rest of its pages at once (exactly once, however it ends). Returns its last output."""
         request.finish_reason = reason
         for collection in (self.running, self.prefilling, self.waiting):
             if request in collection:
@@ -279,65 +255,37 @@ class Scheduler:
             computed = (request.prompt_ids + request.output_ids)[: request.cached_len]
             self.cache.cache_finished(computed, request.pages, request.node)
             request.pages, request.node = [], None
-        self.outputs.append((request, token, reason))
+        return self.output(request, token, reason, logprobs, matched_eos)
 
-    def wait_for_grammars(self) -> None:
-        """Take the grammars that are ready; with nothing else to run, first wait a little for one (rather
-        than spin, with the compiling thread, on the same cores)."""
-        if not (self.waiting or self.prefilling or self.running):
-            wait([compiled for _, compiled in self.compiling], timeout=0.01, return_when=FIRST_COMPLETED)
-        self.grammars_ready()
+    # --8<-- [start:output]
+    def output(self, request: Request, token: int, finish: str | None, logprobs=None,
+               matched_eos: int | None = None) -> TokenOutput:
+        """What this step did to one request. The first time a request appears, its stop strings and prompt
+        length go along, so the detokenizer knows them before its first token."""
+        new = None
+        if not request.announced:
+            request.announced = True
+            new = NewRequestInfo(request.uid, len(request.prompt_ids), request.params.stop, request.prefix_len,
+                                 request.prompt_ids[0] if request.params.prompt_logprobs else None,
+                                 request.prompt_logprobs)
+        return TokenOutput(request.uid, token, finish, logprobs, matched_eos, new)
+    # --8<-- [end:output]
 
-    def abort_now(self, uid: str) -> bool:
-        for request, compiled in self.compiling:
-            if request.uid == uid:
-                self.compiling.remove((request, compiled))
-                if not any(other is compiled for _, other in self.compiling):  # nobody else waits for it
-                    compiled.cancel()  # (a compile already running finishes; its grammar is then dropped)
-                    self.grammars.pending.pop(tuple(request.params.constraint), None)
-                self.finish(request, "abort")
-                return True
+    def abort_now(self, uid: str) -> TokenOutput | None:
+        """End the request ``uid`` if it is here (its last output), else None."""
+        if (request := self.grammars.abort(uid)) is not None:
+            return self.finish(request, "abort")
         for request in [*self.running, *self.prefilling, *self.waiting]:
             if request.uid == uid:
                 logger.info("request %s aborted after %d tokens", uid, len(request.output_ids))
-                self.finish(request, "abort")
-                return True
-        return False
+                return self.finish(request, "abort")
+        return None
 
-    def fail_all(self, error: Exception) -> None:
-        """After a failed step (a bug, a device error): end every request with an error, keep serving."""
-        in_flight = [*self.running, *self.prefilling, *self.waiting, *(r for r, _ in self.compiling)]
-        self.compiling = []
-        logger.exception("step failed; failing %d requests", len(in_flight))
-        for request in in_flight:
-            self.finish(request, "error")
-
-    # --8<-- [start:flush-outputs]
-    def flush_outputs(self) -> BatchTokenOutput | None:
-        """Everything this step did, as one message; each request's stop strings and prompt length go
-        along the first time it appears, so the detokenizer knows them before its first token."""
-        # --8<-- [start:ex-step-message]
-        if not self.outputs and not self.refused:
-            return None
-        new = list({id(r): r for r, _, _ in self.outputs if not r.announced}.values())  # once each
-        for request in new:
-            request.announced = True
-        message = BatchTokenOutput(
-            uids=[r.uid for r, _, _ in self.outputs],
-            token_ids=pack_ids([token for _, token, _ in self.outputs]),
-            finish_reasons=[finish for _, _, finish in self.outputs],
-            new_requests=[NewRequestInfo(r.uid, len(r.prompt_ids), r.params.stop, r.prefix_len,
-                                         r.prompt_ids[0] if r.params.prompt_logprobs else None, r.prompt_logprobs)
-                          for r in new],
-            # a token's log probabilities go with it (an EOS token is not part of the reply: the detokenizer drops them)
-            logprobs=[self.logprobs.get(r.uid) for r, _, _ in self.outputs] if self.logprobs else [],
-            matched_eos=self.matched_eos,
-            refused=self.refused,
-        )
-        self.outputs, self.logprobs, self.matched_eos, self.refused = [], {}, {}, []
-        return message
-        # --8<-- [end:ex-step-message]
-    # --8<-- [end:flush-outputs]
+    def fail_all(self) -> BatchTokenOutput | None:
+        """End every request in flight with an error (a step failed: the server is going down)."""
+        in_flight = [*self.running, *self.prefilling, *self.waiting, *self.grammars.drop_all()]
+        outputs = [self.finish(request, "error") for request in in_flight]
+        return BatchTokenOutput(outputs) if outputs else None
 
     def log_progress(self) -> None:
         now = time.monotonic()
@@ -349,8 +297,3 @@ class Scheduler:
                 state["running"], state["waiting"], state["free_pages"], state["cached_pages"], state["total_pages"],
                 state["prefix_hit_rate"], state["steps"],
             )
-
-
-def constraint_param(kind: str) -> str:
-    """The request field a constraint of this kind came from, for the client's error message."""
-    return {"json_object": "response_format", "json_schema": "response_format"}.get(kind, kind)

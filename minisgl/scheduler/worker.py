@@ -26,9 +26,9 @@ from ..distributed import (
 )
 from ..engine import Engine
 from ..engine.engine import resolve_device
-from ..grammar import Grammars
+from ..grammar import GrammarManager, Grammars
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
-from ..messages import COUNTS, ToScheduler, UserRequest, decoder, encode, unpack_ids
+from ..messages import COUNTS, ToScheduler, UserRequest, decoder, encode
 from ..process import become_child, scheduler_name
 from .scheduler import Scheduler
 
@@ -57,9 +57,11 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
                         attention_backend=args.attention_backend,
                         cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
         num_pages = engine.kv_cache.num_pages
-        grammars = Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids))
+        # Constraints compile on a thread of their own on one rank; under TP at once (``GrammarManager``).
+        grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)),
+                                  in_background=args.tp_size == 1)
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
-                              args.cache_type, grammars, compile_in_background=args.tp_size == 1)
+                              args.cache_type, grammars)
         inbox = to_detokenizer = None
         if rank == 0:
             context = zmq.Context()
@@ -74,13 +76,15 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
     try:
         with torch.inference_mode():
             serve_steps(scheduler, inbox, to_detokenizer, counts, args.tp_check_lockstep)
-    except Exception as error:  # a collective failed: another rank is gone
-        lost = lost_ranks()
-        if lost is None:
-            who = "rank 0 (the rendezvous it served is gone)"
+    except Exception as error:
+        # A collective fails when another rank is gone; anything else is this rank's own fault. Either way
+        # the server cannot go on: this process exits, and the launcher ends the whole tree at once.
+        lost = lost_ranks() if args.tp_size > 1 else []
+        if lost is None or lost:
+            who = "rank 0 (the rendezvous it served is gone)" if lost is None else f"rank {', '.join(map(str, lost))}"
+            logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, str(error).splitlines()[0])
         else:
-            who = f"rank {', '.join(map(str, lost))}" if lost else "contact with a rank"
-        logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, str(error).splitlines()[0])
+            logger.exception("rank %d of %d: a step failed; exiting, the server goes down", rank, args.tp_size)
         raise SystemExit(3) from None
     finally:
         shutdown()
@@ -95,14 +99,15 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
     if tp.rank == 0:
         publish_counts(scheduler, counts)
     while True:
-        idle = not scheduler.has_work
-        for message in next_messages(inbox, messages, idle):
-            scheduler.handle(message)
+        incoming = next_messages(inbox, messages, idle=not scheduler.has_work)
         try:
-            output = scheduler.step()
-        except Exception as error:  # a bug or a device error: fail what is in flight, keep serving
-            scheduler.fail_all(error)
-            output = scheduler.flush_outputs()
+            output = scheduler.step(incoming)
+        except Exception:
+            # Not one request's fault (those end inside the step): a bug, or a device that failed, and the next
+            # step would fail the same way. Answer every request in flight with an error, then go down.
+            if tp.rank == 0:
+                send_failures(scheduler, to_detokenizer)
+            raise
         if check_lockstep and output is not None:
             check_same_tokens(output)
         if tp.rank == 0:
@@ -110,6 +115,16 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
             if output is not None:
                 to_detokenizer.send(encode(output))
 # --8<-- [end:serve-steps]
+
+
+def send_failures(scheduler: Scheduler, to_detokenizer) -> None:
+    """A step failed: end every request in flight with an error, so each client hears so before the server
+    goes down (best effort: the scheduler's state may be what failed)."""
+    try:
+        if (output := scheduler.fail_all()) is not None:
+            to_detokenizer.send(encode(output))
+    except Exception:
+        logger.exception("could not fail the requests in flight; the API server will")
 
 
 def publish_counts(scheduler: Scheduler, counts) -> None:
@@ -169,7 +184,7 @@ def check_same_settings(config: ServerConfig) -> None:
 
 def check_same_tokens(output) -> None:
     """Debug (--tp-check-lockstep): every rank must have sampled exactly the tokens rank 0 did."""
-    tokens = torch.tensor(unpack_ids(output.token_ids), dtype=torch.long)
+    tokens = torch.tensor([out.token for out in output.outputs], dtype=torch.long)
     gathered = all_gather(tokens.unsqueeze(0), dim=0)
     if not torch.equal(gathered, tokens.expand_as(gathered)):
         differ = [r for r in range(gathered.shape[0]) if not torch.equal(gathered[r], tokens)]

@@ -23,11 +23,11 @@ Bad input gets an OpenAI-shaped error, ``{"error": {"message", "type", "param", 
 serving. Errors only the tokenizer can see (a prompt too long for the context) come back as the
 request's first output, before any byte of the reply is sent, so they too become a plain 400.
 
-The module reads top to bottom: errors; from a body to requests; one helper that answers a chat or
-a completion, streamed or whole; the route handlers.
+The module reads top to bottom: from a body to requests; one helper that answers a chat or a
+completion, streamed or whole; the route handlers. What it shares with ``native.py`` (the errors, checks
+of a body's values, ``submit`` and ``collect``, which talk to the frontend) is in ``common.py``.
 """
 
-import asyncio
 import json
 import time
 import uuid
@@ -36,59 +36,14 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from ..core import InvalidParam, SamplingParams
-from ..messages import TokenizeRequest, TokenText, pack_ids
-from .frontend import Frontend, Output, Overloaded, WorkersDown
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingFields,
-    refuse_unsupported,
-)
+from ..messages import TokenizeRequest, TokenText
+from .common import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
+from .frontend import Output
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tools import ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
-
-# ------------------------------------------------------------------------------------------------
-# Errors
-# ------------------------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
-
-
-def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-async def api_error(_, error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.status, error.param, error.code), status_code=error.status,
-                        headers=error.headers)
-
-
-async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
-    """pydantic's complaint about the body, as an OpenAI error that names the field."""
-    first = error.errors()[0]
-    if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
-        return JSONResponse(error_body("the request body must be a JSON object", 400), status_code=400)
-    param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-    message = f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request")
-    if first.get("type") == "extra_forbidden":  # nothing is ignored silently
-        message = f"{param} is not supported by this server"
-    return JSONResponse(error_body(message, 400, param), status_code=400)
-
-
-async def http_error(_, error: HTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code)
-
 
 # ------------------------------------------------------------------------------------------------
 # From a body to requests
@@ -97,8 +52,7 @@ async def http_error(_, error: HTTPException) -> JSONResponse:
 
 # --8<-- [start:sampling-params-check]
 def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None = None,
-                    constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False,
-                    logprobs_param: str = "top_logprobs") -> list[SamplingParams]:
+                    constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False) -> list[SamplingParams]:
     """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
     if body.model is not None and body.model != model_name:
         message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
@@ -126,38 +80,9 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
             )
             for i in range(body.n)
         ]
-    except InvalidParam as error:
-        param = logprobs_param if error.param == "top_logprobs" else error.param  # completions call it logprobs
-        raise APIError(400, str(error).replace(error.param, param), param) from None
-
-
-def check_encodable(text: str, param: str) -> str:
-    """JSON may spell a lone surrogate (``"\\ud800"``), which no UTF-8 text can hold: refuse it here
-    rather than fail later, when the message to the tokenizer is encoded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, f"{param} holds a lone surrogate (such as \\ud800), which is not text", param) from None
-    return text
-# --8<-- [end:sampling-params-check]
-
-
-def refuse(fields: dict) -> None:
-    try:
-        refuse_unsupported(fields)
-    except InvalidParam as error:
+    except InvalidParam as error:  # it names its own field; those the API calls otherwise, protocol.py bounds
         raise APIError(400, str(error), error.param) from None
-
-
-def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI sends token ids as JSON object keys, so as strings."""
-    try:
-        biases = {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
-    except ValueError:
-        raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
-    if any(not 0 <= token < 2**31 for token in biases):  # the tokenizer checks them against the vocabulary
-        raise APIError(400, "logit_bias keys must be token ids of the vocabulary", "logit_bias")
-    return biases
+# --8<-- [end:sampling-params-check]
 
 
 # --8<-- [start:constraint]
@@ -188,46 +113,11 @@ def constraint_of(body: SamplingFields) -> tuple[str, str] | None:
 # --8<-- [end:constraint]
 
 
-# --8<-- [start:first-output]
-async def submit(frontend: Frontend, requests: list[TokenizeRequest]) -> AsyncIterator[tuple[int, Output]]:
-    """Send one TokenizeRequest per choice and wait for the first output, so that a refused request
-    becomes an HTTP error before the reply starts. Returns an iterator over every ``(choice index,
-    Output)``, the first included."""
-    outputs = frontend.generate(requests)
-    try:
-        first = await outputs.__anext__()
-    except WorkersDown as error:
-        raise APIError(503, str(error)) from None
-    except Overloaded as error:  # refused at once: a client should retry, not wait in an unbounded queue
-        raise APIError(503, f"{error}; retry later", code="server_overloaded", headers={"Retry-After": "1"}) from None
-    refusal = first[1].error
-    if refusal is not None:
-        await outputs.aclose()
-        raise APIError(400, refusal.message, refusal.param, refusal.code)
-
-    async def chained():
-        yield first
-        async for item in outputs:
-            yield item
-
-    return chained()
-# --8<-- [end:first-output]
-
-
 def choices(params: list[SamplingParams], prompts: list[dict]) -> list[TokenizeRequest]:
     """One request per choice: every prompt, ``n`` times each (choice ``p * n + j``)."""
     base = uuid.uuid4().hex[:16]
     return [TokenizeRequest(f"{base}-{p * len(params) + j}", param, **prompt)
             for p, prompt in enumerate(prompts) for j, param in enumerate(params)]
-
-
-def prompt_of(prompt: str | list[int], param: str) -> dict:
-    """A prompt as TokenizeRequest fields: text, or token ids."""
-    if isinstance(prompt, str):
-        return {"text": check_encodable(prompt, param)}
-    if any(not 0 <= token < 2**31 for token in prompt):  # the tokenizer checks them against the vocabulary
-        raise APIError(400, f"{param} token ids must be in the vocabulary", param)
-    return {"input_ids": pack_ids(prompt)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,11 +202,6 @@ class Reply:
                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def sse(payload) -> str:
-    """One server-sent event."""
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 # --8<-- [start:respond]
 async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterator, reply: Reply):
     """The reply to a chat or completion request: a stream of chunks, or one JSON object."""
@@ -370,30 +255,6 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                      "choices": [reply.choice(i, texts[i], finals[i], logprobs[i], streamed=False)
                                  for i in range(reply.num_choices)]}
 # --8<-- [end:respond]
-
-
-# --8<-- [start:collect]
-async def collect(http: HTTPRequest, outputs: AsyncIterator) -> list[tuple[int, Output]]:
-    """Gather every output of a whole (unstreamed) reply, aborting it if the client disconnects
-    meanwhile, and turning a failed request into a 500 (a refused one into a 400)."""
-    task = asyncio.ensure_future(gather(outputs))
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.5)
-        if not task.done() and await http.is_disconnected():
-            task.cancel()  # the frontend's cleanup aborts the requests
-            raise APIError(499, "client disconnected")
-    gathered = task.result()
-    refusal = next((out.error for _, out in gathered if out.error is not None), None)
-    if refusal is not None:  # one prompt of a batch was refused after another's first output
-        raise APIError(400, refusal.message, refusal.param, refusal.code)
-    if any(out.finish_reason == "error" for _, out in gathered):
-        raise APIError(500, http.app.state.frontend.failure or "internal error in the scheduler")
-    return gathered
-
-
-async def gather(outputs: AsyncIterator) -> list:
-    return [item async for item in outputs]
-# --8<-- [end:collect]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,7 +328,7 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
         raise APIError(400, "echo needs text prompts (this server does not turn token ids back into text here)",
                        "echo")
     params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body),
-                             prompt_logprobs=body.echo and body.logprobs is not None, logprobs_param="logprobs")
+                             prompt_logprobs=body.echo and body.logprobs is not None)
     outputs = await submit(http.app.state.frontend, choices(params, [prompt_of(p, "prompt") for p in prompts]))
     reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
                   echo=prompts if body.echo else None)

@@ -1,6 +1,6 @@
 """The HTTP application: the routes, the error handlers and the checks before any route (introduced in
 chapter 02 as part of ``api.py``; the complete server gave it a module of its own when SGLang's native
-endpoints moved to ``native.py``).
+endpoints moved to ``native.py``; the errors both dialects raise are in ``common.py``).
 """
 
 from fastapi import FastAPI
@@ -11,6 +11,7 @@ from ..config import ServerConfig
 from . import api, native
 from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
+from .common import APIError, api_error, http_error, invalid_body
 from .frontend import Frontend
 
 
@@ -20,9 +21,9 @@ def create_app(frontend: Frontend, config: ServerConfig, lifespan=None) -> FastA
     app.state.frontend, app.state.config = frontend, config
     app.include_router(api.router)
     app.include_router(native.router)
-    app.add_exception_handler(api.APIError, api.api_error)
-    app.add_exception_handler(RequestValidationError, api.invalid_body)
-    app.add_exception_handler(HTTPException, api.http_error)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)
     # The last added runs first: the key is checked, then the body's size, before anything reads the body.
     app.add_middleware(BodySizeLimit, max_bytes=config.args.max_request_bytes)
     if config.args.api_key:

@@ -24,6 +24,7 @@ from ..messages import (
     COUNTS,
     AbortRequest,
     FlushCache,
+    Refusal,
     ToAPIServer,
     TokenizeError,
     TokenizeRequest,
@@ -87,6 +88,10 @@ class Frontend:
             if isinstance(message, TokenizeError):
                 self.deliver(message.uid, Output("", "error", error=message))
                 continue
+            if isinstance(message, Refusal):  # the scheduler's: its constraint does not compile (a 400)
+                error = TokenizeError(message.uid, message.message, constraint_param(message.constraint))
+                self.deliver(message.uid, Output("", "error", error=error))
+                continue
             for i, uid in enumerate(message.uids):
                 output = Output(message.texts[i], message.finish_reasons[i], message.prompt_tokens[i],
                                 message.completion_tokens[i], message.cached_tokens[i],
@@ -149,3 +154,8 @@ class Frontend:
                 if request.uid in unfinished:  # the client went away first
                     self.metrics.finished(records[index], "abort", completion_tokens=tokens_seen[index])
     # --8<-- [end:generate]
+
+
+def constraint_param(kind: str) -> str:
+    """The request field a constraint of this kind came from, for the client's error message."""
+    return {"json_object": "response_format", "json_schema": "response_format"}.get(kind, kind)

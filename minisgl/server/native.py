@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from ..core import InvalidParam, SamplingParams
 from ..messages import TokenizeRequest, TokenText
-from .api import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
+from .common import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
 from .frontend import Output
 from .protocol import GenerateRequest, GenerateSampling
 
@@ -44,9 +44,8 @@ def params_of(sampling: GenerateSampling, logprobs: int | None) -> list[Sampling
                                logit_bias=token_biases(sampling.logit_bias), logprobs=logprobs,
                                constraint=constraints[0] if constraints else None)
                 for i in range(sampling.n)]
-    except InvalidParam as error:
-        param = {"max_tokens": "max_new_tokens", "top_logprobs": "top_logprobs_num"}.get(error.param, error.param)
-        raise APIError(400, str(error).replace(error.param, param), f"sampling_params.{param}") from None
+    except InvalidParam as error:  # it names its own field; max_new_tokens and top_logprobs_num, protocol.py bounds
+        raise APIError(400, str(error), f"sampling_params.{error.param}") from None
 
 
 def prompts_of(body: GenerateRequest) -> tuple[list[dict], bool]:
@@ -82,8 +81,6 @@ async def generate(body: GenerateRequest, http: HTTPRequest):
     prompts, batch = prompts_of(body)
     if not prompts:
         raise APIError(400, "the batch is empty", "text")
-    if not 0 <= body.top_logprobs_num <= 20:
-        raise APIError(400, "top_logprobs_num must be in [0, 20]", "top_logprobs_num")
     params = params_of(body.sampling_params, body.top_logprobs_num if body.return_logprob else None)
     per_prompt, started = len(params), time.monotonic()
     requests = [TokenizeRequest(f"gen-{time.monotonic_ns():x}-{p * per_prompt + j}", param, **prompt)

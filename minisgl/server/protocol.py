@@ -1,7 +1,10 @@
 """The shapes of requests the server accepts, as pydantic models (introduced in chapter 02).
 
 They follow OpenAI's API: a client written for OpenAI works unchanged. Range checks live in
-``SamplingParams``, so that the HTTP server and the engine agree on one set of rules.
+``SamplingParams``, so that the HTTP server and the engine agree on one set of rules, and its errors
+name its own fields. A field an API calls by another name (chat's ``top_logprobs`` for ``logprobs``,
+``max_completion_tokens`` and ``/generate``'s ``max_new_tokens`` for ``max_tokens``, ``top_logprobs_num``)
+carries the same bound here, in pydantic, so that a client's error names the field the client sent.
 
 From the complete server on, nothing is ignored silently: a field the server does not know is refused
 with a 400 that names it (``extra="forbid"``), and so is a known field it does not implement, unless
@@ -18,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core import InvalidParam
+from ..core import MAX_TOP_LOGPROBS, InvalidParam
 
 # Known fields that do something this server does not do, and the one value at which they do nothing.
 NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
@@ -40,7 +43,7 @@ class Strict(BaseModel):
 class SamplingFields(Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, lt=2**31)  # None: as many as the context leaves room for
-    max_completion_tokens: int | None = Field(None, lt=2**31)  # the newer OpenAI name for max_tokens
+    max_completion_tokens: int | None = Field(None, gt=0, lt=2**31)  # the newer OpenAI name for max_tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = Field(0, lt=2**31)
@@ -100,7 +103,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # SamplingParams.logprobs
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "none", "auto", "required" or {"type": "function", "function": {...}}
     parallel_tool_calls: bool | None = None  # a hint (see the module's docstring)
@@ -117,7 +120,7 @@ class CompletionRequest(SamplingFields):
 class GenerateSampling(Strict):
     """SGLang's ``sampling_params`` of ``/generate``."""
 
-    max_new_tokens: int | None = Field(128, lt=2**31)  # SGLang's default; None: as much as the context leaves
+    max_new_tokens: int | None = Field(128, gt=0, lt=2**31)  # SGLang's default; None: as much as the context leaves
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = Field(0, ge=-1, lt=2**31)  # -1: no limit, as in SGLang
@@ -147,6 +150,6 @@ class GenerateRequest(Strict):
     sampling_params: GenerateSampling = Field(default_factory=GenerateSampling)
     stream: bool = False
     return_logprob: bool = False
-    top_logprobs_num: int = 0
+    top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # SamplingParams.logprobs, with return_logprob
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None  # the caller's id for the request (a hint: ours are our own)

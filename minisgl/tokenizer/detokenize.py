@@ -1,6 +1,6 @@
 """Turning the scheduler's tokens back into text, in the detokenizer worker (introduced in chapter 03).
 
-The scheduler sends one message per step with the new token of every running request. For each, the
+The scheduler sends one message per step with what happened to every request it ran. For each, the
 detokenizer keeps a ``TextStream`` (incremental, UTF-8 safe, holding back what may start a stop
 string). When a stop string appears, the request is over as far as the client is concerned: the
 text before it is sent with ``finish_reason="stop"``, and an abort goes back to the scheduler to free
@@ -10,7 +10,7 @@ string ever reaches the client.
 
 from dataclasses import dataclass
 
-from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, TokenText, unpack_ids
+from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, NewRequestInfo, TokenText
 from .text_stream import TextStream
 
 
@@ -32,25 +32,17 @@ class Detokenizer:
 
     # --8<-- [start:detokenize]
     def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
-        for info in batch.new_requests:
-            self.states[info.uid] = state = DetokenizeState(
-                TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
-            )
-            if info.first_prompt_id is not None:  # it asked for its prompt's log probabilities
-                first = info.first_prompt_id
-                state.prompt = [TokenText(first, self.text_of(first), None, [])]
-                state.prompt += [self.token_text(token, logprobs) for token, logprobs in info.prompt_logprobs]
         out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], prompt_logprobs=[])
         aborts = []
-        logprobs = batch.logprobs or [None] * len(batch.uids)
-        for uid, token, finish, token_logprobs in zip(batch.uids, unpack_ids(batch.token_ids), batch.finish_reasons,
-                                                      logprobs):
+        for output in batch.outputs:
+            if output.new is not None:  # its first output: start its stream
+                self.start(output.new)
+            uid, token, finish, matched = output.uid, output.token, output.finish, output.matched_eos
             state = self.states.get(uid)
             if state is None:  # already ended here (a stop string), the scheduler just did not know yet
                 continue
-            matched = batch.matched_eos.get(uid)
-            if token_logprobs is not None and token >= 0:
-                state.logprobs = (state.logprobs or []) + [self.token_text(token, token_logprobs)]
+            if output.logprobs is not None and token >= 0:
+                state.logprobs = (state.logprobs or []) + [self.token_text(token, output.logprobs)]
             # --8<-- [start:ex-detokenize-step]
             text = ""
             if token >= 0:
@@ -84,6 +76,16 @@ class Detokenizer:
             out.prompt_logprobs = []
         return out, aborts
     # --8<-- [end:detokenize]
+
+    def start(self, info: NewRequestInfo) -> None:
+        """A request's first output: its stream, with its stop strings, and its prompt's log probabilities."""
+        self.states[info.uid] = state = DetokenizeState(
+            TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
+        )
+        if info.first_prompt_id is not None:  # it asked for its prompt's log probabilities
+            first = info.first_prompt_id
+            state.prompt = [TokenText(first, self.text_of(first), None, [])]
+            state.prompt += [self.token_text(token, logprobs) for token, logprobs in info.prompt_logprobs]
 
     def token_text(self, token: int, logprobs) -> TokenText:
         """A token's log probabilities with the text of it and of each alternative, for the client."""

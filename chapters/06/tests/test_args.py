@@ -1,4 +1,7 @@
-"""The complete server's command line (DESIGN.md section 5): every flag there parses to its setting."""
+"""The complete server's command line (DESIGN.md section 5): every flag there parses to its setting; and the
+launcher's reading of a model folder against it (``resolve_config``)."""
+
+import json
 
 import pytest
 
@@ -27,3 +30,22 @@ def test_a_backend_that_does_not_exist_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--attention-backend", "cuda"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_launcher_reads_config_json_with_the_models_own_reader(tmp_path):
+    """One reader of config.json (``ModelConfig``): a model minisgl cannot run, or cannot split over --tp-size
+    ranks, is refused before any process starts; which tokens end a reply is the launcher's one set."""
+    from minisgl.config import resolve_config
+
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "eos_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    resolved = resolve_config(parse_args(["--model-path", str(tmp_path), "--context-length", "512"]))
+    assert (resolved.vocab_size, resolved.context_length, resolved.eos_token_ids) == (100, 256, (2, 7))
+    with pytest.raises(ValueError, match=r"--tp-size 3 does not divide the model's 4 attention heads.*\(1, 2, 4\)"):
+        resolve_config(parse_args(["--model-path", str(tmp_path), "--tp-size", "3"]))
+    (tmp_path / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        resolve_config(parse_args(["--model-path", str(tmp_path)]))

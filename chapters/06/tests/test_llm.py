@@ -93,16 +93,17 @@ def test_prompt_log_probabilities_and_no_grammar_left_behind(llm):
     assert all(t.logprob <= 0 for t in scored.prompt_logprobs[1:])
     # Compiles on a thread: a refused constraint and an abort while compiling leave nothing pending.
     scheduler, grammars = llm.scheduler, llm.scheduler.grammars
-    scheduler.compile_pool = ThreadPoolExecutor(1)
+    grammars.pool = ThreadPoolExecutor(1)
     try:
         bad = UserRequest("bad", pack_ids([1, 2]), SamplingParams(constraint=("regex", "(a")))
         slow = UserRequest("slow", pack_ids([1, 2]), SamplingParams(constraint=("regex", "[a-z]{1,400}")))
-        scheduler.handle(bad)
-        scheduler.handle(slow)
-        scheduler.handle(AbortRequest("slow"))
+        outputs = [scheduler.step([bad, slow, AbortRequest("slow")])]
         while scheduler.has_work:
-            scheduler.step()
-        scheduler.compile_pool.shutdown(wait=True)
-        assert scheduler.flush_outputs() is None and not scheduler.compiling and not grammars.pending
+            outputs.append(scheduler.step())
+        grammars.pool.shutdown(wait=True)
+        said = [output for output in outputs if output is not None]
+        assert [(out.uid, out.finish) for output in said for out in output.outputs] == [("slow", "abort")]
+        assert [refusal.uid for output in said for refusal in output.refused] == ["bad"]
+        assert scheduler.step() is None and not grammars.compiling and not grammars.grammars.pending
     finally:
-        scheduler.compile_pool = None
+        grammars.pool = None

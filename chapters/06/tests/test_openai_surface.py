@@ -547,6 +547,22 @@ def test_odd_requests_get_a_400_not_a_500(server, client, path, body, param):
     assert chat(client, "hi", max_tokens=2).usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+    ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
+])
+def test_a_value_out_of_range_is_refused_under_the_name_the_client_sent(server, path, body, param):
+    """SamplingParams names its own fields (``logprobs``, ``max_tokens``); a field an API names otherwise is
+    bounded under the client's name, in the error's param and in its message alike."""
+    error = post(server, path, body, 400)["error"]
+    assert error["param"] == param and param.split(".")[-1] in error["message"], error
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy(client):
     greedy = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4, temperature=0)
     tiny = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=4, temperature=1e-45)
@@ -627,7 +643,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(client, model
 
 def test_prompt_logprob_rows_follow_chunks_of_a_prompt():
     from minisgl.core import Batch, Request, SamplingParams
-    from minisgl.engine.engine import prompt_logprob_rows
+    from minisgl.sampling import prompt_logprob_rows
 
     running = Request("a", [1, 2], SamplingParams(logprobs=0), output_ids=[3], cached_len=2)
     scored = Request("b", [10, 11, 12, 13, 14], SamplingParams(prompt_logprobs=True))

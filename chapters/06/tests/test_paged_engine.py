@@ -23,7 +23,7 @@ import torch
 
 from minisgl.core import SamplingParams
 from minisgl.engine import Engine
-from minisgl.messages import AbortRequest, BatchTokenOutput, UserRequest, pack_ids, unpack_ids
+from minisgl.messages import AbortRequest, BatchTokenOutput, TokenOutput, UserRequest, pack_ids
 from minisgl.scheduler import Scheduler
 from minisgl.scheduler.pages import pages_for
 from minisgl.scheduler.radix import RadixCache, prefix_pages
@@ -54,14 +54,16 @@ class Reply:
     finishes: int = 0  # how many messages said it finished: exactly one, however it ended
 
 
-def collect(replies: dict[str, Reply], message: BatchTokenOutput | None) -> None:
+def collect(replies: dict[str, Reply], message: BatchTokenOutput | list[TokenOutput] | None) -> None:
+    """``message``: a step's, or the outputs of ``Scheduler.handle`` (an abort ends its request at once)."""
     if message is None:
         return
-    for info in message.new_requests:
-        reply = replies.setdefault(info.uid, Reply())
-        assert reply.cached_tokens is None, f"request {info.uid} was announced twice"
-        reply.cached_tokens, reply.prompt_tokens = info.cached_tokens, info.prompt_tokens
-    for uid, token, finish in zip(message.uids, unpack_ids(message.token_ids), message.finish_reasons, strict=True):
+    for output in message.outputs if isinstance(message, BatchTokenOutput) else message:
+        uid, token, finish, info = output.uid, output.token, output.finish, output.new
+        if info is not None:
+            reply = replies.setdefault(info.uid, Reply())
+            assert reply.cached_tokens is None, f"request {info.uid} was announced twice"
+            reply.cached_tokens, reply.prompt_tokens = info.cached_tokens, info.prompt_tokens
         reply = replies[uid]
         assert reply.cached_tokens is not None, f"request {uid} got output before it was announced"
         assert reply.finish is None, f"request {uid} got output after it finished ({reply.finish})"
@@ -84,7 +86,7 @@ def run_until_idle(scheduler: Scheduler, replies: dict[str, Reply], max_steps: i
         steps += 1
         if check:
             check(scheduler)
-    collect(replies, scheduler.step())  # an idle step: flushes finishes that came between steps (aborts)
+    collect(replies, scheduler.step())  # an idle step: must say nothing more
     return steps
 
 
@@ -413,7 +415,7 @@ def test_random_workload_keeps_every_page_accounted_for(tiny_llama, tiny_oracle,
             if uid is not None:
                 in_flight = any(r.uid == uid for r in [*scheduler.running, *scheduler.prefilling, *scheduler.waiting])
                 (aborted_in_flight if in_flight else aborted_early if kind == "unsent" else set()).add(uid)
-                scheduler.handle(AbortRequest(uid))
+                collect(replies, scheduler.handle(AbortRequest(uid)))
                 check_accounting(scheduler)  # an abort frees its pages at once
         collect(replies, scheduler.step())
         steps += 1
@@ -483,7 +485,7 @@ def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_its_pages_and_unlocks
     assert request.node.lock_ref == 1
     free_before = allocator.num_free
 
-    scheduler.handle(AbortRequest("x"))
+    collect(replies, scheduler.handle(AbortRequest("x")))
     check_accounting(scheduler)
     assert not scheduler.has_work and request.node is None and request.pages == []
     assert all(node.lock_ref == 0 for _, node in cache.nodes())  # unlocked: not twice (unlock would raise), not never
@@ -491,7 +493,7 @@ def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_its_pages_and_unlocks
     assert cache.cached_pages == (start + 12) // 4
     assert allocator.num_free == free_before + (pages_for(30 + 4, 4) - start // 4) - 3
     assert allocator.num_free + cache.cached_pages == allocator.num_total
-    scheduler.handle(AbortRequest("x"))  # a second abort of the same request changes nothing
+    assert scheduler.handle(AbortRequest("x")) == []  # a second abort of the same request changes nothing
     collect(replies, scheduler.step())
     check_accounting(scheduler)
     assert replies["x"].finish == "abort" and replies["x"].finishes == 1
@@ -510,9 +512,8 @@ def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_every_page_with_the_n
     submit(scheduler, "x", list(range(1, 31)), max_tokens=4)
     scheduler.step()
     assert scheduler.prefilling and scheduler.pages.num_free == 40 - pages_for(34, 4)
-    scheduler.handle(AbortRequest("x"))
     replies: dict[str, Reply] = {}
-    collect(replies, scheduler.step())
+    collect(replies, scheduler.handle(AbortRequest("x")))
     assert replies["x"].finish == "abort" and scheduler.pages.num_free == 40
     check_idle(scheduler)
 
@@ -579,7 +580,7 @@ def test_state_already_shows_the_step_whose_tokens_go_out(tiny_llama):
     request = UserRequest("r", pack_ids(list(range(1, 11))), SamplingParams(max_tokens=3, ignore_eos=True))
     with pytest.raises(Idle):
         serve_steps(scheduler, ScriptedInbox([request]), outbox, counts, check_lockstep=False)
-    assert [message.finish_reasons for message, _ in outbox.sent] == [[None], [None], ["length"]]
+    assert [[out.finish for out in message.outputs] for message, _ in outbox.sent] == [[None], [None], ["length"]]
     (_, first), *_, (_, last) = outbox.sent
     assert first["running"] == 1 and first["in_use_pages"] > 0, (
         f"/state as the first token left: {first}; the request was running and held pages"

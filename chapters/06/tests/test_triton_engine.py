@@ -6,6 +6,8 @@ prefill chunk (so that chunks mix with decode tokens in one batch), and enough n
 a page boundary. On a CPU the kernels run in Triton's interpreter.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ pytest.importorskip("triton", reason="Triton is available on Linux only: its ker
 
 from minisgl.core import SamplingParams
 from minisgl.engine import Engine
-from minisgl.messages import UserRequest, pack_ids, unpack_ids
+from minisgl.messages import UserRequest, pack_ids
 from minisgl.scheduler import Scheduler
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,9 +40,9 @@ def greedy_replies(model_path, backend: str) -> dict[str, list[int]]:
                 scheduler.handle(UserRequest(uid, pack_ids(prompts[uid]), params))
         output = scheduler.step()
         if output is not None:
-            for uid, token in zip(output.uids, unpack_ids(output.token_ids)):
-                if token >= 0:
-                    replies[uid].append(token)
+            for out in output.outputs:
+                if out.token >= 0:
+                    replies[out.uid].append(out.token)
         if step > 2 and not scheduler.has_work:
             break
     assert scheduler.prefix_hits >= 20, "the second prompt should have started after the shared, cached pages"
@@ -58,3 +60,18 @@ def test_auto_picks_torch_on_a_cpu_and_triton_on_a_gpu(tiny_llama):
     assert type(engine.attention).__name__ == ("TritonBackend" if DEVICE == "cuda" else "TorchBackend")
     with pytest.raises(ValueError, match="choose one of auto, torch, triton"):
         Engine(tiny_llama, "float32", DEVICE, 41, 4, 128, attention_backend="flash")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the kernels are compiled: no interpreter to ask for")
+def test_triton_on_a_cpu_asks_for_the_interpreter_and_leaves_the_environment_alone(monkeypatch):
+    """``make_backend`` is a library call: it never sets ``TRITON_INTERPRET`` itself, it says what to set."""
+    from minisgl.attention import make_backend
+    from minisgl.kv_cache import KVCache
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cache = KVCache(1, 4, 4, 2, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 .* or choose the attention backend torch"):
+        make_backend("triton", cache)
+    assert "TRITON_INTERPRET" not in os.environ
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert type(make_backend("triton", cache)).__name__ == "TritonBackend"

@@ -2,8 +2,13 @@
 
 Chapter 03 gave each request one slot sized for the longest sequence we accept. Now the cache is a pool
 of pages, each holding the keys and values of ``page_size`` consecutive tokens, and a request holds a
-list of pages (its page table) that grows as it does. Memory follows the tokens a request really has,
-and two requests that start alike can share the pages of their common prefix (``radix.py``).
+list of pages (its page table). The scheduler takes them all when it admits the request: enough for its
+prompt and its ``max_tokens`` (less the pages of a prefix the cache already holds), so a running request
+never runs out of pages halfway through its reply, and nothing has to be taken from it to let another go
+on. Memory follows what a request may need, not the longest sequence we accept, and two requests that
+start alike share the pages of their common prefix (``radix.py``). The price: a request that stops early
+held pages it never filled. Engines that chase the last page (vLLM, SGLang) let the table grow a page at
+a time instead, and preempt a request (free its pages, run it again later) when the pool runs dry.
 
 Page 0 is never handed out. It is the spare page: a batch padded to a fixed shape (CUDA graphs, chapter
 06) points its padding at page 0, so whatever the padding writes lands where no request reads.

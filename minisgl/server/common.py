@@ -1,0 +1,167 @@
+"""What the two HTTP dialects share: errors, checks of a body's values, and talking to the frontend (the
+helpers came with chapters 02 and 03 in ``api.py``; the complete server moved them here when SGLang's
+native endpoints, ``native.py``, began to use them too, so that neither dialect imports the other).
+
+- **Errors**: every endpoint refuses with ``APIError``, which ``app.py`` turns into OpenAI's shape,
+  ``{"error": {"message", "type", "param", "code"}}``; pydantic's complaints about a body and
+  Starlette's own errors (404, 405) get the same shape.
+- **Checks** of values the pydantic models cannot see through: text that UTF-8 cannot hold, fields
+  known but not implemented, ``logit_bias`` keys, token ids of a prompt.
+- **The frontend**: ``submit`` sends a request's choices and waits for the first output (so a refusal
+  becomes a 400 before the reply starts), ``collect`` gathers a whole reply (aborting it when the client
+  goes away), ``sse`` frames one server-sent event of a streamed reply.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..core import InvalidParam
+from ..messages import TokenizeRequest, pack_ids
+from .frontend import Frontend, Output, Overloaded, WorkersDown
+from .protocol import refuse_unsupported
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def api_error(_, error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.status, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
+
+
+async def invalid_body(_, error: RequestValidationError) -> JSONResponse:
+    """pydantic's complaint about the body, as an OpenAI error that names the field."""
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+        return JSONResponse(error_body("the request body must be a JSON object", 400), status_code=400)
+    param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+    message = f"{param}: {first.get('msg')}" if param else first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":  # nothing is ignored silently
+        message = f"{param} is not supported by this server"
+    return JSONResponse(error_body(message, 400, param), status_code=400)
+
+
+async def http_error(_, error: HTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(error.detail), error.status_code), status_code=error.status_code)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks of a body's values
+# ------------------------------------------------------------------------------------------------
+
+
+def check_encodable(text: str, param: str) -> str:
+    """JSON may spell a lone surrogate (``"\\ud800"``), which no UTF-8 text can hold: refuse it here
+    rather than fail later, when the message to the tokenizer is encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} holds a lone surrogate (such as \\ud800), which is not text", param) from None
+    return text
+
+
+def refuse(fields: dict) -> None:
+    try:
+        refuse_unsupported(fields)
+    except InvalidParam as error:
+        raise APIError(400, str(error), error.param) from None
+
+
+def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys, so as strings."""
+    try:
+        biases = {int(token): float(bias) for token, bias in (logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers)", "logit_bias") from None
+    if any(not 0 <= token < 2**31 for token in biases):  # the tokenizer checks them against the vocabulary
+        raise APIError(400, "logit_bias keys must be token ids of the vocabulary", "logit_bias")
+    return biases
+
+
+def prompt_of(prompt: str | list[int], param: str) -> dict:
+    """A prompt as TokenizeRequest fields: text, or token ids."""
+    if isinstance(prompt, str):
+        return {"text": check_encodable(prompt, param)}
+    if any(not 0 <= token < 2**31 for token in prompt):  # the tokenizer checks them against the vocabulary
+        raise APIError(400, f"{param} token ids must be in the vocabulary", param)
+    return {"input_ids": pack_ids(prompt)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Talking to the frontend
+# ------------------------------------------------------------------------------------------------
+
+
+# --8<-- [start:first-output]
+async def submit(frontend: Frontend, requests: list[TokenizeRequest]) -> AsyncIterator[tuple[int, Output]]:
+    """Send one TokenizeRequest per choice and wait for the first output, so that a refused request
+    becomes an HTTP error before the reply starts. Returns an iterator over every ``(choice index,
+    Output)``, the first included."""
+    outputs = frontend.generate(requests)
+    try:
+        first = await outputs.__anext__()
+    except WorkersDown as error:
+        raise APIError(503, str(error)) from None
+    except Overloaded as error:  # refused at once: a client should retry, not wait in an unbounded queue
+        raise APIError(503, f"{error}; retry later", code="server_overloaded", headers={"Retry-After": "1"}) from None
+    refusal = first[1].error
+    if refusal is not None:
+        await outputs.aclose()
+        raise APIError(400, refusal.message, refusal.param, refusal.code)
+
+    async def chained():
+        yield first
+        async for item in outputs:
+            yield item
+
+    return chained()
+# --8<-- [end:first-output]
+
+
+# --8<-- [start:collect]
+async def collect(http: HTTPRequest, outputs: AsyncIterator) -> list[tuple[int, Output]]:
+    """Gather every output of a whole (unstreamed) reply, aborting it if the client disconnects
+    meanwhile, and turning a failed request into a 500 (a refused one into a 400)."""
+    task = asyncio.ensure_future(gather(outputs))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await http.is_disconnected():
+            task.cancel()  # the frontend's cleanup aborts the requests
+            raise APIError(499, "client disconnected")
+    gathered = task.result()
+    refusal = next((out.error for _, out in gathered if out.error is not None), None)
+    if refusal is not None:  # one prompt of a batch was refused after another's first output
+        raise APIError(400, refusal.message, refusal.param, refusal.code)
+    if any(out.finish_reason == "error" for _, out in gathered):
+        raise APIError(500, http.app.state.frontend.failure or "internal error in the scheduler")
+    return gathered
+
+
+async def gather(outputs: AsyncIterator) -> list:
+    return [item async for item in outputs]
+# --8<-- [end:collect]
+
+
+def sse(payload) -> str:
+    """One server-sent event."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
