@@ -82,7 +82,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
         lost = lost_ranks() if args.tp_size > 1 else []
         if lost is None or lost:
             who = "rank 0 (the rendezvous it served is gone)" if lost is None else f"rank {', '.join(map(str, lost))}"
-            logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, str(error).splitlines()[0])
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
+            logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, first_line)
         else:
             logger.exception("rank %d of %d: a step failed; exiting, the server goes down", rank, args.tp_size)
         raise SystemExit(3) from None

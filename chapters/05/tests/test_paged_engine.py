@@ -10,9 +10,11 @@ random points, some in the middle of a chunked prefill, more requests than the p
 every step that every page has exactly one owner: the free list, the radix tree, or one admitted request.
 
 Last, the scheduler process's loop (``serve_steps``) with stand-in sockets: the counts it publishes for
-``GET /state`` must already show the step whose tokens it sends.
+``GET /state`` must already show the step whose tokens it sends, and a step that fails answers every request
+in flight with an error and ends the process.
 """
 
+import queue
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -586,6 +588,49 @@ def test_state_already_shows_the_step_whose_tokens_go_out(tiny_llama):
     assert last["running"] == 0 and last["in_use_pages"] == 0, (
         f"/state as the last token left: {last}; the request had finished and released its pages"
     )
+
+
+def test_a_failing_step_answers_every_request_in_flight_and_the_scheduler_exits(tiny_llama, monkeypatch, caplog):
+    # A step that raises (a bug, a device that failed) would fail the next step the same way: the scheduler
+    # answers every request in flight with an error, logs the traceback and exits non-zero, so the launcher takes
+    # the server down, instead of going on serving (and failing) while /health says 200. At TP 1 no rank is blamed.
+    from minisgl.args import ServerArgs
+    from minisgl.config import resolve_config
+    from minisgl.ipc import Addresses
+    from minisgl.scheduler import worker
+    from minisgl.server.frontend import COUNTS
+
+    config = resolve_config(ServerArgs(model_path=str(tiny_llama), dtype="float32", device="cpu",
+                                       max_running_requests=4, context_length=128, page_size=4, num_pages=41))
+    counts = [0] * len(COUNTS)
+    requests = [UserRequest(uid, pack_ids(list(range(1, 9))), SamplingParams(max_tokens=8, ignore_eos=True))
+                for uid in ("a", "b")]
+    inbox, outbox = ScriptedInbox(requests), RecordingOutbox(counts)
+    monkeypatch.setattr(worker, "become_child", lambda name: None)  # this is the test's process, not a child
+    monkeypatch.setattr(worker, "pull_socket", lambda context, address: inbox)
+    monkeypatch.setattr(worker, "push_socket", lambda context, address: outbox)
+    steps, real_step = 0, Engine.step
+
+    def failing_step(engine, batch):
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            raise RuntimeError("injected device fault")
+        return real_step(engine, batch)
+
+    monkeypatch.setattr(Engine, "step", failing_step)
+    ready = queue.Queue()
+    with pytest.raises(SystemExit) as exit_:
+        worker.run_scheduler(config, Addresses.in_folder("unused"), ready, counts)
+    assert ready.get_nowait() == ("minisgl-scheduler", None)
+    assert exit_.value.code not in (0, None)
+    assert len(outbox.sent) == 3  # two steps' tokens, then the failure
+    last, _ = outbox.sent[-1]
+    assert dict(zip(last.uids, last.finish_reasons)) == {"a": "error", "b": "error"}
+    log = "\n".join(record.getMessage() for record in caplog.records)
+    assert " lost " not in log, f"at TP 1 there is no other rank to blame:\n{log}"
+    failed = [r for r in caplog.records if r.exc_info and "injected device fault" in str(r.exc_info[1])]
+    assert failed and "a step failed" in failed[0].getMessage(), f"the step's traceback is not in the log:\n{log}"
 
 
 def test_kv_cache_memory_sizes_the_pool_by_bytes(tiny_llama):

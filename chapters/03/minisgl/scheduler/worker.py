@@ -43,11 +43,25 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts) -> 
                 scheduler.handle(message)
             try:
                 output = scheduler.step()
-            except Exception as error:
-                scheduler.fail_all(error)
-                output = scheduler.flush_outputs()
+            except Exception:
+                # Not one request's fault: a bug, or a device that failed, and the next step would fail the same
+                # way. Answer every request in flight with an error, then exit: the launcher ends the whole tree.
+                send_failures(scheduler, to_detokenizer)
+                logger.exception("a step failed; exiting, the server goes down")
+                raise SystemExit(3) from None
             # Before the tokens leave: a client that has seen them must not read the state from before this step.
             counts[:] = [len(scheduler.running), len(scheduler.waiting), scheduler.slots.num_free, slots]
             if output is not None:
                 to_detokenizer.send(encode(output))
 # --8<-- [end:run-scheduler]
+
+
+def send_failures(scheduler: Scheduler, to_detokenizer) -> None:
+    """A step failed: end every request in flight with an error, so each client hears so before the server
+    goes down (best effort: the scheduler's state may be what failed)."""
+    try:
+        scheduler.fail_all()
+        if (output := scheduler.flush_outputs()) is not None:
+            to_detokenizer.send(encode(output))
+    except Exception:
+        logger.exception("could not fail the requests in flight; the API server will")

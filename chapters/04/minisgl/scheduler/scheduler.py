@@ -134,9 +134,8 @@ class Scheduler:
                 return True
         return False
 
-    def fail_all(self, error: Exception) -> None:
-        """After a failed step (a bug, a device error): end every request with an error, keep serving."""
-        logger.exception("step failed; failing %d requests", len(self.running) + len(self.waiting))
+    def fail_all(self) -> None:
+        """End every request in flight with an error (a step failed: the server is going down)."""
         for request in [*self.running, *self.waiting]:
             self.finish(request, "error")
 

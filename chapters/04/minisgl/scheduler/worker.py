@@ -67,13 +67,16 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
     try:
         with torch.inference_mode():
             serve_steps(scheduler, inbox, to_detokenizer, counts, args.tp_check_lockstep)
-    except Exception as error:  # a collective failed: another rank is gone
-        lost = lost_ranks()
-        if lost is None:
-            who = "rank 0 (the rendezvous it served is gone)"
+    except Exception as error:
+        # A collective fails when another rank is gone; anything else is this rank's own fault. Either way
+        # the server cannot go on: this process exits, and the launcher ends the whole tree at once.
+        lost = lost_ranks() if args.tp_size > 1 else []
+        if lost is None or lost:
+            who = "rank 0 (the rendezvous it served is gone)" if lost is None else f"rank {', '.join(map(str, lost))}"
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
+            logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, first_line)
         else:
-            who = f"rank {', '.join(map(str, lost))}" if lost else "contact with a rank"
-        logger.error("rank %d of %d lost %s: %s; exiting", rank, args.tp_size, who, str(error).splitlines()[0])
+            logger.exception("rank %d of %d: a step failed; exiting, the server goes down", rank, args.tp_size)
         raise SystemExit(3) from None
     finally:
         shutdown()
@@ -93,9 +96,12 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
             scheduler.handle(message)
         try:
             output = scheduler.step()
-        except Exception as error:  # a bug or a device error: fail what is in flight, keep serving
-            scheduler.fail_all(error)
-            output = scheduler.flush_outputs()
+        except Exception:
+            # Not one request's fault: a bug, or a device that failed, and the next step would fail the same
+            # way. Answer every request in flight with an error, then go down.
+            if tp.rank == 0:
+                send_failures(scheduler, to_detokenizer)
+            raise
         if check_lockstep and output is not None:
             check_same_tokens(output)
         if tp.rank == 0:
@@ -103,6 +109,17 @@ def serve_steps(scheduler: Scheduler, inbox, to_detokenizer, counts, check_locks
             if output is not None:
                 to_detokenizer.send(encode(output))
 # --8<-- [end:serve-steps]
+
+
+def send_failures(scheduler: Scheduler, to_detokenizer) -> None:
+    """A step failed: end every request in flight with an error, so each client hears so before the server
+    goes down (best effort: the scheduler's state may be what failed)."""
+    try:
+        scheduler.fail_all()
+        if (output := scheduler.flush_outputs()) is not None:
+            to_detokenizer.send(encode(output))
+    except Exception:
+        logger.exception("could not fail the requests in flight; the API server will")
 
 
 def publish_counts(scheduler: Scheduler, counts) -> None:

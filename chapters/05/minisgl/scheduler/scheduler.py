@@ -198,11 +198,9 @@ class Scheduler:
                 return True
         return False
 
-    def fail_all(self, error: Exception) -> None:
-        """After a failed step (a bug, a device error): end every request with an error, keep serving."""
-        in_flight = [*self.running, *self.prefilling, *self.waiting]
-        logger.exception("step failed; failing %d requests", len(in_flight))
-        for request in in_flight:
+    def fail_all(self) -> None:
+        """End every request in flight with an error (a step failed: the server is going down)."""
+        for request in [*self.running, *self.prefilling, *self.waiting]:
             self.finish(request, "error")
 
     # --8<-- [start:flush-outputs]
