@@ -14,12 +14,19 @@ Two collectives are all the model needs:
 
 And the schedulers need one more thing: rank 0 must hand each step's incoming messages to the other
 ranks (``broadcast_messages``). On a GPU that goes through a second, gloo group on the CPU: control
-messages are small Python objects, and NCCL moves only GPU tensors.
+messages are small Python objects, and NCCL moves only GPU tensors. (``gather_objects``, the lockstep
+check's, goes the same way.)
+
+Every rank also beats a heartbeat in the rendezvous' store and watches the others': a rank whose beat
+stops for ``LOST_AFTER_S`` (killed, frozen, or on a machine that went away) is lost, and the ranks that
+notice exit, which their launchers see on every node. gloo would notice a dead peer anyway (its
+connection closes); NCCL waits out the whole ``--dist-timeout``, and no collective notices a frozen one.
 
 At TP size 1 nothing is initialised and every helper returns its input: chapter 03's single process
 runs this code unchanged.
 """
 
+import logging
 import os
 import threading
 import time
@@ -41,7 +48,12 @@ class TPInfo:
 _tp = TPInfo()
 _control_group = None  # the gloo group that carries the schedulers' messages
 _store = None  # the rendezvous' key-value store, served by rank 0: also where every rank's heartbeat is counted
+_stopping = threading.Event()  # set by shutdown(): this rank leaves, the others' silence is expected now
 HEARTBEAT_S = 0.5
+# A rank silent this long is lost. Generous: a false alarm takes the server down, and a rank that is busy
+# still beats from its own thread; but seconds, not the minutes of --dist-timeout.
+LOST_AFTER_S = 10.0
+logger = logging.getLogger(__name__)
 
 
 def tp_info() -> TPInfo:
@@ -67,7 +79,8 @@ def init_distributed(rank: int, size: int, init_addr: str, device: torch.device,
     _store = dist.TCPStore(host, int(port), size, is_master=rank == 0, timeout=timeout)
     dist.init_process_group(backend, store=_store, rank=rank, world_size=size, timeout=timeout)
     _control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-    threading.Thread(target=heartbeat, args=(rank,), name="minisgl-heartbeat", daemon=True).start()
+    _stopping.clear()
+    threading.Thread(target=heartbeat, args=(rank, size), name="minisgl-heartbeat", daemon=True).start()
 # --8<-- [end:init-distributed]
 
 
@@ -109,15 +122,63 @@ def broadcast_messages(messages: list | None) -> list:
 # --8<-- [end:collectives]
 
 
-def heartbeat(rank: int, every_s: float = HEARTBEAT_S) -> None:
-    """Count up ``beat/RANK`` in the store, forever, from a thread of its own: a rank blocked in a
-    collective still beats (the collective waits without the GIL), a dead one does not."""
-    while True:
-        try:
-            _store.add(f"beat/{rank}", 1)
-        except Exception:  # the store, which lives in rank 0, is gone: nothing left to tell
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (any picklable object), in rank order. On the control group, like
+    ``broadcast_messages``: the schedulers' own small data lives on the CPU, which NCCL does not serve."""
+    if _tp.size == 1:
+        return [obj]
+    gathered = [None] * _tp.size
+    dist.all_gather_object(gathered, obj, group=_control_group)
+    return gathered
+
+
+# --8<-- [start:heartbeat]
+def heartbeat(rank: int, size: int, every_s: float = HEARTBEAT_S, lost_after_s: float = LOST_AFTER_S,
+              on_lost=None) -> None:
+    """Count up ``beat/RANK`` in the store, and watch the other ranks' counts, until ``shutdown()``.
+
+    Runs on a thread of its own: a rank blocked in a collective still beats (the collective waits without
+    the GIL); a dead or frozen one does not. A rank whose count has not moved for ``lost_after_s`` is lost,
+    and so is rank 0 when the store it serves has not answered for that long. ``on_lost`` (by default:
+    log, and exit this process) gets the lost ranks. The store is read on one more thread, because a read
+    from a store whose machine went silent never returns; this one only judges what that one heard.
+    """
+    on_lost = on_lost or exit_lost
+    start = time.monotonic()
+    moved = {r: (None, start) for r in range(size) if r != rank}  # rank -> (its count, when it last moved)
+    answered = [start]  # when the store last answered
+
+    def beat_and_listen():
+        while not _stopping.is_set():
+            try:
+                _store.add(f"beat/{rank}", 1)
+                for r, (last, _) in list(moved.items()):
+                    if (count := _store.add(f"beat/{r}", 0)) != last:  # adding 0 reads
+                        moved[r] = (count, time.monotonic())
+                answered[0] = time.monotonic()
+            except Exception:  # the store, in rank 0, is gone: judged below, by how long it has been silent
+                pass
+            _stopping.wait(every_s)
+
+    threading.Thread(target=beat_and_listen, name="minisgl-beat", daemon=True).start()
+    while not _stopping.wait(every_s):
+        now = time.monotonic()
+        if now - answered[0] > lost_after_s:  # no word from the store: rank 0 is gone, the others unknown
+            lost = [] if rank == 0 else [0]
+        else:
+            lost = sorted(r for r, (_, since) in moved.items() if now - since > lost_after_s)
+        if lost:
+            on_lost(lost)
             return
-        time.sleep(every_s)
+
+
+def exit_lost(lost: list[int]) -> None:
+    """A rank was lost: end this process at once. Its main thread may sit in a collective that would never
+    return (NCCL waits for a dead peer, every backend for a frozen one), so nothing gentler would do."""
+    logger.error("rank %d of %d lost rank %s: no heartbeat for %.0f s; exiting", _tp.rank, _tp.size,
+                 ", ".join(map(str, lost)), LOST_AFTER_S)
+    os._exit(3)
+# --8<-- [end:heartbeat]
 
 
 def lost_ranks() -> list[int] | None:
@@ -134,5 +195,6 @@ def lost_ranks() -> list[int] | None:
 
 
 def shutdown() -> None:
+    _stopping.set()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -227,13 +227,10 @@ class GrammarManager:
 
     @staticmethod
     def accept(request, token: int) -> bool:
-        """Advance a constrained request's matcher by its new token; False at a dead end of its grammar, or
-        if its matcher fails (that request's own trouble: it ends, and the others go on)."""
-        try:
-            return request.grammar is None or request.grammar.accept_token(token)
-        except Exception:
-            logger.exception("request %s: its grammar's matcher failed", request.uid)
-            return False
+        """Advance a constrained request's matcher by its new token; False at a dead end of its grammar (the
+        constraint leads nowhere the vocabulary can go). A matcher that fails raises (the grammar engine's
+        trouble, not the request's); either way the scheduler ends that request alone."""
+        return request.grammar is None or request.grammar.accept_token(token)
 
     @staticmethod
     def mask_for(requests: list) -> Callable | None:

@@ -37,7 +37,8 @@ class Completion:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # generated; with a stop string, up to the one ending it
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    # "stop", "length", "abort", "error" or "dead_end" (its constraint allowed no next token)
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     matched_stop: str | int | None = None  # the stop string or end-of-sequence token that ended it

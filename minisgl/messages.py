@@ -93,10 +93,16 @@ class TokenOutput(msgspec.Struct, array_like=True):
 
     uid: str
     token: int = -1  # -1: it finished without a new token (EOS, abort, error)
-    finish: str | None = None  # None: it goes on; "stop", "length", "abort" or "error"
+    finish: str | None = None  # None: it goes on; "stop", "length", "abort", "error" or DEAD_END
     logprobs: TokenLogprobs | None = None  # the token's, if the request asked for them
     matched_eos: int | None = None  # the end-of-sequence token that stopped it (not part of the reply)
     new: NewRequestInfo | None = None  # with its first output: what the detokenizer must know first
+
+
+# A finish reason of the scheduler's: the request's constraint allowed no next token (a dead end of its grammar,
+# which no token of the vocabulary continues). Its own fault, not the server's: the API server answers it with a
+# 400 that names the constraint's field, as for a constraint that does not compile (``Refusal``).
+DEAD_END = "dead_end"
 
 
 class Refusal(msgspec.Struct, tag=True):
@@ -140,10 +146,11 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     prompt_logprobs: list[list[TokenText]] = []  # empty, or per request: its prompt's tokens, if it asked
 
 
-# Not a message: the numbers rank 0's scheduler publishes for ``GET /state`` in a shared array, in this
-# order (keys of ``Scheduler.state()``): requests, KV cache pages, and prompt tokens seen and found cached.
+# Not a message: the numbers rank 0's scheduler publishes for ``GET /state`` in a shared array of 64-bit
+# integers (the token counts only grow), in this order (keys of ``Scheduler.state()``): requests, KV cache
+# pages, and prompt tokens seen and found cached; then the cached pages no request uses.
 COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
-          "cached_tokens")
+          "cached_tokens", "evictable_pages")
 
 ToTokenizer = TokenizeRequest | AbortRequest | FlushCache
 ToScheduler = UserRequest | AbortRequest | FlushCache

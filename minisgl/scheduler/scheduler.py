@@ -38,6 +38,7 @@ from ..core import Batch, Request, Sampled
 from ..engine import Engine
 from ..grammar import GrammarManager
 from ..messages import (
+    DEAD_END,
     AbortRequest,
     BatchTokenOutput,
     FlushCache,
@@ -52,9 +53,10 @@ from .radix import CACHE_TYPES
 
 logger = logging.getLogger(__name__)
 
-# The most prompt tokens a step runs of a request that wants its prompt's log probabilities: each gives a row
-# of logits of the whole vocabulary (512 x 49,152 float32 values: 100 MB).
-PROMPT_LOGPROBS_CHUNK = 512
+# The most prompt tokens a step runs, all requests together, of the requests that want their prompt's log
+# probabilities: each gives a row of logits of the whole vocabulary (512 x 49,152 float32 values: 100 MB), so
+# the bound is the step's, not each request's (32 requests of 512 rows each would need 3 GB, and more to score).
+PROMPT_LOGPROBS_ROWS = 512
 
 
 class Scheduler:
@@ -86,6 +88,9 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running or self.grammars.compiling)
 
     def state(self) -> dict:
+        """The counts ``/state`` and ``/metrics`` show. Pages: free + cached + in use = total, where cached are
+        the prefix cache's (those the running requests' prefixes lock included; ``evictable`` are the rest),
+        and in use are the requests' own pages outside the cache (a partial page, room for max_tokens)."""
         in_use = self.pages.num_total - self.pages.num_free - self.cache.cached_pages
         return {
             "running": len(self.running) + len(self.prefilling),
@@ -176,15 +181,20 @@ class Scheduler:
     # --8<-- [start:prefill-chunks]
     def prefill_chunks(self) -> list[tuple[Request, int]]:
         """How many prompt tokens each prefilling request runs this step: oldest first, at most
-        ``chunked_prefill_size`` in all (0: whole prompts, one request at least)."""
+        ``chunked_prefill_size`` in all (0: whole prompts, one request at least). The requests that want their
+        prompt's log probabilities share ``PROMPT_LOGPROBS_ROWS`` tokens (rows of logits) a step, oldest first:
+        one left without rows waits for the next step, where it is older than any that came after it."""
         chunks, budget = [], self.chunked_prefill_size or sum(len(r.prompt_ids) for r in self.prefilling)
+        rows = PROMPT_LOGPROBS_ROWS
         for request in self.prefilling:
-            left = len(request.prompt_ids) - request.cached_len
-            if request.params.prompt_logprobs:  # each of its tokens brings a row of logits: bound the step's
-                left = min(left, PROMPT_LOGPROBS_CHUNK)
-            size = min(left, budget)
+            size = min(len(request.prompt_ids) - request.cached_len, budget)
             if size <= 0:
                 break
+            if request.params.prompt_logprobs:  # each of its tokens brings a row of logits
+                size = min(size, rows)
+                if size == 0:
+                    continue  # the step's rows are spent; the requests behind it that want none may still run
+                rows -= size
             chunks.append((request, size))
             budget -= size
         return chunks
@@ -231,10 +241,16 @@ class Scheduler:
         """Record one sampled token and decide whether the request is done (stop strings are the
         detokenizer's call: it sends an abort when it sees one)."""
         params, token = request.params, sampled.token
-        if not self.grammars.accept(request, token):
-            # Only at a dead end of the grammar, where the mask left the row free: end this request alone.
-            logger.warning("request %s: its grammar allows no next token; ending it", request.uid)
+        try:
+            accepted = self.grammars.accept(request, token)
+        except Exception:  # the grammar engine failed (its bug, not the client's): this request alone ends
+            logger.exception("request %s: its grammar's matcher failed", request.uid)
             return self.finish(request, "error")
+        if not accepted:
+            # Only at a dead end of the grammar, where the mask left the row free: the request's own constraint
+            # allows no next token. It ends alone, and the client is told why (a 400, not a server error).
+            logger.info("request %s: its constraint allows no next token; ending it", request.uid)
+            return self.finish(request, DEAD_END)
         if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
             # the EOS token is not part of the reply (its log probabilities go along: the detokenizer drops them)
             return self.finish(request, "stop", logprobs=sampled.logprobs, matched_eos=token)

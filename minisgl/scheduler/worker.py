@@ -16,8 +16,8 @@ import zmq
 
 from ..config import ServerConfig
 from ..distributed import (
-    all_gather,
     broadcast_messages,
+    gather_objects,
     init_distributed,
     lost_ranks,
     share_of_cores,
@@ -184,11 +184,13 @@ def check_same_settings(config: ServerConfig) -> None:
 
 
 def check_same_tokens(output) -> None:
-    """Debug (--tp-check-lockstep): every rank must have sampled exactly the tokens rank 0 did."""
-    tokens = torch.tensor([out.token for out in output.outputs], dtype=torch.long)
-    gathered = all_gather(tokens.unsqueeze(0), dim=0)
-    if not torch.equal(gathered, tokens.expand_as(gathered)):
-        differ = [r for r in range(gathered.shape[0]) if not torch.equal(gathered[r], tokens)]
+    """Debug (--tp-check-lockstep): every rank must have sampled exactly the tokens this one did.
+
+    The tokens are Python ints on the CPU, so they travel on the control group (gloo on every backend), not
+    the model's group: NCCL moves GPU tensors only, and would refuse them at the first step."""
+    tokens = [out.token for out in output.outputs]
+    differ = [r for r, theirs in enumerate(gather_objects(tokens)) if theirs != tokens]
+    if differ:
         raise RuntimeError(f"ranks {differ} sampled other tokens than rank {tp_info().rank}: ranks left lockstep")
 
 

@@ -40,7 +40,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..core import InvalidParam, SamplingParams
 from ..messages import TokenizeRequest, TokenText
-from .common import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
+from .common import (
+    REQUEST_FAILED,
+    APIError,
+    check_encodable,
+    check_stop,
+    collect,
+    error_body,
+    prompt_of,
+    refuse,
+    sse,
+    submit,
+    token_biases,
+)
 from .frontend import Output
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tools import ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
@@ -60,8 +72,7 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
     refuse(body.model_dump(exclude_unset=True))
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options needs stream: true", "stream_options")
-    for stop in body.stop_list:
-        check_encodable(stop, "stop")
+    check_stop(body.stop_list)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         return [
@@ -220,8 +231,10 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                                   "logprobs": None, "finish_reason": None}]))
             async for index, out in outputs:
                 if out.error is not None or out.finish_reason == "error":
-                    message = out.error.message if out.error else frontend.failure or "internal error in the scheduler"
-                    yield sse(error_body(message, 400 if out.error else 500))
+                    message = out.error.message if out.error else frontend.failure or REQUEST_FAILED
+                    refused = out.error  # a refusal names its field (a constraint's dead end too)
+                    yield sse(error_body(message, 400, refused.param, refused.code) if refused else
+                              error_body(message, 500))
                     return
                 latest[index] = out
                 text, done = out.text, out.finish_reason is not None
@@ -293,7 +306,7 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, config.model_name, logprobs, constraint)
     prompt = {"messages": messages, "tools": tools.template_tools if tools else None}
-    outputs = await submit(http.app.state.frontend, choices(params, [prompt]))
+    outputs = await submit(http, choices(params, [prompt]))
     return await respond(http, body, outputs, Reply(CHAT, len(params), len(params), body.logprobs, tools))
 # --8<-- [end:chat]
 
@@ -329,7 +342,7 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
                        "echo")
     params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body),
                              prompt_logprobs=body.echo and body.logprobs is not None)
-    outputs = await submit(http.app.state.frontend, choices(params, [prompt_of(p, "prompt") for p in prompts]))
+    outputs = await submit(http, choices(params, [prompt_of(p, "prompt") for p in prompts]))
     reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
                   echo=prompts if body.echo else None)
     return await respond(http, body, outputs, reply)

@@ -6,7 +6,8 @@ native endpoints, ``native.py``, began to use them too, so that neither dialect 
   ``{"error": {"message", "type", "param", "code"}}``; pydantic's complaints about a body and
   Starlette's own errors (404, 405) get the same shape.
 - **Checks** of values the pydantic models cannot see through: text that UTF-8 cannot hold, fields
-  known but not implemented, ``logit_bias`` keys, token ids of a prompt.
+  known but not implemented, ``logit_bias`` keys, token ids of a prompt, the number and length of
+  stop strings (at most 4, as OpenAI allows, of at most 256 characters each).
 - **The frontend**: ``submit`` sends a request's choices and waits for the first output (so a refusal
   becomes a 400 before the reply starts), ``collect`` gathers a whole reply (aborting it when the client
   goes away), ``sse`` frames one server-sent event of a streamed reply.
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from ..core import InvalidParam
 from ..messages import TokenizeRequest, pack_ids
-from .frontend import Frontend, Output, Overloaded, WorkersDown
+from .frontend import Output, Overloaded, WorkersDown
 from .protocol import refuse_unsupported
 
 # ------------------------------------------------------------------------------------------------
@@ -80,6 +81,27 @@ def check_encodable(text: str, param: str) -> str:
     return text
 
 
+# --8<-- [start:stop-limits]
+# OpenAI's limit on the number of stop strings, and ours on their length. A stop string is a marker
+# ("\n\n", "</answer>", "Observation:"), rarely over a few dozen characters; 256 leaves plenty of room
+# and bounds what the one detokenizer, which serves every request, holds back and checks per token.
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256  # characters
+
+
+def check_stop(stop: list[str], param: str = "stop") -> list[str]:
+    """The stop strings, if there are few and short enough, and each is text."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"{param} holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param)
+    for s in stop:
+        if len(s) > MAX_STOP_LENGTH:
+            raise APIError(400, f"{param} holds a string of {len(s)} characters; each may be at most "
+                           f"{MAX_STOP_LENGTH}", param)
+        check_encodable(s, param)
+    return stop
+# --8<-- [end:stop-limits]
+
+
 def refuse(fields: dict) -> None:
     try:
         refuse_unsupported(fields)
@@ -111,15 +133,30 @@ def prompt_of(prompt: str | list[int], param: str) -> dict:
 # Talking to the frontend
 # ------------------------------------------------------------------------------------------------
 
+# What a client is told when its request ended with an error of the server's own (the scheduler's step
+# or the detokenizer failed on it); the log names the cause.
+REQUEST_FAILED = "internal error while running this request (the server's log has the details)"
+
 
 # --8<-- [start:first-output]
-async def submit(frontend: Frontend, requests: list[TokenizeRequest]) -> AsyncIterator[tuple[int, Output]]:
+async def submit(http: HTTPRequest, requests: list[TokenizeRequest]) -> AsyncIterator[tuple[int, Output]]:
     """Send one TokenizeRequest per choice and wait for the first output, so that a refused request
     becomes an HTTP error before the reply starts. Returns an iterator over every ``(choice index,
-    Output)``, the first included."""
-    outputs = frontend.generate(requests)
+    Output)``, the first included.
+
+    The first output may be long in coming (a request waits for room, or its text is held back for a
+    possible stop string), and no reply is under way to notice meanwhile that the client left: so we
+    watch for that here, and abort the request at once if it does."""
+    outputs = http.app.state.frontend.generate(requests)
+    first_output, left = asyncio.ensure_future(outputs.__anext__()), asyncio.ensure_future(client_left(http))
+    await asyncio.wait({first_output, left}, return_when=asyncio.FIRST_COMPLETED)
+    left.cancel()
+    if not first_output.done():
+        first_output.cancel()  # the frontend's cleanup aborts the requests
+        await asyncio.wait({first_output})
+        raise APIError(499, "client disconnected")
     try:
-        first = await outputs.__anext__()
+        first = first_output.result()
     except WorkersDown as error:
         raise APIError(503, str(error)) from None
     except Overloaded as error:  # refused at once: a client should retry, not wait in an unbounded queue
@@ -153,12 +190,19 @@ async def collect(http: HTTPRequest, outputs: AsyncIterator) -> list[tuple[int, 
     if refusal is not None:  # one prompt of a batch was refused after another's first output
         raise APIError(400, refusal.message, refusal.param, refusal.code)
     if any(out.finish_reason == "error" for _, out in gathered):
-        raise APIError(500, http.app.state.frontend.failure or "internal error in the scheduler")
+        raise APIError(500, http.app.state.frontend.failure or REQUEST_FAILED)
     return gathered
 
 
 async def gather(outputs: AsyncIterator) -> list:
     return [item async for item in outputs]
+
+
+async def client_left(http: HTTPRequest) -> None:
+    """Return once the client has gone away. The body was read already, so the next ASGI message is
+    ``http.disconnect``, whenever the connection closes."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 # --8<-- [end:collect]
 
 

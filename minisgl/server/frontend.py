@@ -9,10 +9,12 @@ request's KV cache pages in the scheduler.
 The frontend also owns what the API reports about the server: whether a worker process died (then
 every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts. From
 chapter 06 on it also refuses a request at once (``Overloaded``) when too many are in flight, and
-records each request's timing and outcome for ``/metrics`` and the log (``metrics.py``).
+records each request's timing and outcome for ``/metrics`` and the log (``metrics.py``). In the complete
+server, a reply whose own constraint reached a dead end ends as a refusal (``dead_end``), not a failure.
 """
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ import zmq.asyncio
 from ..ipc import Addresses, pull_socket, push_socket
 from ..messages import (
     COUNTS,
+    DEAD_END,
     AbortRequest,
     FlushCache,
     Refusal,
@@ -77,6 +80,8 @@ class Frontend:
             return {}
         state = dict(zip(COUNTS, self.counts[:]))
         state["prefix_hit_rate"] = round(state["cached_tokens"] / max(state["prompt_tokens"], 1), 4)
+        # pages requests hold, their own and the cached prefixes they lock: neither free nor evictable
+        state["used_pages"] = state["total_pages"] - state["free_pages"] - state["evictable_pages"]
         state["api_in_flight"] = len(self.routes)  # requests the API server still routes outputs to
         return state
 
@@ -137,6 +142,8 @@ class Frontend:
                 await self.to_tokenizers.send(encode(request))
             while unfinished:
                 index, output = await outputs.get()
+                if output.finish_reason == DEAD_END:  # its own constraint led nowhere: a refusal, not a failure
+                    output = dead_end(requests[index], output)
                 if output.completion_tokens > tokens_seen[index]:
                     tokens_seen[index] = output.completion_tokens
                     self.metrics.token_arrived(records[index])
@@ -154,6 +161,16 @@ class Frontend:
                 if request.uid in unfinished:  # the client went away first
                     self.metrics.finished(records[index], "abort", completion_tokens=tokens_seen[index])
     # --8<-- [end:generate]
+
+
+def dead_end(request: TokenizeRequest, output: Output) -> Output:
+    """A reply the scheduler ended because its constraint allowed no next token: an error of the request's own
+    (a 400 naming the constraint's field, whole or as a stream's last event), not of the server (a 500)."""
+    kind = request.params.constraint[0] if request.params.constraint else "constraint"
+    message = (f"the {kind} constraint allows no next token after {output.completion_tokens} generated tokens "
+               "(no token of the vocabulary continues it); the reply so far does not satisfy it")
+    error = TokenizeError(request.uid, message, constraint_param(kind), "constraint_dead_end")
+    return dataclasses.replace(output, finish_reason="error", error=error)
 
 
 def constraint_param(kind: str) -> str:

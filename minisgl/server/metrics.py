@@ -1,10 +1,11 @@
 """``GET /metrics`` in Prometheus' text format, and one log line per finished request (introduced in chapter 06).
 
 An operator's questions are "how much, how fast, how full": requests by how they ended, tokens in and
-out, time to first token and between tokens, requests running and waiting, KV cache pages used and
-cached, and how much of the prompts the prefix cache held. The API server sees every request begin
-and end (``Frontend.generate``), so it keeps the counters and histograms here; the scheduler's own
-counts (running, waiting, pages) come from the shared array that ``/state`` reads too.
+out, time to first token and between tokens, requests running and waiting, KV cache pages (free, in the
+prefix cache, held by requests outside it; used by requests, and evictable), and how much of the prompts
+the prefix cache held. The API server sees every request begin and end (``Frontend.generate``), so it
+keeps the counters and histograms here; the scheduler's own counts (running, waiting, pages) come from the
+shared array that ``/state`` reads too.
 
 Prometheus' text format is a few lines per metric (``# HELP``, ``# TYPE``, then ``name{labels} value``);
 a histogram is cumulative buckets ``_bucket{le="..."}`` plus ``_sum`` and ``_count``. Written by hand
@@ -107,9 +108,16 @@ class Metrics:
         gauges = {
             "running_requests": ("running", "Requests in the running batch."),
             "waiting_requests": ("waiting", "Requests waiting to be admitted."),
-            "kv_pages_used": ("in_use_pages", "KV cache pages held by running requests."),
-            "kv_pages_cached": ("cached_pages", "KV cache pages held by the prefix cache only."),
-            "kv_pages_total": ("total_pages", "KV cache pages in the pool."),
+            # The pool is free + cached + uncached pages; the running requests use the uncached ones and some of the
+            # cached ones (their prefixes, locked), and the cache may evict the cached ones nobody uses.
+            "kv_pages_free": ("free_pages", "KV cache pages nobody holds."),
+            "kv_pages_cached": ("cached_pages", "KV cache pages in the prefix cache, those requests use included."),
+            "kv_pages_evictable": ("evictable_pages", "Of the cached pages, those no request uses: evicted on demand."),
+            "kv_pages_uncached": ("in_use_pages", "KV cache pages requests hold outside the prefix cache (the tokens "
+                                  "of no whole cached page yet, and room for max_tokens)."),
+            "kv_pages_used": ("used_pages", "KV cache pages requests hold, the cached prefixes they use included "
+                              "(total - free - evictable)."),
+            "kv_pages_total": ("total_pages", "KV cache pages in the pool (free + cached + uncached)."),
             "prefix_hit_rate": ("prefix_hit_rate", "Share of all prompt tokens found in the prefix cache."),
         }
         for name, (key, text) in gauges.items():

@@ -22,7 +22,19 @@ from fastapi.responses import StreamingResponse
 
 from ..core import InvalidParam, SamplingParams
 from ..messages import TokenizeRequest, TokenText
-from .common import APIError, check_encodable, collect, error_body, prompt_of, refuse, sse, submit, token_biases
+from .common import (
+    REQUEST_FAILED,
+    APIError,
+    check_encodable,
+    check_stop,
+    collect,
+    error_body,
+    prompt_of,
+    refuse,
+    sse,
+    submit,
+    token_biases,
+)
 from .frontend import Output
 from .protocol import GenerateRequest, GenerateSampling
 
@@ -40,7 +52,7 @@ def params_of(sampling: GenerateSampling, logprobs: int | None) -> list[Sampling
     try:
         return [SamplingParams(temperature=sampling.temperature, top_k=max(sampling.top_k, 0), top_p=sampling.top_p,
                                seed=None if seed is None else seed + i, max_tokens=sampling.max_new_tokens,
-                               stop=[check_encodable(s, "stop") for s in stop], ignore_eos=sampling.ignore_eos,
+                               stop=check_stop(stop, "sampling_params.stop"), ignore_eos=sampling.ignore_eos,
                                logit_bias=token_biases(sampling.logit_bias), logprobs=logprobs,
                                constraint=constraints[0] if constraints else None)
                 for i in range(sampling.n)]
@@ -85,7 +97,7 @@ async def generate(body: GenerateRequest, http: HTTPRequest):
     per_prompt, started = len(params), time.monotonic()
     requests = [TokenizeRequest(f"gen-{time.monotonic_ns():x}-{p * per_prompt + j}", param, **prompt)
                 for p, prompt in enumerate(prompts) for j, param in enumerate(params)]
-    outputs = await submit(http.app.state.frontend, requests)
+    outputs = await submit(http, requests)
     texts, logprobs = [""] * len(requests), [[] for _ in requests]
 
     def result(index: int, out: Output) -> dict:
@@ -103,8 +115,10 @@ async def generate(body: GenerateRequest, http: HTTPRequest):
         async def events():
             async for index, out in outputs:
                 if out.error is not None or out.finish_reason == "error":
-                    message = out.error.message if out.error else "internal error in the scheduler"
-                    yield sse(error_body(message, 400 if out.error else 500))
+                    message = out.error.message if out.error else http.app.state.frontend.failure or REQUEST_FAILED
+                    refused = out.error  # a refusal names its field (a constraint's dead end too)
+                    yield sse(error_body(message, 400, refused.param, refused.code) if refused else
+                              error_body(message, 500))
                     return
                 texts[index] += out.text
                 logprobs[index] += out.logprobs

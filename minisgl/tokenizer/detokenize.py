@@ -6,12 +6,19 @@ string). When a stop string appears, the request is over as far as the client is
 text before it is sent with ``finish_reason="stop"``, and an abort goes back to the scheduler to free
 its KV cache pages. Tokens the scheduler produced meanwhile are dropped here, so no text past a stop
 string ever reaches the client.
+
+A request whose tokens the decoder cannot turn into text (``DecodeStream`` raises on some token
+sequences with some tokenizers) ends alone, with an error: its client is told, the scheduler gets an
+abort, and every other request goes on (from chapter 06 on).
 """
 
+import logging
 from dataclasses import dataclass
 
-from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, NewRequestInfo, TokenText
+from ..messages import AbortRequest, BatchTextOutput, BatchTokenOutput, NewRequestInfo, TokenOutput, TokenText
 from .text_stream import TextStream
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,47 +42,69 @@ class Detokenizer:
         out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], prompt_logprobs=[])
         aborts = []
         for output in batch.outputs:
-            if output.new is not None:  # its first output: start its stream
-                self.start(output.new)
-            uid, token, finish, matched = output.uid, output.token, output.finish, output.matched_eos
-            state = self.states.get(uid)
-            if state is None:  # already ended here (a stop string), the scheduler just did not know yet
-                continue
-            if output.logprobs is not None and token >= 0:
-                state.logprobs = (state.logprobs or []) + [self.token_text(token, output.logprobs)]
-            # --8<-- [start:ex-detokenize-step]
-            text = ""
-            if token >= 0:
-                state.completion_tokens += 1
-                text, hit_stop = state.stream.add(token)
-                if hit_stop:
-                    if finish is None:  # the scheduler would go on: stop it and free its pages
-                        aborts.append(AbortRequest(uid))
-                    finish, matched = "stop", state.stream.matched  # never flush: text past the stop stays unsent
-                elif finish is not None:
-                    text += state.stream.flush()  # the last token (max_tokens): release what was held
-            elif finish is not None:
-                text = state.stream.flush()  # ended without a token (EOS, abort, error)
-            if finish is not None:
-                del self.states[uid]
-            # --8<-- [end:ex-detokenize-step]
-            if text or finish is not None:
-                out.uids.append(uid)
-                out.texts.append(text)
-                out.finish_reasons.append(finish)
-                out.prompt_tokens.append(state.prompt_tokens)
-                out.completion_tokens.append(state.completion_tokens)
-                out.cached_tokens.append(state.cached_tokens)
-                out.matched_stops.append(matched)
-                out.logprobs.append(state.logprobs or [])
-                out.prompt_logprobs.append(state.prompt or [])
-                state.logprobs = state.prompt = None
+            try:
+                self.step(output, out, aborts)
+            except Exception:  # its tokens broke the decoder (tokenizers raise on some sequences): end it alone
+                self.fail(output, out, aborts)
         if not any(out.logprobs):
             out.logprobs = []
         if not any(out.prompt_logprobs):
             out.prompt_logprobs = []
         return out, aborts
+
+    def step(self, output: TokenOutput, out: BatchTextOutput, aborts: list[AbortRequest]) -> None:
+        """One request's output of this step: its new text, if any, and whether it is over."""
+        if output.new is not None:  # its first output: start its stream
+            self.start(output.new)
+        uid, token, finish, matched = output.uid, output.token, output.finish, output.matched_eos
+        state = self.states.get(uid)
+        if state is None:  # already ended here (a stop string), the scheduler just did not know yet
+            return
+        if output.logprobs is not None and token >= 0:
+            state.logprobs = (state.logprobs or []) + [self.token_text(token, output.logprobs)]
+        # --8<-- [start:ex-detokenize-step]
+        text = ""
+        if token >= 0:
+            state.completion_tokens += 1
+            text, hit_stop = state.stream.add(token)
+            if hit_stop:
+                if finish is None:  # the scheduler would go on: stop it and free its pages
+                    aborts.append(AbortRequest(uid))
+                finish, matched = "stop", state.stream.matched  # never flush: text past the stop stays unsent
+            elif finish is not None:
+                text += state.stream.flush()  # the last token (max_tokens): release what was held
+        elif finish is not None:
+            text = state.stream.flush()  # ended without a token (EOS, abort, error)
+        if finish is not None:
+            del self.states[uid]
+        # --8<-- [end:ex-detokenize-step]
+        if text or finish is not None:
+            self.emit(out, uid, text, finish, matched, state)
     # --8<-- [end:detokenize]
+
+    def fail(self, output: TokenOutput, out: BatchTextOutput, aborts: list[AbortRequest]) -> None:
+        """End a request whose output could not be turned into text with an error, and it alone: the
+        client gets an error, the scheduler an abort (which frees its pages), the other requests go on."""
+        logger.exception("request %s: turning its tokens into text failed; ending it with an error", output.uid)
+        state = self.states.pop(output.uid, None)
+        if output.finish is None:
+            aborts.append(AbortRequest(output.uid))
+        if state is None:  # it failed as it started
+            state = DetokenizeState(None, output.new.prompt_tokens if output.new else 0)
+        state.logprobs = state.prompt = None
+        self.emit(out, output.uid, "", "error", None, state)
+
+    def emit(self, out: BatchTextOutput, uid: str, text: str, finish: str | None, matched, state) -> None:
+        out.uids.append(uid)
+        out.texts.append(text)
+        out.finish_reasons.append(finish)
+        out.prompt_tokens.append(state.prompt_tokens)
+        out.completion_tokens.append(state.completion_tokens)
+        out.cached_tokens.append(state.cached_tokens)
+        out.matched_stops.append(matched)
+        out.logprobs.append(state.logprobs or [])
+        out.prompt_logprobs.append(state.prompt or [])
+        state.logprobs = state.prompt = None
 
     def start(self, info: NewRequestInfo) -> None:
         """A request's first output: its stream, with its stop strings, and its prompt's log probabilities."""

@@ -30,9 +30,23 @@ class TextStream:
         if hits:
             at, self.matched = min(hits)
             return self._release(at), True
-        # Hold back the longest tail that could still grow into a stop string.
-        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-        return self._release(len(self.text) - held), False
+        return self._release(len(self.text) - self._held()), False
+
+    def _held(self) -> int:
+        """The length of the longest tail of the text that could still grow into a stop string.
+
+        Such a tail lies in the unsent text: had it begun in text already sent, that text would have
+        been held back then. So only the starts in the unsent text are tried, longest tail first, and
+        most are rejected at their first character: the work is in proportion to the text not yet
+        sent (the new text and what was held), not to the square of a stop string's length, as it
+        would be if every prefix of every stop string were tried. (A tail as long as a stop string
+        cannot be a beginning of it: ``find`` above would have found it.)
+        """
+        unsent = self.text[self.sent :]
+        for start in range(len(unsent)):
+            if any(s.startswith(unsent[start:]) for s in self.stop):
+                return len(unsent) - start
+        return 0
 
     def flush(self) -> str:
         """The rest of the text, once generation has ended for another reason."""

@@ -4,6 +4,9 @@ One function runs either role. A tokenizer worker pulls ``TokenizeRequest``s fro
 pushes ``UserRequest``s to the scheduler (or a ``TokenizeError`` back to the API server). The
 detokenizer pulls the scheduler's ``BatchTokenOutput`` and pushes ``BatchTextOutput`` to the API
 server. With ``--num-tokenizer 0`` one process does both, watching both sockets.
+
+A request that makes the tokenizer or the decoder raise ends alone, with an error (``tokenize_one`` and
+``Detokenizer.fail``); the worker goes on serving every other request (from chapter 06 on).
 """
 
 import logging
@@ -55,13 +58,20 @@ def run_tokenizer_worker(
         for socket, _ in poller.poll():
             decode, handle = handlers[socket]
             for message in receive_all(socket, decode, 0):
-                handle(message)
+                try:
+                    handle(message)
+                except Exception:  # a bug met by one message must not stop the others: log it, go on
+                    logger.exception("could not handle a %s; going on", type(message).__name__)
 # --8<-- [end:worker]
 
 
 def tokenize_one(message, tokenizer: Tokenizer, to_scheduler, to_api) -> None:
     if isinstance(message, TokenizeRequest):
-        result = tokenizer.tokenize(message)
+        try:
+            result = tokenizer.tokenize(message)
+        except Exception as error:  # the tokenizer choked on this request: refuse it alone, with the reason
+            logger.exception("request %s: tokenizing it failed", message.uid)
+            result = TokenizeError(message.uid, f"the tokenizer could not process this request: {error}")
         (to_api if isinstance(result, TokenizeError) else to_scheduler).send(encode(result))
     else:  # an abort or a cache flush: forwarded in order, after the request it aborts if that came this way
         to_scheduler.send(encode(message))

@@ -1,5 +1,6 @@
-"""The process tree: named workers, a clean stop on Ctrl-C and SIGTERM, no orphans after a crash,
-and two servers side by side. Pids are checked through /proc, with bounded waits."""
+"""The process tree: named workers, a clean stop on Ctrl-C and SIGTERM (every stream in flight told with an
+error event), no orphans after a crash, and two servers side by side. Pids are checked through /proc, with
+bounded waits."""
 
 import os
 import signal
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from server_process import is_alive, wait_until_gone
+from streams import ended_with_error_events, open_streams
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the process tree from Linux's /proc")
 
@@ -45,10 +47,12 @@ def test_a_signal_stops_every_child_and_removes_the_sockets(start_server, stop_s
     children, sockets = server.descendants(), socket_folder(server)
     assert len(children) >= 2
     assert sorted(p.name for p in sockets.iterdir()) == ["api.ipc", "detokenizer.ipc", "scheduler.ipc", "tokenizer.ipc"]
+    streams = open_streams(server, 2)  # in flight when the signal comes
     server.process.send_signal(stop_signal)
     server.process.wait(30)
     assert wait_until_gone(children) == []
     assert not sockets.exists()
+    assert ended_with_error_events(*streams), streams[1]  # each client is told, none is cut off without a word
 
 
 def test_a_dead_scheduler_fails_requests_in_flight_and_the_server_exits(start_server):

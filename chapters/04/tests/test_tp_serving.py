@@ -18,6 +18,7 @@ import pytest
 
 from ranks import free_port
 from server_process import TEST_SERVER_ARGS, ServerProcess, descendants, is_alive, wait_until_gone
+from streams import ended_with_error_events, open_streams
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -177,10 +178,12 @@ def test_sigterm_ends_every_rank(start_server):
     server = start_server("--tp-size", "3")
     tree = [server.pid, *descendants(server.pid)]
     assert len([n for n in process_names(tree) if n.startswith("minisgl-scheduler")]) == 3
+    streams = open_streams(server, 2)  # in flight when the signal comes
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(30)
     assert wait_until_gone(tree) == []
     assert not any(is_alive(pid) for pid in tree)
+    assert ended_with_error_events(*streams), streams[1]  # each client is told, none is cut off without a word
 
 
 # ------------------------------------------------------------------------------------------- bad configurations

@@ -5,10 +5,14 @@ OpenAI contract (``tests/kit/openai_contract.py``) runs here against it. What ch
 reply: a prompt whose beginning the cache already held reports it as ``usage.prompt_tokens_details.cached_tokens``.
 """
 
+import signal
+
 import httpx
 
 from openai_contract import *  # noqa: F403  the contract's tests and fixtures, run against this chapter
 from openai_contract import MODEL
+from server_process import wait_until_gone
+from streams import ended_with_error_events, open_streams
 
 PAGE_SIZE = 16  # the server's default --page-size
 
@@ -28,3 +32,13 @@ def test_a_repeated_prompt_reports_its_cached_prefix_and_says_the_same(server, c
     assert state["running"] == 0 and state["in_use_pages"] == 0  # idle: nobody holds a page
     assert state["cached_pages"] > 0 and state["free_pages"] + state["cached_pages"] == state["total_pages"]
     assert state["prefix_hit_rate"] > 0
+
+
+def test_sigterm_ends_every_stream_in_flight_with_an_error_event(start_server):
+    server = start_server()  # its own: this test stops it
+    children = server.descendants()
+    streams = open_streams(server, 2)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(30)
+    assert wait_until_gone(children) == []
+    assert ended_with_error_events(*streams), streams[1]  # each client is told, none is cut off without a word

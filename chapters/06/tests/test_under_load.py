@@ -171,6 +171,85 @@ def test_a_client_that_stalls_or_sends_garbage_holds_up_no_one(busy):
     assert reply.status_code == 200
 
 
+# ---- stop strings: bounded, and cheap for everyone else even at the bounds ----
+
+STOP_AT_LIMIT = ["x" * 255 + end for end in "yz!?"]  # 4 of 256 characters: as many and as long as allowed
+
+
+def only_x(tokenizer) -> dict:
+    """Sampling that makes even a random model write "xxxx...": greedy, with "x" pushed far above the rest.
+    Against ``STOP_AT_LIMIT`` its first 255 characters are all held back (each could begin a stop string)."""
+    return {"temperature": 0, "logit_bias": {str(tokenizer.encode("x", add_special_tokens=False)[0]): 100}}
+
+
+def counter(server, line_start: str) -> float:
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    return float(next(line for line in metrics.splitlines() if line.startswith(line_start + " ")).split()[-1])
+
+
+def wait_until_running(server, count: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(server.url + "/state", timeout=30).json()["running"] < count:
+        assert time.monotonic() < deadline, "the request never started running"
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", CHAT | {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 3, "stop": "x" * 257}, "stop"),
+    ("/generate", {"text": "hello", "sampling_params": {"stop": ["a", "b", "c", "d", "e"]}}, "sampling_params.stop"),
+    ("/generate", {"text": "hello", "sampling_params": {"stop": "é" * 257}}, "sampling_params.stop"),
+])
+def test_more_or_longer_stop_strings_than_allowed_get_a_400_that_names_the_limit(busy, path, body, param):
+    reply = httpx.post(busy.url + path, json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param
+    assert ("at most 4" if isinstance(body.get("stop", body.get("sampling_params", {}).get("stop")), list)
+            else "at most 256") in error["message"]
+
+
+def test_stop_strings_at_the_limit_hold_up_no_other_request(busy, tokenizer):
+    hostile = CHAT | {"max_tokens": 440, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                      "stop": STOP_AT_LIMIT, **only_x(tokenizer)}
+    normal = CHAT | {"max_tokens": 32, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                     "temperature": 0}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=60)) as client:
+            hostile_run = asyncio.ensure_future(stream_one(client, busy.url, "/v1/chat/completions", hostile))
+            await asyncio.to_thread(wait_until_running, busy)
+            normal_result = await stream_one(client, busy.url, "/v1/chat/completions", normal)
+            hostile_running = not hostile_run.done()  # it has 440 tokens to make; the normal one, 32
+            return normal_result, hostile_running, await hostile_run
+
+    (status, _, finishes, usage), hostile_running, hostile_result = asyncio.run(both())
+    assert (status, finishes, usage["completion_tokens"]) == (200, ["length"], 32)
+    assert hostile_running  # the normal request was served whole while the hostile one ran beside it
+    status, _, finishes, usage = hostile_result
+    assert (status, finishes, usage["completion_tokens"]) == (200, ["length"], 440)
+    assert_pool_whole(wait_for_idle(busy))
+
+
+def test_a_client_that_leaves_while_all_its_text_is_held_back_is_aborted_at_once(busy, tokenizer):
+    body = CHAT | {"max_tokens": 440, "ignore_eos": True, "stream": True, "stop": STOP_AT_LIMIT, **only_x(tokenizer)}
+    aborted = counter(busy, 'minisgl_requests_total{outcome="abort"}')
+    generated = counter(busy, "minisgl_generation_tokens_total")
+    payload = json.dumps(body).encode()
+    client = raw_connection(busy.url)
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    wait_until_running(busy)  # generating, with not a byte of the reply sent: its first 255 tokens are held
+    client.close()
+    assert_pool_whole(wait_for_idle(busy))
+    assert counter(busy, 'minisgl_requests_total{outcome="abort"}') == aborted + 1
+    # Aborted before its text was released: no output of it ever reached the API server. Had the leave been
+    # noticed only when the reply started, the abort would have counted the 256 tokens that made it.
+    assert counter(busy, "minisgl_generation_tokens_total") == generated
+
+
 ODD_CONVERSATIONS = {
     "nul characters": [{"role": "user", "content": "a\u0000b\u0000"}],
     "an escaped lone surrogate": "RAW",

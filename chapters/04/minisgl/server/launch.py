@@ -15,7 +15,8 @@ only when all have. A child that fails to start stops the launch with its error.
 
 While serving, a watchdog thread waits on the children. If one dies, the server says so, fails the
 requests in flight instead of leaving them hanging, shuts down and exits non-zero. On Ctrl-C or
-SIGTERM (uvicorn catches both), the children are stopped and the socket folder is removed.
+SIGTERM (uvicorn catches both), every request in flight ends with an error (``EndingServer``: a stream
+gets an error event, not a silent cut), then the children are stopped and the socket folder is removed.
 """
 
 import asyncio
@@ -101,6 +102,13 @@ def with_rendezvous(args: ServerArgs) -> ServerArgs:
         return dataclasses.replace(args, dist_init_addr=f"127.0.0.1:{probe.getsockname()[1]}")
 
 
+def shared_counts():
+    """The array rank 0's scheduler publishes its ``COUNTS`` in, for ``/state``: of 64-bit integers, since counts
+    that only grow (the prompt tokens seen, from chapter 05 on) pass 2**31 within days of serving, where 32-bit
+    ones would wrap to negative."""
+    return mp.get_context("spawn").Array("q", len(COUNTS), lock=False)
+
+
 def stop_workers(processes: list, grace_s: float = 3.0) -> None:
     for process in processes:
         if process.is_alive():
@@ -121,7 +129,7 @@ def serve(args: ServerArgs) -> int:
     folder = tempfile.mkdtemp(prefix="minisgl-")  # the sockets of this server, and of no other
     addresses = Addresses.in_folder(folder)
     logger.info("sockets in %s", folder)
-    counts = mp.get_context("spawn").Array("i", len(COUNTS), lock=False)  # the scheduler writes, /state reads
+    counts = shared_counts()  # the scheduler writes, /state reads
     processes: list = []
     crashed: list[str] = []
     stopping = threading.Event()
@@ -152,7 +160,7 @@ def serve(args: ServerArgs) -> int:
             logger.info("stopped")
 
         app = create_app(frontend, config.model_name, config.context_length, args.max_request_bytes, lifespan)
-        http = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        http = EndingServer(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3), frontend)
         http.run(sockets=[sock])
     except RuntimeError as error:  # a worker failed to start
         logger.error("%s", error)
@@ -161,6 +169,26 @@ def serve(args: ServerArgs) -> int:
         clean_up()
     return 1 if crashed else 0
 # --8<-- [end:serve]
+
+
+class EndingServer(uvicorn.Server):
+    """uvicorn's server that, on Ctrl-C or SIGTERM, first ends every request in flight with an error. uvicorn
+    alone would wait for them until its graceful timeout while the workers are already gone, and a stream
+    would stop without a word: now each gets an error event, and its connection closes."""
+
+    def __init__(self, config: uvicorn.Config, frontend: Frontend):
+        super().__init__(config)
+        self.frontend = frontend
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.frontend.failure is None:
+            try:
+                loop = asyncio.get_running_loop()  # a signal handler runs on the loop's thread, between steps
+            except RuntimeError:
+                loop = None
+            if loop is not None:  # not touching the queues from inside the handler: on the loop, next
+                loop.call_soon_threadsafe(self.frontend.fail_all, "the server is shutting down")
+        super().handle_exit(sig, frame)
 
 
 # --8<-- [start:watch]
@@ -193,7 +221,7 @@ def serve_ranks(args: ServerArgs) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    counts = mp.get_context("spawn").Array("i", len(COUNTS), lock=False)  # only rank 0 writes it; unused here
+    counts = shared_counts()  # only rank 0 writes it; unused here
     processes: list = []
     try:
         processes += start_workers(config, Addresses.in_folder(tempfile.gettempdir()), counts)

@@ -1,0 +1,236 @@
+"""One client never hurts the others (the complete server).
+
+What a request asks for is bounded per step, not per request, so that many such requests together cannot
+fail a batch; a request's own constraint that leads nowhere ends that request with a 400-shaped error, not a
+500; the counters /state and /metrics show do not wrap, and the page gauges say what they count.
+"""
+
+import asyncio
+
+import pytest
+from test_paged_engine import collect, run_until_idle, submit, tiny_scheduler
+
+import minisgl.scheduler.scheduler as scheduler_module
+from minisgl.sampling import prompt_logprob_rows
+
+# ------------------------------------------------------------------------------------------------
+# Prompt log probabilities: a bound on the step's rows, shared by every request that wants them
+# ------------------------------------------------------------------------------------------------
+
+
+def prompt_of(i: int) -> list[int]:
+    return [(7 * i + 3 * j) % 250 + 1 for j in range(30)]
+
+
+def echo_replies(tiny_llama, uids: list[int], rows_seen: list[int] | None = None) -> dict:
+    """Run the echo requests ``uids`` together (whole prompts: chunk size 0); their prompts' log probabilities."""
+    scheduler = tiny_scheduler(tiny_llama, 4, 200, 0, "radix", max_running=len(uids))
+    real_step = scheduler.engine.step
+
+    def counting_step(batch, sampling):
+        if rows_seen is not None:
+            rows_seen.append(sum(size for request, size in zip(batch.requests, batch.new_lens)  # prompt chunks
+                                 if request.params.prompt_logprobs and request.cached_len < len(request.prompt_ids)))
+            assert len(prompt_logprob_rows(batch)) <= rows_seen[-1]
+        return real_step(batch, sampling)
+
+    scheduler.engine.step = counting_step
+    for i in uids:
+        submit(scheduler, f"r{i}", prompt_of(i), max_tokens=2, ignore_eos=True, prompt_logprobs=True, logprobs=1)
+    scored = {}
+    while scheduler.has_work:
+        message = scheduler.step()
+        for output in message.outputs if message else ():
+            if output.new is not None:
+                scored[output.uid] = output.new.prompt_logprobs
+    collect({}, scheduler.step())  # idle: nothing more
+    assert scheduler.pages.num_free + scheduler.cache.cached_pages == scheduler.pages.num_total
+    return scored
+
+
+def test_prompt_logprob_rows_are_bounded_per_step_for_all_requests_together(tiny_llama, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "PROMPT_LOGPROBS_ROWS", 40)  # 8 prompts of 30 tokens: 240 rows in all
+    rows_seen = []
+    together = echo_replies(tiny_llama, list(range(8)), rows_seen)
+    assert max(rows_seen) <= 40, rows_seen  # chunk size 0 put every whole prompt into one step before
+    assert sum(rows_seen) == 8 * 30  # every prompt token ran once, scored
+    for i in range(8):
+        alone = echo_replies(tiny_llama, [i])[f"r{i}"]
+        mine = together[f"r{i}"]
+        assert [token for token, _ in mine] == prompt_of(i)[1:]  # every prompt token but the first, in order
+        for (_, got), (_, expected) in zip(mine, alone, strict=True):
+            assert got[0] == pytest.approx(expected[0], abs=1e-4)
+            assert [token for token, _ in got[1]] == [token for token, _ in expected[1]]
+
+
+def test_a_request_without_rows_this_step_lets_free_requests_behind_it_run(tiny_llama, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "PROMPT_LOGPROBS_ROWS", 20)
+    scheduler = tiny_scheduler(tiny_llama, 4, 200, 0, "radix", max_running=4)
+    submit(scheduler, "echo-1", prompt_of(1), max_tokens=1, prompt_logprobs=True)
+    submit(scheduler, "echo-2", prompt_of(2), max_tokens=1, prompt_logprobs=True)
+    submit(scheduler, "free", prompt_of(3), max_tokens=1)
+    scheduler.prefilling += scheduler.admit()
+    assert [(r.uid, size) for r, size in scheduler.prefill_chunks()] == [("echo-1", 20), ("free", 30)]
+    replies = {}
+    run_until_idle(scheduler, replies, 10)
+    assert sorted(replies) == ["echo-1", "echo-2", "free"] and all(r.finish == "length" for r in replies.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# A grammar's dead end: the request's own constraint, answered as such
+# ------------------------------------------------------------------------------------------------
+
+
+class DeadEndMatcher:
+    """Stands in for a grammar that no token of the vocabulary continues after its first token."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def accept_token(self, token: int) -> bool:
+        self.tokens += 1
+        return self.tokens < 2
+
+    def fill_next_token_bitmask(self, bitmask, row: int) -> None:
+        bitmask[row] = 0 if self.tokens else -1  # after one token, nothing is allowed: the row is left free
+
+
+def test_a_grammar_dead_end_ends_its_request_as_its_own_not_as_a_server_error(tiny_llama):
+    from minisgl.messages import DEAD_END
+
+    scheduler = tiny_scheduler(tiny_llama, 4, 40, 0, "radix")
+    replies = {}
+    submit(scheduler, "free", [5, 6, 7], max_tokens=6, ignore_eos=True)
+    submit(scheduler, "stuck", [8, 9, 10], max_tokens=6, ignore_eos=True)
+    collect(replies, scheduler.step())  # both prefilled, one token each
+    next(r for r in scheduler.running if r.uid == "stuck").grammar = DeadEndMatcher()
+    scheduler.sampling = None  # its rows are constrained now: build the mask
+    run_until_idle(scheduler, replies, 10)
+    assert replies["stuck"].finish == DEAD_END and len(replies["stuck"].tokens) == 2
+    assert replies["free"].finish == "length" and len(replies["free"].tokens) == 6
+    assert scheduler.pages.num_free + scheduler.cache.cached_pages == scheduler.pages.num_total
+
+
+@pytest.fixture
+def fake_workers(tmp_path):
+    """The API server's app and frontend, with the workers played by a task: every request gets the text " {"
+    and then the scheduler's dead end (as the detokenizer would pass it on)."""
+    import httpx
+    import zmq.asyncio
+
+    from minisgl.args import ServerArgs
+    from minisgl.config import ServerConfig
+    from minisgl.ipc import Addresses, pull_socket, push_socket
+    from minisgl.messages import DEAD_END, BatchTextOutput, TokenizeRequest, ToTokenizer, decoder, encode
+    from minisgl.server.app import create_app
+    from minisgl.server.frontend import Frontend
+
+    addresses = Addresses.in_folder(tmp_path)
+    frontend = Frontend(addresses)
+    config = ServerConfig(ServerArgs(), str(tmp_path), "tiny", 128, 256, (255,), None, 0)
+    app = create_app(frontend, config)
+
+    context = zmq.asyncio.Context()  # the workers'; both contexts are destroyed at the end, sockets and all
+
+    async def workers():
+        inbox = pull_socket(context, addresses.tokenizer, bind=False)
+        outbox = push_socket(context, addresses.api_server)
+        messages = decoder(ToTokenizer)
+        while True:
+            message = messages.decode(await inbox.recv())
+            if isinstance(message, TokenizeRequest):
+                for text, finish, tokens in ((" {", None, 1), ("", DEAD_END, 1)):
+                    await outbox.send(encode(BatchTextOutput([message.uid], [text], [finish], [3], [tokens], [0])))
+
+    async def run(method, *args, **kwargs):
+        tasks = [asyncio.ensure_future(frontend.receive_loop()), asyncio.ensure_future(workers())]
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+                return await getattr(client, method)(*args, **kwargs)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    yield lambda method, *args, **kwargs: asyncio.run(run(method, *args, **kwargs)), frontend
+    context.destroy(linger=0)
+    frontend.context.destroy(linger=0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_grammar_dead_end_reaches_the_client_as_a_400_naming_the_constraint(fake_workers, stream):
+    import json
+
+    call, frontend = fake_workers
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "regex": "a+", "stream": stream}
+    response = call("post", "/v1/completions", json=body)
+    if stream:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        error = events[-1]["error"]  # the stream's last event, after the text so far
+        assert any(choice["text"] == " {" for event in events[:-1] for choice in event["choices"])
+    else:
+        assert response.status_code == 400
+        error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "regex"
+    assert error["code"] == "constraint_dead_end" and "allows no next token" in error["message"]
+    assert frontend.metrics.requests["invalid"] == 1 and frontend.metrics.requests["error"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The counts /state and /metrics show
+# ------------------------------------------------------------------------------------------------
+
+
+def published_state(scheduler) -> dict:
+    """What the API server reads: the scheduler's counts through the shared array the launcher makes."""
+    from types import SimpleNamespace
+
+    from minisgl.scheduler.worker import publish_counts
+    from minisgl.server.frontend import Frontend
+    from minisgl.server.launch import shared_counts
+
+    counts = shared_counts()
+    publish_counts(scheduler, counts)
+    return Frontend.state(SimpleNamespace(counts=counts, routes={}))
+
+
+def test_token_counters_past_2_31_survive_the_shared_array(tiny_llama):
+    scheduler = tiny_scheduler(tiny_llama, 4, 40, 0, "radix")
+    scheduler.prompt_tokens, scheduler.prefix_hits = 3 * 2**31 + 5, 2**32 + 7  # months of a busy server
+    state = published_state(scheduler)
+    assert (state["prompt_tokens"], state["cached_tokens"]) == (3 * 2**31 + 5, 2**32 + 7)  # 32 bits would wrap
+    assert state["prefix_hit_rate"] == round((2**32 + 7) / (3 * 2**31 + 5), 4)
+
+
+def gauges(text: str) -> dict:
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("minisgl_kv")}
+
+
+def test_page_gauges_add_up_and_cached_pages_include_those_a_running_request_locks(tiny_llama):
+    from minisgl.server.metrics import Metrics
+
+    scheduler = tiny_scheduler(tiny_llama, 4, 40, 0, "radix")
+    prefix = list(range(1, 13))  # three whole pages
+    replies = {}
+    submit(scheduler, "first", prefix + [20], max_tokens=2, ignore_eos=True)
+    run_until_idle(scheduler, replies, 10)
+    submit(scheduler, "second", prefix + [30, 31], max_tokens=8, ignore_eos=True)  # shares the cached prefix
+    collect(replies, scheduler.step())
+    assert replies["second"].cached_tokens == 12 and scheduler.running  # it runs, holding the prefix
+    state = published_state(scheduler)
+    assert state["free_pages"] + state["cached_pages"] + state["in_use_pages"] == state["total_pages"]
+    assert state["cached_pages"] - state["evictable_pages"] >= 3  # the prefix it locks counts as cached
+    assert state["in_use_pages"] > 0  # and its own pages, outside the cache, as in use
+    text = Metrics().render(state)
+    kv = gauges(text)
+    assert kv["minisgl_kv_pages_free"] + kv["minisgl_kv_pages_cached"] + kv["minisgl_kv_pages_uncached"] == \
+        kv["minisgl_kv_pages_total"]
+    assert kv["minisgl_kv_pages_cached"] == state["cached_pages"]
+    assert kv["minisgl_kv_pages_evictable"] == state["evictable_pages"]
+    assert kv["minisgl_kv_pages_used"] == state["in_use_pages"] + state["cached_pages"] - state["evictable_pages"]
+    helps = {line.split()[2]: line for line in text.splitlines() if line.startswith("# HELP minisgl_kv")}
+    assert "only" not in helps["minisgl_kv_pages_cached"] and "use included" in helps["minisgl_kv_pages_cached"]
+    assert "outside the prefix cache" in helps["minisgl_kv_pages_uncached"]
+    run_until_idle(scheduler, replies, 20)
+    idle = published_state(scheduler)
+    assert idle["used_pages"] == idle["in_use_pages"] == 0 and idle["evictable_pages"] == idle["cached_pages"] > 0
