@@ -105,7 +105,7 @@ class SilentStore:
         raise ConnectionError("gone")
 
 
-def test_a_store_that_stops_answering_means_rank_0_is_lost():
+def test_a_rendezvous_that_stops_answering_means_rank_0_is_lost():
     from minisgl import distributed
 
     saved, store = distributed._store, SilentStore()
