@@ -638,6 +638,29 @@ def chapters_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "llrrrrr", png, alt)
 
 
+def overlap_tick(result: dict, row: dict) -> str:
+    return f"{row['engine'].split('(')[-1].rstrip(')')}\n{row['mode'].replace('concurrency ', 'c=')}"
+
+
+def overlap_figure(result: dict):
+    return serve_figure(result, "Overlap scheduling on this CPU: off against on", [THROUGHPUT, ITL_P50],
+                        overlap_tick, legend=lambda result, engine: engine)
+
+
+def overlap_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    lead = f"{one_after_the_other(result)}: `{result['command']}`."
+    header = ["server", "mode", "requests", "output tok/s", "on vs off", "TTFT p50 s", "ITL p50 ms", "CPU s"]
+    table_rows = []
+    for r in rows:
+        off = next(o for o in rows if o["mode"] == r["mode"] and "off" in o["engine"])
+        table_rows.append([r["engine"], r["mode"], r["requests"], f"{r['output_tok_s']:.1f}",
+                           versus(r, off) if r is not off else "", f"{r['ttft_p50_s']:.2f}", r["itl_p50_ms"],
+                           r["cpu_s"]])
+    alt = "Bar charts: output tokens per second and inter-token latency, overlap off and on, 1 and 32 clients"
+    return fragment(lead, header, table_rows, "llrrrrrr", png, alt)
+
+
 # The results that chapter pages show: result name -> (PNG, figure, fragment).
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
@@ -650,6 +673,7 @@ FIGURES = {
     "chunked_prefill": ("ch05-chunked-prefill.png", chunked_figure, chunked_fragment),
     "serve_ch06_peers": ("ch06-peers.png", peers_figure, peers_fragment),
     "serve_chapters_c32": ("ch06-chapters.png", chapters_figure, chapters_fragment),
+    "serve_overlap_cpu": ("ch06-overlap-cpu.png", overlap_figure, overlap_fragment),
 }
 
 

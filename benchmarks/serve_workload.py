@@ -150,11 +150,19 @@ async def run_concurrency(url: str, model: str, workload: serving.Workload, indi
     return results, wall
 
 
-def bench_server(chapter: str, args, workload: serving.Workload) -> list[Row]:
-    label = engine_label(chapter)
+# --overlap: the server flags of each variant to run, and what its rows' engine label gets after the chapter's
+OVERLAP_VARIANTS = {
+    "default": [("", ())],
+    "off": [(" (overlap off)", ("--disable-overlap-schedule",))],
+    "on": [(" (overlap on)", ("--enable-overlap-schedule",))],
+}
+OVERLAP_VARIANTS["both"] = OVERLAP_VARIANTS["off"] + OVERLAP_VARIANTS["on"]
+
+
+def bench_server(chapter: str, args, workload: serving.Workload, label: str, flags: tuple[str, ...] = ()) -> list[Row]:
     rows, pending = [], list(args.concurrency)
     while pending:
-        with serving.start_server(chapter, args) as server:
+        with serving.start_server(chapter, args, flags) as server:
             model_name = serving.served_model(server, label)
             # Warm-up, not measured: the first batches pay for lazy initialization and allocator growth. Its
             # prompts are the first requests' with other first words, so that a prefix cache (chapter 05) does
@@ -330,6 +338,7 @@ def describe(args, workload: serving.Workload, start: record.Start, model_path: 
         "dtype": args.dtype,
         "run_from": [serving.chapter_root(c).relative_to(record.REPO_ROOT).as_posix() for c in args.chapter],
         "threads": args.threads or None,
+        "overlap": args.overlap,
         "top_defaults": top_defaults() if "top" in args.chapter else None,
         "workload": {
             "requests": args.requests, "seed": args.seed,
@@ -425,6 +434,9 @@ def main():
         help="whose minisgl to launch: top (the top-level package) or a frozen chapter number (02, 03, ...)",
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes the workload")
+    parser.add_argument("--overlap", choices=list(OVERLAP_VARIANTS), default="default",
+                        help="the server's overlap scheduling: its default, off, on, or both one after the other "
+                             "(chapter 06 and later)")
     # transformers runs in this process too, so no "auto" dtype: it needs a torch dtype.
     serving.add_server_options(parser, max_running_requests=32, context_length=1024, output="serve_workload.md",
                                dtypes=("float32", "bfloat16"))
@@ -442,9 +454,12 @@ def main():
         parser.error(f"requests {too_long} do not fit in --context-length {args.context_length}")
 
     start = record.start_run("minisgl", "chapters")
-    rows, computed = [], None
+    rows, computed, chapters = [], None, {}
     for chapter in args.chapter:
-        rows += bench_server(chapter, args, workload)
+        for suffix, flags in OVERLAP_VARIANTS[args.overlap]:
+            label = engine_label(chapter) + suffix
+            chapters[label] = chapter_number(chapter)  # "minisgl" -> "03", say
+            rows += bench_server(chapter, args, workload, label, flags)
     if args.llama_cpp:
         rows += bench_llama_cpp(args, workload, tokenizer)
     if not args.skip_transformers:
@@ -453,7 +468,6 @@ def main():
         rows.append(hf_row)
 
     run = describe(args, workload, start, model_path)
-    chapters = {engine_label(c): chapter_number(c) for c in args.chapter}  # "minisgl" -> "03", say
     result = {
         **run, "rows": [{**row_of_table(r), "chapter": chapters.get(r.engine)} for r in rows],
         "headlines": headlines(rows, args.batch_size), "transformers_computed_tokens": computed,

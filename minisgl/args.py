@@ -25,6 +25,10 @@ class ServerArgs:
     attention_backend: str = "auto"  # torch, triton, or auto: triton on a GPU, torch on a CPU
     cuda_graph_max_bs: int = 32  # CUDA graphs of decode steps up to this batch size (GPU, triton backend)
     disable_cuda_graph: bool = False
+    # Overlap scheduling: build the next step while the device runs this one. On by default on a GPU; off on a
+    # CPU, where it measured slower (``overlap_schedule``; the numbers are in chapter 06).
+    disable_overlap_schedule: bool = False
+    enable_overlap_schedule: bool = False
     cache_type: str = "radix"  # radix: share the pages of common prefixes; naive: free everything at finish
     num_tokenizer: int = 0  # 0: the detokenizer process tokenizes too
     served_model_name: str = ""  # empty: the model folder's name
@@ -56,6 +60,8 @@ HELP = {
     "attention_backend": "auto: triton on a GPU, torch on a CPU (triton on a CPU: Triton's interpreter, for tests)",
     "cuda_graph_max_bs": "capture CUDA graphs of decode steps for batches up to this size (GPU and triton only)",
     "disable_cuda_graph": "run every decode step eagerly, without CUDA graphs",
+    "disable_overlap_schedule": "build each step after the last one's tokens are back (the default on a CPU)",
+    "enable_overlap_schedule": "build the next step while the device runs this one (the default on a GPU)",
     "cache_type": "radix: requests that share a prefix share its pages; naive: free every page when a request ends",
     "num_tokenizer": "tokenizer worker processes (0: the detokenizer process tokenizes too)",
     "served_model_name": "the model name clients must send (default: the model folder's name)",
@@ -105,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory", "cuda_graph_max_bs", "max_queued_requests"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.disable_overlap_schedule and args.enable_overlap_schedule:
+        parser.error("give --disable-overlap-schedule or --enable-overlap-schedule, not both")
     if args.num_pages and args.kv_cache_memory:
         parser.error("give --num-pages or --kv-cache-memory, not both: they size the same pool")
     if args.tp_size % args.nnodes:
@@ -117,6 +125,13 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     if args.dist_init_addr and not valid_address(args.dist_init_addr):
         parser.error(f"--dist-init-addr must be HOST:PORT, got {args.dist_init_addr!r}")
     return args
+
+
+def overlap_schedule(args: ServerArgs, device_type: str) -> bool:
+    """Whether the scheduler overlaps: as the flags say, else where it pays: on a GPU (see chapter 06)."""
+    if args.disable_overlap_schedule or args.enable_overlap_schedule:
+        return args.enable_overlap_schedule
+    return device_type == "cuda"
 
 
 def valid_address(address: str) -> bool:

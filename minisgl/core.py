@@ -25,6 +25,15 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
+# --8<-- [start:future-token]
+def future_token(slot: int) -> int:
+    """The stand-in for a token that a step still running will sample (chapter 06's overlap scheduling): a
+    negative id, -1 - the request's slot. The scheduler puts it in the request's output at once; the engine
+    replaces it, on the device, with what its future-token map holds at that slot when the next step runs."""
+    return -1 - slot
+# --8<-- [end:future-token]
+
+
 class InvalidParam(ValueError):
     """A request's value is out of range; ``param`` names the field, for the client's error message."""
 
@@ -95,6 +104,7 @@ class Request:
     announced: bool = False  # has the detokenizer been told about it (stop strings, prompt length)?
     grammar: Any = None  # its grammar's matcher, when its params carry a constraint (``grammar.py``)
     prompt_logprobs: list = field(default_factory=list)  # (token, TokenLogprobs) of its prompt, if asked for
+    slot: int = -1  # its row in the engine's future-token map while admitted (chapter 06's overlap), else -1
 
     def uncached_ids(self) -> list[int]:
         """The tokens the next forward pass must run: the whole prompt at first, then the last sampled token."""
@@ -131,9 +141,16 @@ class Batch:
     positions: list[int] = field(init=False)  # each new token's position in its own sequence
     seq_lens: list[int] = field(init=False)  # each request's length in the cache once this batch has run
     sample: list[bool] = field(init=False)  # whether this pass gives the request its next token
+    # Chapter 06: each request's page table and slot as they were when the batch was built. With overlap the
+    # batch runs while the scheduler goes on changing its requests (a request that ends gives its pages back),
+    # so the engine reads the batch, never the requests' live state.
+    page_tables: list[list[int]] = field(init=False)
+    slots: list[int] = field(init=False)
 
     def __post_init__(self):
         self.input_ids, self.positions, self.seq_lens, self.sample = [], [], [], []
+        self.page_tables = [request.pages for request in self.requests]  # never changed in place, only replaced
+        self.slots = [request.slot for request in self.requests]
         for request, new in zip(self.requests, self.new_lens, strict=True):
             self.input_ids += request.uncached_ids()[:new]
             self.positions += range(request.cached_len, request.cached_len + new)

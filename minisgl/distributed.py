@@ -78,7 +78,10 @@ def init_distributed(rank: int, size: int, init_addr: str, device: torch.device,
     timeout = timedelta(seconds=timeout_s)
     _store = dist.TCPStore(host, int(port), size, is_master=rank == 0, timeout=timeout)
     dist.init_process_group(backend, store=_store, rank=rank, world_size=size, timeout=timeout)
-    _control_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    # The schedulers' messages get a gloo group of their own, on a CPU too: with overlap scheduling the model's
+    # collectives (on the forward thread) and the messages (on the scheduler's) travel at the same time, and two
+    # threads' collectives on one group would meet in a different order on each rank.
+    _control_group = dist.new_group(backend="gloo")
     _stopping.clear()
     threading.Thread(target=heartbeat, args=(rank, size), name="minisgl-heartbeat", daemon=True).start()
 # --8<-- [end:init-distributed]

@@ -19,7 +19,7 @@ from itertools import count
 
 from transformers import PreTrainedTokenizerFast
 
-from .args import ServerArgs
+from .args import ServerArgs, overlap_schedule
 from .config import resolve_config
 from .core import SamplingParams
 from .default_model import default_model_path
@@ -61,11 +61,13 @@ class LLM:
         self.engine = Engine(config.model_path, args.dtype, args.device, config.num_pages, args.page_size,
                              config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
                              attention_backend=args.attention_backend,
-                             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
+                             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
+                             max_running_requests=args.max_running_requests)
         # Constraints compile inline, here: nothing else of this process would run meanwhile.
         grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)))
         self.scheduler = Scheduler(self.engine, args.max_running_requests, args.chunked_prefill_size,
-                                   set(config.eos_token_ids), args.cache_type, grammars)
+                                   set(config.eos_token_ids), args.cache_type, grammars,
+                                   overlap=overlap_schedule(args, self.engine.device.type))
         self.uids = count()
 
     def generate(self, prompts: str | list[str] | list[list[int]],

@@ -98,8 +98,8 @@ class SamplingBatch:
 
 
 # --8<-- [start:sample]
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
-    """Pick the next token of each row of ``logits`` [rows, vocab] (float32)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Pick the next token of each row of ``logits`` [rows, vocab] (float32): [rows] ids, on the device."""
     tokens = logits.argmax(dim=-1)
     # Below MIN_TEMPERATURE, dividing would overflow the logits to infinities (then NaN): that is greedy anyway.
     if batch.drawn is not None:  # the greedy rows are done; filter and draw the others together
@@ -109,17 +109,17 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
         for row, generator in enumerate(batch.generators):  # one draw per request, each from its own stream
             choice = torch.multinomial(sorted_probs[row], 1, generator=generator)
             tokens[batch.drawn[row]] = order[row, choice]
-    return tokens.tolist()
+    return tokens
 # --8<-- [end:sample]
 
 
 # --8<-- [start:sampler]
-def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """The engine's sampling step: the token of each row of ``logits`` [rows, vocab], and the log
-    probabilities of each row that asked for them (None for the others). The order matters: first the
-    model's own log probabilities (what ``logprobs`` reports, before anything changes them), then
-    ``logit_bias``, then the constraints' mask (after the bias, so no bias brings back a forbidden token),
-    then sampling."""
+def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+    """The engine's sampling step: the token of each row of ``logits`` [rows, vocab] (a tensor on the
+    device), and the log probabilities of each row that asked for them (None for the others). The order
+    matters: first the model's own log probabilities (what ``logprobs`` reports, before anything changes
+    them), then ``logit_bias``, then the constraints' mask (after the bias, so no bias brings back a
+    forbidden token), then sampling."""
     model_logprobs = torch.log_softmax(logits[batch.logprob_rows], dim=-1) if batch.logprob_rows else None
     if batch.bias is not None:  # OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it
         rows, ids, biases = batch.bias
@@ -129,7 +129,7 @@ def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list
     tokens = sample(logits, batch)
     logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
     if model_logprobs is not None:
-        chosen = [tokens[row] for row in batch.logprob_rows]
+        chosen = tokens[batch.logprob_rows].tolist()
         for row, reported in zip(batch.logprob_rows, report_logprobs(model_logprobs, chosen, batch.logprob_top)):
             logprobs[row] = reported
     return tokens, logprobs
@@ -154,10 +154,11 @@ def prompt_logprob_rows(batch) -> list[tuple[int, int, int]]:
     (request, row of the batch, the prompt token that row predicts), for every token of its chunk that is
     followed by another prompt token."""
     rows, start = [], 0
-    for b, (request, new) in enumerate(zip(batch.requests, batch.new_lens)):
+    for b, (request, new, seq_len) in enumerate(zip(batch.requests, batch.new_lens, batch.seq_lens)):
         if request.params.prompt_logprobs:
-            for position in range(request.cached_len, min(request.cached_len + new, len(request.prompt_ids) - 1)):
-                rows.append((b, start + position - request.cached_len, request.prompt_ids[position + 1]))
+            cached = seq_len - new  # from the batch: the request's own count may have moved on (overlap)
+            for position in range(cached, min(seq_len, len(request.prompt_ids) - 1)):
+                rows.append((b, start + position - cached, request.prompt_ids[position + 1]))
         start += new
     return rows
 

@@ -6,8 +6,10 @@ On a machine with a GPU, in this order, each step's outcome printed as it ends:
 2. chapter 06's kernel tests compiled by Triton (not interpreted), against the torch backend;
 3. every test marked ``cuda`` in every chapter (the ``ranks`` tests use gloo on the CPU: CI runs them);
 4. where there are 3 GPUs or more: the OpenAI contract suite against a server at TP 3 over NCCL;
-5. greedy output with CUDA graphs on and off, and triton against torch, through the offline API;
-6. a short benchmark: decode tokens/s of 32 requests and of one, graphs on and off.
+5. greedy output with CUDA graphs on and off, overlap scheduling on and off, and triton against torch, through
+   the offline API;
+6. a short benchmark: decode tokens/s of 32 requests and of one, graphs on and off, overlap on and off, and
+   transformers' ``generate`` on the same GPU as the baseline.
 
 It stops with a non-zero status at the first failing step; ``--keep-going`` runs every step and fails at the
 end instead (for a GPU lent for a few minutes, where one run must say everything). Meant to finish in a
@@ -32,27 +34,44 @@ from minisgl import LLM, SamplingParams
 prompts = [f"Question {i}: name a city in Europe and say why it is famous." for i in range(32)]
 params = SamplingParams(max_tokens=64, ignore_eos=True)
 results = {}
-runs = [("float32", "torch", False), ("float32", "triton", False), ("float32", "triton", True),
-        ("bfloat16", "triton", False), ("bfloat16", "triton", True)]
-for dtype, backend, graphs in runs:
-    llm = LLM(dtype=dtype, attention_backend=backend, disable_cuda_graph=not graphs)
-    results[dtype, backend, graphs] = [o.token_ids for o in llm.generate(prompts, params)]
+runs = [("float32", "torch", False, False), ("float32", "triton", False, False), ("float32", "triton", True, False),
+        ("float32", "triton", True, True), ("bfloat16", "triton", False, False), ("bfloat16", "triton", True, False),
+        ("bfloat16", "triton", True, True)]
+for dtype, backend, graphs, overlap in runs:
+    llm = LLM(dtype=dtype, attention_backend=backend, disable_cuda_graph=not graphs,
+              **{"enable_overlap_schedule" if overlap else "disable_overlap_schedule": True})
+    results[dtype, backend, graphs, overlap] = [o.token_ids for o in llm.generate(prompts, params)]
     for size in (32, 1):
         batch = prompts[:size]
         llm.generate(batch, SamplingParams(max_tokens=8))  # warm-up
         torch.cuda.synchronize(); start = time.perf_counter()
         out = llm.generate(batch, SamplingParams(max_tokens=128, ignore_eos=True))
         torch.cuda.synchronize(); elapsed = time.perf_counter() - start
-        print(f"{dtype:8} {backend:6} graphs {'on ' if graphs else 'off'} batch {size:2}: "
-              f"{sum(len(o.token_ids) for o in out) / elapsed:8.1f} tok/s")
+        print(f"{dtype:8} {backend:6} graphs {'on ' if graphs else 'off'} overlap {'on ' if overlap else 'off'} "
+              f"batch {size:2}: {sum(len(o.token_ids) for o in out) / elapsed:8.1f} tok/s", flush=True)
     del llm; torch.cuda.empty_cache()
+# The baseline, on the same GPU in the same run: transformers' generate, bfloat16, 128 new tokens, greedy.
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from minisgl.default_model import require_default_model
+path = require_default_model()
+tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+for size in (32, 1):
+    inputs = tokenizer(prompts[:size], return_tensors="pt", padding=True).to("cuda")
+    for timed in (False, True):
+        torch.cuda.synchronize(); start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=128 if timed else 8, min_new_tokens=128 if timed else 8,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        torch.cuda.synchronize(); elapsed = time.perf_counter() - start
+    print(f"transformers generate bfloat16 batch {size:2}: {size * 128 / elapsed:8.1f} tok/s", flush=True)
 same = lambda a, b: sum(x == y for x, y in zip(results[a], results[b]))
 print(f"float32 triton vs torch, greedy: {same(runs[1], runs[0])}/32 identical")
-graphs = [same((dtype, 'triton', True), (dtype, 'triton', False)) for dtype in ("float32", "bfloat16")]
+graphs = [same((dtype, 'triton', True, False), (dtype, 'triton', False, False)) for dtype in ("float32", "bfloat16")]
 print(f"graphs on vs off, greedy: {graphs[0]}/32 identical in float32, {graphs[1]}/32 in bfloat16")
-sys.exit(0 if graphs == [32, 32] else 1)
+overlap = [same((dtype, 'triton', True, True), (dtype, 'triton', True, False)) for dtype in ("float32", "bfloat16")]
+print(f"overlap on vs off (graphs on), greedy: {overlap[0]}/32 identical in float32, {overlap[1]}/32 in bfloat16")
+sys.exit(0 if graphs == [32, 32] and overlap == [32, 32] else 1)
 """
-
 
 def step(name: str, command: list[str], env: dict | None = None, allowed: tuple[int, ...] = (0,)) -> None:
     print(f"===== {name}", flush=True)
@@ -92,7 +111,7 @@ def main() -> None:
                                                       "chapters/06/tests/test_server_tp.py"], env)
     else:
         print(f"===== TP over NCCL: skipped, it needs 3 GPUs (found {gpu_count()})", flush=True)
-    step("greedy and speed: graphs on and off", [PYTHON, "-c", CHECK_OUTPUTS], env)
+    step("greedy and speed: graphs and overlap on and off", [PYTHON, "-c", CHECK_OUTPUTS], env)
     print(f"===== failed: {', '.join(FAILED)}" if FAILED else "===== every step passed", flush=True)
     sys.exit(1 if FAILED else 0)
 

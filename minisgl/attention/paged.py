@@ -94,7 +94,7 @@ def new_token_locations(batch: Batch, page_size: int) -> list[int]:
     key and value to. Worked out here only: both backends' ``prepare`` call this, and so does the padding
     of a CUDA graph's decode step (``engine/graphs.py``)."""
     cached = [seq_len - new for seq_len, new in zip(batch.seq_lens, batch.new_lens)]
-    return token_location_list([request.pages for request in batch.requests], batch.seq_lens, page_size, cached)
+    return token_location_list(batch.page_tables, batch.seq_lens, page_size, cached)
 # --8<-- [end:new-locations]
 
 

@@ -49,7 +49,7 @@ class TorchBackend(AttentionBackend):
     def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
         device = self.kv_cache.k.device
         # Every request's locations, once; each use below is a part of them.
-        locations = padded_locations([request.pages for request in batch.requests], batch.seq_lens,
+        locations = padded_locations(batch.page_tables, batch.seq_lens,
                                      self.kv_cache.page_size, device)  # [requests, T]
         starts = [seq_len - new for seq_len, new in zip(batch.seq_lens, batch.new_lens)]
         decode, extends, offset = [], [], 0

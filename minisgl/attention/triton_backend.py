@@ -60,7 +60,7 @@ class TritonBackend(AttentionBackend):
 
     def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
         page_size = self.kv_cache.page_size
-        rows = [request.pages for request in batch.requests]
+        rows = batch.page_tables
         width = max(len(row) for row in rows)
         table = [page for row in rows for page in row + [SPARE_PAGE] * (width - len(row))]
         new_locations, table, seq_lens, new_lens, q_starts = to_device(

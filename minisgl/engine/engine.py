@@ -25,6 +25,7 @@ from ..layers import kv_head_shard
 from ..layers.linear import prepack_for_cpu
 from ..models import load_model
 from ..sampling import SamplingBatch, make_generator, prompt_logprob_rows, sampler, score_prompt_rows
+from .future import resolve_future_tokens
 from .graphs import DecodeGraphs, graph_batch_sizes
 
 
@@ -84,12 +85,13 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
                  context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto",
-                 cuda_graph_max_bs: int = 0):
+                 cuda_graph_max_bs: int = 0, max_running_requests: int = 256):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
         prompt + reply a request may have (``config.py`` clamps it); ``attention_backend``: torch, triton or
         auto (``attention.make_backend``); ``cuda_graph_max_bs``: capture CUDA graphs of decode steps up to
-        that batch size (a GPU and the triton backend; 0: none)."""
+        that batch size (a GPU and the triton backend; 0: none); ``max_running_requests``: the slots of the
+        future-token map (overlap scheduling: a request's slot holds its last sampled token, on the device)."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -108,6 +110,9 @@ class Engine:
                                         bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
         self.attention = make_backend(attention_backend, self.kv_cache)
+        # Overlap scheduling (chapter 06): each step writes its sampled tokens here, by request slot, and the
+        # next step, built before they were known, reads its input tokens from here (``resolve_future_tokens``).
+        self.future_tokens = torch.zeros(max_running_requests, dtype=torch.long, device=self.device)
         self.graphs = None  # the torch backend has no graph hooks: it runs every step eagerly
         if cuda_graph_max_bs and self.device.type == "cuda" and self.attention.supports_graphs:
             self.graphs = DecodeGraphs(self.model, self.attention, self.device, graph_batch_sizes(cuda_graph_max_bs),
@@ -123,11 +128,14 @@ class Engine:
         """Run the batch's new tokens; the logits of each request's last one, [requests, vocab] float32 (then
         those of the tokens at ``more_rows`` of the batch, for prompt log probabilities)."""
         if self.graphs is not None and self.graphs.fits(batch) and not more_rows:
-            return self.graphs.forward(batch)
+            return self.graphs.forward(batch, self.future_tokens)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         positions = as_tensor(batch.positions)
         self.attention.prepare(batch, positions)  # once per batch; every layer reuses it
-        hidden = self.model(as_tensor(batch.input_ids), positions, self.attention)
+        input_ids = as_tensor(batch.input_ids)
+        if min(batch.input_ids) < 0:  # tokens the step before sampled, unknown when this batch was built
+            input_ids = resolve_future_tokens(input_ids, self.future_tokens)
+        hidden = self.model(input_ids, positions, self.attention)
         last_tokens = [n - 1 for n in accumulate(batch.new_lens)]  # each request's last new token
         # Only the last ones are sampled; the others score prompt tokens (the epilogue's echo with logprobs).
         return self.model.logits(hidden[as_tensor(last_tokens + list(more_rows))])
@@ -146,11 +154,27 @@ class Engine:
         chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
         if chosen:
             rows = logits[: len(batch.requests)]
-            tokens, logprobs = sampler(rows if len(chosen) == len(batch.requests) else rows[chosen], sampling)
+            token_ids, logprobs = sampler(rows if len(chosen) == len(rows) else rows[chosen], sampling)
+            self.remember_tokens([batch.slots[b] for b in chosen], token_ids)
+            tokens = token_ids.tolist()  # (the step's one wait for the device)
             for b, token, token_logprobs in zip(chosen, tokens, logprobs):
                 results[b].token, results[b].logprobs = token, token_logprobs
         for b, scored in score_prompt_rows(logits[len(batch.requests):], prompt_rows, batch):
             results[b].prompt_logprobs.append(scored)
         return results
     # --8<-- [end:engine-step]
+
+    def remember_tokens(self, slots: list[int], token_ids: torch.Tensor) -> None:
+        """Write the sampled tokens into the future-token map, each at its request's slot, on the device (a
+        request built by hand outside a scheduler has no slot, -1, and nothing to remember)."""
+        rows = [row for row, slot in enumerate(slots) if slot >= 0]
+        if rows:
+            index = torch.tensor([slots[row] for row in rows], device=self.device)
+            self.future_tokens[index] = token_ids if len(rows) == len(slots) else token_ids[rows]
+
+    def use_this_thread(self) -> None:
+        """Make the calling thread ready to run steps (the overlap scheduler's forward thread): CUDA's current
+        device is the thread's own, cuda:0 in a new thread, and this rank's may be another."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 

@@ -26,6 +26,7 @@ from ..attention import AttentionBackend
 from ..attention.paged import new_token_locations
 from ..core import SPARE_PAGE, Batch, pages_for
 from ..models.decoder import CausalLM
+from .future import resolve_future_tokens
 
 
 # --8<-- [start:graph-sizes]
@@ -64,7 +65,7 @@ def padded_decode_inputs(batch: Batch, size: int, max_pages: int, page_size: int
     if len(requests) > size:
         raise ValueError(f"{len(requests)} requests do not fit in a graph of {size}")
     dummies = size - len(requests)
-    rows = [request.pages + [SPARE_PAGE] * (max_pages - len(request.pages)) for request in requests]
+    rows = [pages + [SPARE_PAGE] * (max_pages - len(pages)) for pages in batch.page_tables]
     return DecodeInputs(
         input_ids=batch.input_ids + [0] * dummies,
         positions=batch.positions + [0] * dummies,
@@ -160,15 +161,21 @@ class DecodeGraphs:
     def fits(self, batch: Batch) -> bool:
         """A decode step of at most the largest size, whose page tables fit the buffers (else: eager)."""
         return (all(new == 1 for new in batch.new_lens) and len(batch.requests) <= self.sizes[-1]
-                and max(len(request.pages) for request in batch.requests) <= self.buffers.max_pages)
+                and max(len(pages) for pages in batch.page_tables) <= self.buffers.max_pages)
 
     # --8<-- [start:replay]
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """The decode step's logits [requests, vocab], by replaying the graph of the next size up."""
+    def forward(self, batch: Batch, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step's logits [requests, vocab], by replaying the graph of the next size up (with
+        ``future_tokens``, the engine's future-token map: an overlapped step's stand-ins resolved first)."""
         size = next(s for s in self.sizes if s >= len(batch.requests))
-        width = max(len(request.pages) for request in batch.requests)  # the page table's columns to send
+        width = max(len(pages) for pages in batch.page_tables)  # the page table's columns to send
         inputs = padded_decode_inputs(batch, size, width, self.page_size)
         self.backend.prepare_for_replay(*self.buffers.send(inputs))  # device to device: no wait
+        if future_tokens is not None and min(batch.input_ids) < 0:
+            input_ids = self.buffers.input_ids[:size]
+            input_ids.copy_(resolve_future_tokens(input_ids, future_tokens))
         self.graphs[size].replay()  # the kernels recorded at capture, reading the buffers just filled
+        # A view of the graph's own logits, which the next replay overwrites: the engine samples from it at
+        # once, in the same step (with overlap too: the forward thread runs one whole step at a time).
         return self.logits[size][: len(batch.requests)]
     # --8<-- [end:replay]

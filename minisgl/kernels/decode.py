@@ -17,6 +17,13 @@ a program each; every split writes its partial output and the log of its softmax
 (``lse = running_max + log(total)``), and a second kernel merges them: each split's output weighted by
 ``exp(lse_split - lse_max)``. A split past a request's end writes ``lse = -inf``, weight 0.
 
+**Few compiled variants.** Triton compiles a kernel anew for every new set of ``tl.constexpr`` values.
+The number of splits grows with the longest sequence, so it is a runtime argument, ``num_splits``
+(``do_not_specialize`` keeps Triton from compiling variants of its own for the integer values it
+specializes on, such as multiples of 16): the split kernel compiles once for a model, and the merge
+kernel once per power of two its block of splits ``BLOCK_S`` takes (9 variants up to 256 splits,
+65,536 tokens at the default ``split_len``).
+
 Scores and sums are float32 whatever the cache's dtype (and Triton's interpreter computes bfloat16
 wrongly, so every load is cast first).
 """
@@ -27,12 +34,11 @@ import triton.language as tl
 
 
 # --8<-- [start:decode-kernel]
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q, k_cache, v_cache, page_table, seq_lens, mid_out, mid_lse, scale, pages_stride,
+    q, k_cache, v_cache, page_table, seq_lens, mid_out, mid_lse, scale, pages_stride, num_splits,
     PAGE_SIZE: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_LEN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     request, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens + request)
@@ -71,23 +77,23 @@ def _decode_split_kernel(
     seen = total > 0  # false only for a split that lies past the request's end
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, running_max + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    mid = q_rows * NUM_SPLITS + split
+    mid = q_rows * num_splits + split
     tl.store(mid_out + mid[:, None] * HEAD_DIM + d[None, :], out, mask=g_in[:, None] & d_in[None, :])
     tl.store(mid_lse + mid, lse, mask=g_in)
 # --8<-- [end:decode-kernel]
 
 
 # --8<-- [start:merge-kernel]
-@triton.jit
-def _merge_splits_kernel(mid_out, mid_lse, out, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(mid_out, mid_lse, out, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
     row = tl.program_id(0)  # one (request, query head)
     s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_in, d_in = s < NUM_SPLITS, d < HEAD_DIM
+    s_in, d_in = s < num_splits, d < HEAD_DIM
     # --8<-- [start:ex-merge]
-    lse = tl.load(mid_lse + row * NUM_SPLITS + s, mask=s_in, other=float("-inf"))
+    lse = tl.load(mid_lse + row * num_splits + s, mask=s_in, other=float("-inf"))
     weights = tl.exp(lse - tl.max(lse, axis=0))  # a split's share of the whole softmax; -inf: 0
-    partial = tl.load(mid_out + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+    partial = tl.load(mid_out + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                       mask=s_in[:, None] & d_in[None, :], other=0.0)
     merged = tl.sum(weights[:, None] * partial, axis=0) / tl.sum(weights, axis=0)
     # --8<-- [end:ex-merge]
@@ -121,9 +127,8 @@ def decode_splits(q, k_cache, v_cache, page_table, seq_lens, page_size: int, sca
     mid_lse = torch.empty(requests, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(requests, kv_heads, num_splits)](
         q.contiguous(), k_cache, v_cache, page_table, seq_lens, mid_out, mid_lse, scale, page_table.stride(0),
-        PAGE_SIZE=page_size, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, SPLIT_LEN=split_len,
-        NUM_SPLITS=num_splits, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_splits, PAGE_SIZE=page_size, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, SPLIT_LEN=split_len,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
     )
     return mid_out, mid_lse
 
@@ -133,7 +138,7 @@ def merge_splits(mid_out: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtyp
     requests, num_heads, num_splits, head_dim = mid_out.shape
     out = torch.empty(requests, num_heads, head_dim, dtype=dtype, device=mid_out.device)
     _merge_splits_kernel[(requests * num_heads,)](
-        mid_out, mid_lse, out, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
+        mid_out, mid_lse, out, num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=triton.next_power_of_2(head_dim),
     )
     return out

@@ -33,8 +33,10 @@ also reports log probabilities, and drops every unused cached prefix on ``FlushC
 import logging
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from ..core import Batch, Request, Sampled
+from ..core import Batch, Request, Sampled, future_token
 from ..engine import Engine
 from ..grammar import GrammarManager
 from ..messages import (
@@ -59,10 +61,33 @@ logger = logging.getLogger(__name__)
 PROMPT_LOGPROBS_ROWS = 512
 
 
+# --8<-- [start:in-flight]
+@dataclass
+class StepInFlight:
+    """A step launched and not yet processed: its batch, where each sampled request's token goes in its
+    ``output_ids`` (None for a chunk in the middle of a prompt), and the engine's results to come."""
+
+    batch: Batch
+    token_index: list[int | None]
+    results: Future  # of the engine's list[Sampled]
+# --8<-- [end:in-flight]
+
+
+def done(value) -> Future:
+    """A future that already holds ``value`` (a step run without overlap)."""
+    future = Future()
+    future.set_result(value)
+    return future
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_running_requests: int, chunked_prefill_size: int, eos_ids: set[int],
-                 cache_type: str = "radix", grammars: GrammarManager | None = None):
-        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused)."""
+                 cache_type: str = "radix", grammars: GrammarManager | None = None, overlap: bool = False):
+        """``grammars`` compiles the constraints of constrained requests (None: such requests are refused);
+        ``overlap``: run each step on a forward thread and build the next one meanwhile (overlap scheduling)."""
+        if max_running_requests > len(engine.future_tokens):
+            raise ValueError(f"max_running_requests {max_running_requests} is more than the engine's "
+                             f"{len(engine.future_tokens)} slots")
         self.engine = engine
         self.page_size = engine.kv_cache.page_size
         self.pages = PageAllocator(engine.kv_cache.num_pages)  # which page is whose: ours to decide
@@ -80,12 +105,17 @@ class Scheduler:
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
         self.grammars = grammars or GrammarManager(None)
         self.sampling = None  # the engine's SamplingBatch of the last step, kept while the same requests sample
+        self.free_slots = list(range(max_running_requests - 1, -1, -1))  # the future-token map's rows (popped)
+        self.in_flight: StepInFlight | None = None  # with overlap: the step running while the next is built
+        self.forward_thread = ThreadPoolExecutor(1, "forward", engine.use_this_thread) if overlap else None
         self._last_log = time.monotonic()
 
     @property
     def has_work(self) -> bool:
-        """Whether a step would do anything: someone waits, is being prefilled or runs (or waits for its grammar)."""
-        return bool(self.waiting or self.prefilling or self.running or self.grammars.compiling)
+        """Whether a step would do anything: someone waits, is being prefilled or runs (or waits for its
+        grammar), or a step's results are still to come."""
+        return bool(self.waiting or self.prefilling or self.running or self.grammars.compiling
+                    or self.in_flight)
 
     def state(self) -> dict:
         """The counts ``/state`` and ``/metrics`` show. Pages: free + cached + in use = total, where cached are
@@ -137,27 +167,73 @@ class Scheduler:
     def step(self, incoming: list = ()) -> BatchTokenOutput | None:
         """Take this step's incoming messages, then run one forward pass: a token for every running request
         and the next prompt chunks of the requests being prefilled. Returns what happened to every request
-        it touched, as one message (None: nothing did)."""
+        it touched, as one message (None: nothing did).
+
+        With overlap, the pass is launched on the forward thread and what comes back is the *previous*
+        step's results, processed while this one runs."""
         outputs = [output for message in incoming for output in self.handle(message)]
         refused = self.grammars_ready()
-        self.prefilling += self.admit()
-        decoding = list(self.running)  # a copy: finishing a request removes it from running
-        chunks = self.prefill_chunks()
-        requests = decoding + [request for request, _ in chunks]
-        if requests:
-            batch = Batch(requests, [1] * len(decoding) + [size for _, size in chunks])
-            results = self.engine.step(batch, self.sampling_for(batch))
-            self.steps["mixed" if decoding and chunks else "decode" if decoding else "prefill"] += 1
-            for request, new, result in zip(batch.requests, batch.new_lens, results, strict=True):
-                request.cached_len += new  # its new tokens' keys and values are in its pages now
-                request.prompt_logprobs += result.prompt_logprobs
-                if request in self.prefilling:
-                    self.prefill_done(request, finished=result.token is not None)
-                if result.token is not None:  # a chunk in the middle of a prompt gives no token
-                    outputs.append(self.append_token(request, result))
-            self.log_progress()
+        if self.in_flight is not None and any(request.grammar is not None for request in self.running):
+            # A constrained request's mask needs the token the running step samples: no overlap this time.
+            outputs += self.process(self.in_flight)
+            self.in_flight = None
+        launched = self.launch()
+        if self.in_flight is not None:
+            outputs += self.process(self.in_flight)  # step N's results, while step N + 1 runs
+        self.in_flight = launched
+        if launched is not None and self.forward_thread is None:
+            outputs += self.process(launched)  # no overlap: this step's own results, at once
+            self.in_flight = None
         return BatchTokenOutput(outputs, refused) if outputs or refused else None
     # --8<-- [end:step]
+
+    # --8<-- [start:launch]
+    def launch(self) -> StepInFlight | None:
+        """Build the next batch and start it; everything known before it runs is recorded now: its new tokens
+        will be in the cache, a prompt chunk's pages are shared, and each sampled request gets a stand-in for
+        its token (``core.future_token``), so that the next batch can be built before the token is known."""
+        self.prefilling += self.admit()
+        # A request whose last token is already on its way is done with it (max_tokens): never run it again.
+        decoding = [request for request in self.running if len(request.output_ids) < request.params.max_tokens]
+        chunks = self.prefill_chunks()
+        requests = decoding + [request for request, _ in chunks]
+        if not requests:
+            return None
+        batch = Batch(requests, [1] * len(decoding) + [size for _, size in chunks])
+        sampling = self.sampling_for(batch)
+        if self.forward_thread is not None:
+            results = self.forward_thread.submit(self.engine.step, batch, sampling)
+        else:
+            results = done(self.engine.step(batch, sampling))
+        self.steps["mixed" if decoding and chunks else "decode" if decoding else "prefill"] += 1
+        token_index = []
+        for request, new, sampled in zip(batch.requests, batch.new_lens, batch.sample, strict=True):
+            request.cached_len += new  # its new tokens' keys and values are in its pages once the step has run
+            if request in self.prefilling:
+                self.prefill_done(request, finished=sampled)
+            token_index.append(len(request.output_ids) if sampled else None)
+            if sampled:  # a chunk in the middle of a prompt gives no token
+                request.output_ids.append(future_token(request.slot))
+        return StepInFlight(batch, token_index, results)
+    # --8<-- [end:launch]
+
+    # --8<-- [start:process]
+    def process(self, step: StepInFlight) -> list[TokenOutput]:
+        """A step's results, once they are there: each sampled token takes its stand-in's place, and decides
+        whether its request is done. A request that ended while the step ran (its end of sequence one step
+        back, an abort) gets nothing: its token would be one too many."""
+        outputs = []
+        results = step.results.result()  # (with overlap: waits for the forward thread to finish the step)
+        for request, index, result in zip(step.batch.requests, step.token_index, results, strict=True):
+            if request.finish_reason is not None:
+                continue
+            request.prompt_logprobs += result.prompt_logprobs
+            if index is not None:
+                request.output_ids[index] = result.token
+                outputs.append(self.append_token(request, result, index))
+        self.log_progress()
+        return outputs
+    # --8<-- [end:process]
 
     def sampling_for(self, batch: Batch):
         """The engine's sampling tensors for the batch's sampled requests: the last step's, if the same
@@ -229,6 +305,7 @@ class Scheduler:
                 self.cache.evict(needed - self.pages.num_free)
             self.waiting.popleft()
             request.pages, request.node = prefix + self.pages.allocate(needed), node
+            request.slot = self.free_slots.pop()  # there is one: admitted requests are fewer than the slots
             request.cached_len = request.prefix_len = len(prefix) * self.page_size
             request.generator = self.engine.new_generator(request.params.seed)
             self.prompt_tokens += len(request.prompt_ids)
@@ -237,25 +314,27 @@ class Scheduler:
         return admitted
     # --8<-- [end:admit]
 
-    def append_token(self, request: Request, sampled: Sampled) -> TokenOutput:
-        """Record one sampled token and decide whether the request is done (stop strings are the
-        detokenizer's call: it sends an abort when it sees one)."""
+    def append_token(self, request: Request, sampled: Sampled, index: int) -> TokenOutput:
+        """One sampled token, at ``index`` of the request's output ids: decide whether the request is done (stop
+        strings are the detokenizer's call: it sends an abort when it sees one)."""
         params, token = request.params, sampled.token
         try:
             accepted = self.grammars.accept(request, token)
         except Exception:  # the grammar engine failed (its bug, not the client's): this request alone ends
             logger.exception("request %s: its grammar's matcher failed", request.uid)
+            del request.output_ids[index:]
             return self.finish(request, "error")
         if not accepted:
             # Only at a dead end of the grammar, where the mask left the row free: the request's own constraint
             # allows no next token. It ends alone, and the client is told why (a 400, not a server error).
             logger.info("request %s: its constraint allows no next token; ending it", request.uid)
+            del request.output_ids[index:]
             return self.finish(request, DEAD_END)
         if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
             # the EOS token is not part of the reply (its log probabilities go along: the detokenizer drops them)
+            del request.output_ids[index:]
             return self.finish(request, "stop", logprobs=sampled.logprobs, matched_eos=token)
-        request.output_ids.append(token)
-        if len(request.output_ids) >= params.max_tokens:
+        if index + 1 >= params.max_tokens:
             return self.finish(request, "length", token, sampled.logprobs)
         return self.output(request, token, None, sampled.logprobs)
 
@@ -267,6 +346,11 @@ class Scheduler:
         for collection in (self.running, self.prefilling, self.waiting):
             if request in collection:
                 collection.remove(request)
+        while request.output_ids and request.output_ids[-1] < 0:
+            request.output_ids.pop()  # stand-ins of tokens still on their way (overlap): they are not its reply
+        if request.slot >= 0:
+            self.free_slots.append(request.slot)
+            request.slot = -1
         if request.node is not None:
             computed = (request.prompt_ids + request.output_ids)[: request.cached_len]
             self.cache.cache_finished(computed, request.pages, request.node)
@@ -299,6 +383,7 @@ class Scheduler:
 
     def fail_all(self) -> BatchTokenOutput | None:
         """End every request in flight with an error (a step failed: the server is going down)."""
+        self.in_flight = None  # its results, if they ever come, are for requests that end here
         in_flight = [*self.running, *self.prefilling, *self.waiting, *self.grammars.drop_all()]
         outputs = [self.finish(request, "error") for request in in_flight]
         return BatchTokenOutput(outputs) if outputs else None

@@ -14,6 +14,7 @@ import msgspec
 import torch
 import zmq
 
+from ..args import overlap_schedule
 from ..config import ServerConfig
 from ..distributed import (
     broadcast_messages,
@@ -55,13 +56,14 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
         engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
                         config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
                         attention_backend=args.attention_backend,
-                        cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
+                        cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
+                        max_running_requests=args.max_running_requests)
         num_pages = engine.kv_cache.num_pages
         # Constraints compile on a thread of their own on one rank; under TP at once (``GrammarManager``).
         grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)),
                                   in_background=args.tp_size == 1)
         scheduler = Scheduler(engine, args.max_running_requests, args.chunked_prefill_size, set(config.eos_token_ids),
-                              args.cache_type, grammars)
+                              args.cache_type, grammars, overlap=overlap_schedule(args, engine.device.type))
         inbox = to_detokenizer = None
         if rank == 0:
             context = zmq.Context()
@@ -71,8 +73,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
         ready.put((name, traceback.format_exc()))
         return
     ready.put((name, None))
-    logger.info("ready on %s in %s: %d pages of %d tokens, %s cache", engine.device, engine.dtype, num_pages - 1,
-                args.page_size, args.cache_type)
+    logger.info("ready on %s in %s: %d pages of %d tokens, %s cache%s", engine.device, engine.dtype, num_pages - 1,
+                args.page_size, args.cache_type, ", overlap scheduling" if scheduler.forward_thread else "")
     try:
         with torch.inference_mode():
             serve_steps(scheduler, inbox, to_detokenizer, counts, args.tp_check_lockstep)
@@ -168,7 +170,7 @@ def with_seed(message):
 # the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
 SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
 SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory", "cache_type",
-               "attention_backend",
+               "attention_backend", "disable_overlap_schedule", "enable_overlap_schedule",
                "tp_size", "nnodes", "tp_check_lockstep")
 
 

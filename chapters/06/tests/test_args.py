@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minisgl.args import parse_args
+from minisgl.args import overlap_schedule, parse_args
 
 
 def test_max_prefill_length_is_the_chunked_prefill_size():
@@ -24,6 +24,20 @@ def test_max_prefill_length_is_the_chunked_prefill_size():
 ])
 def test_chapter_06_flags(flags, field, value):
     assert getattr(parse_args(flags), field) == value
+
+
+@pytest.mark.parametrize("flags, device, overlap", [
+    ([], "cuda", True), ([], "cpu", False),  # on where it pays: a GPU (chapter 06 measures a CPU slower)
+    (["--disable-overlap-schedule"], "cuda", False), (["--enable-overlap-schedule"], "cpu", True),
+])
+def test_overlap_scheduling_is_on_by_default_on_a_gpu_only(flags, device, overlap):
+    assert overlap_schedule(parse_args(flags), device) is overlap
+
+
+def test_overlap_cannot_be_both_on_and_off(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--enable-overlap-schedule", "--disable-overlap-schedule"])
+    assert "not both" in capsys.readouterr().err
 
 
 def test_a_backend_that_does_not_exist_is_refused(capsys):

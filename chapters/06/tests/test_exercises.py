@@ -1,5 +1,5 @@
-"""The focused test of each chapter 06 exercise: the learner's code alone against a plain torch loop, with a
-failure that says which token, request, head or split went wrong, and what that mistake usually is.
+"""The focused test of each chapter 06 exercise: the learner's code alone against a plain torch loop (or plain
+lists), with a failure that says which token, request, head or split went wrong, and what that mistake usually is.
 
 The kernels run in Triton's interpreter on a CPU (``conftest.py``), so a print inside a kernel prints.
 """
@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is available on Linux only: its kernels cannot run here")
 
 from minisgl.attention.paged import SPARE_PAGE
-from minisgl.core import Batch, Request, SamplingParams
+from minisgl.core import Batch, Request, SamplingParams, future_token
+from minisgl.engine.future import resolve_future_tokens
 from minisgl.engine.graphs import padded_decode_inputs
 from minisgl.kernels import store_kv
 from minisgl.kernels.decode import decode_splits, merge_splits
@@ -128,3 +129,25 @@ def test_pad_decode_fills_a_graph_with_dummies_on_the_spare_page():
         )
     with pytest.raises(ValueError):
         padded_decode_inputs(batch, 1, max_pages, page_size)
+
+
+@pytest.mark.exercise("future-tokens", focused=True)
+def test_future_tokens_take_the_place_of_their_stand_ins():
+    future = torch.tensor([70, 71, 72, 73], device=DEVICE)  # the future-token map: slot s holds 70 + s
+    ids = [5, future_token(0), 9, future_token(3), future_token(2), 0]
+    expected = [5, 70, 9, 73, 72, 0]
+    got = resolve_future_tokens(torch.tensor(ids, device=DEVICE), future)
+    assert isinstance(got, torch.Tensor) and got.device == future.device, "return a tensor, on the map's device"
+    got = got.tolist()
+    for i, (was, token, want) in enumerate(zip(ids, got, expected, strict=True)):
+        if was >= 0:
+            assert token == want, (f"position {i} held the real token {was}, which must stay as it is, got {token}"
+                                   + (" (token 0 is a real token too: only negative ids are stand-ins)"
+                                      if was == 0 else ""))
+        else:
+            slot = -1 - was
+            assert token == want, (
+                f"position {i} held the stand-in for slot {slot} ({was}); it must become future[{slot}] = {want}, "
+                f"got {token}" + (" (off by one: the stand-in of slot s is -1 - s, not -s)"
+                                  if token in (70 + slot - 1, 70 + slot + 1) else "")
+            )

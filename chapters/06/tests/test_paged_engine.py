@@ -344,9 +344,9 @@ TINY_EOS = 255
 
 
 def tiny_scheduler(tiny_llama, page_size: int, usable_pages: int, chunk: int, cache_type: str,
-                   max_running: int = 4) -> Scheduler:
+                   max_running: int = 4, overlap: bool = False) -> Scheduler:
     engine = Engine(tiny_llama, "float32", "cpu", usable_pages + 1, page_size, 128)
-    return Scheduler(engine, max_running, chunk, {TINY_EOS}, cache_type)
+    return Scheduler(engine, max_running, chunk, {TINY_EOS}, cache_type, overlap=overlap)
 
 
 def assert_greedy_matches(oracle, uid: str, prompt: list[int], params: dict, reply: Reply) -> None:
@@ -359,17 +359,21 @@ def assert_greedy_matches(oracle, uid: str, prompt: list[int], params: dict, rep
         )
 
 
-@pytest.mark.parametrize("page_size, usable_pages, chunk, cache_type, seed", [
-    (4, 40, 5, "radix", 0),  # chunks that end inside pages
-    (1, 130, 3, "radix", 1),  # a page per token
-    (8, 20, 0, "radix", 2),  # whole prompts, big pages
-    (4, 40, 7, "naive", 3),
-    (16, 12, 16, "radix", 4),  # chunks of exactly a page
+@pytest.mark.parametrize("page_size, usable_pages, chunk, cache_type, seed, overlap", [
+    (4, 40, 5, "radix", 0, False),  # chunks that end inside pages
+    (1, 130, 3, "radix", 1, False),  # a page per token
+    (8, 20, 0, "radix", 2, False),  # whole prompts, big pages
+    (4, 40, 7, "naive", 3, False),
+    (16, 12, 16, "radix", 4, False),  # chunks of exactly a page
+    # Overlap scheduling (chapter 06): results one step late, a finished request's extra token dropped.
+    (4, 40, 5, "radix", 5, True),
+    (1, 130, 3, "radix", 6, True),
+    (8, 20, 0, "naive", 7, True),
 ])
 def test_random_workload_keeps_every_page_accounted_for(tiny_llama, tiny_oracle, page_size, usable_pages, chunk,
-                                                        cache_type, seed):
+                                                        cache_type, seed, overlap):
     rng = random.Random(seed)
-    scheduler = tiny_scheduler(tiny_llama, page_size, usable_pages, chunk, cache_type)
+    scheduler = tiny_scheduler(tiny_llama, page_size, usable_pages, chunk, cache_type, overlap=overlap)
     # A pool of about 150 tokens, requests of up to 100: only one or two fit at a time, the rest queue.
     assert usable_pages * page_size < 200
     prefixes = [[rng.randrange(1, 255) for _ in range(rng.randrange(4, 50))] for _ in range(3)]

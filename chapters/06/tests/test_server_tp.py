@@ -1,7 +1,10 @@
 """The paged server at ``--tp-size 3``: the same OpenAI contract, each rank with its own page allocator and
 radix tree, which must stay identical (same pages handed out, same nodes split and evicted).
 
-``--tp-check-lockstep`` is on, so a step where the ranks sampled different tokens stops the server.
+``--tp-check-lockstep`` is on, so a step where the ranks sampled different tokens stops the server. So is
+overlap scheduling (``--enable-overlap-schedule``, off by default on a CPU): every rank builds each step
+before the last one's tokens are back, and the whole contract (streams, stop strings, aborts, constraints)
+must hold with the ranks in lockstep.
 """
 
 import pytest
@@ -14,7 +17,7 @@ pytestmark = pytest.mark.ranks(3)
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server("--tp-size", "3", "--tp-check-lockstep")
+    return start_server("--tp-size", "3", "--tp-check-lockstep", "--enable-overlap-schedule")
 
 
 def test_constraints_logprobs_and_logit_bias_keep_the_ranks_in_lockstep(server, client):
