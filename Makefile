@@ -1,5 +1,6 @@
 # The course's commands. Each one sets up what it needs first, and setting up twice does nothing twice.
 #   make serve               launch the OpenAI-compatible server on the default model (port 1919)
+#   make serve-dp DP=2       DP replicas of it behind SGLang's Model Gateway, which listens on port 1919
 #   make test                the whole test suite (what CI runs)
 #   make learn CHAPTER=01    a learner workspace with the chapter's exercises stubbed out (FORCE=1: start over)
 #   make docs                serve the book at http://127.0.0.1:8000
@@ -12,8 +13,9 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 ARGS    ?=
 CHAPTER ?= 01
+DP      ?= 2
 
-.PHONY: setup serve test learn docs bench lock gpu-check
+.PHONY: setup serve serve-dp test learn docs bench lock gpu-check
 
 setup: $(VENV)/.installed
 	@$(PYTHON) tools/prepare_model.py
@@ -31,6 +33,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 serve: setup
 	$(PYTHON) -m minisgl $(ARGS)
 
+serve-dp: setup
+	$(PYTHON) -m minisgl --dp-size $(DP) $(ARGS)
+
 test: setup
 	$(PYTHON) tools/run_tests.py $(STEPS)
 
@@ -43,7 +48,9 @@ docs: setup
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
 # 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run); 05 against
 # chapter 03 (one run), radix against naive on shared prefixes, capacity in pages against slots, and
-# chunked prefill against none; the epilogue's structured output, its cost per step and under load. Each writes
+# chunked prefill against none; chapter 06's overlap scheduling off against on (and why, on a CPU), and replicas
+# behind SGLang's gateway, cache_aware against round_robin; the epilogue's
+# structured output, its cost per step and under load. Each writes
 # its table (and plot, where a page has one) for the book. Frozen chapters are named
 # by number: `top` is the newest chapter, whichever that is.
 bench: setup
@@ -62,6 +69,10 @@ bench: setup
 	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_chapters_c32.md
+	$(PYTHON) benchmarks/serve_workload.py --concurrency 1 32 --skip-transformers --c1-requests 8 --overlap both \
+		--output benchmarks/results/serve_overlap_cpu.md
+	$(PYTHON) benchmarks/overlap_threads.py
+	$(PYTHON) benchmarks/routing.py
 	$(PYTHON) benchmarks/grammar_cost.py
 	$(PYTHON) benchmarks/structured_output.py
 	$(PYTHON) benchmarks/plot_results.py

@@ -661,6 +661,33 @@ def overlap_fragment(result: dict, png: str) -> str:
     return fragment(lead, header, table_rows, "llrrrrrr", png, alt)
 
 
+def routing_figure(result: dict):
+    """Prefix hit rate and TTFT p50 per configuration: one server, then two replicas behind the gateway."""
+    rows = result["rows"]
+    fig, axes = panels(2)
+    ticks = [r["configuration"].replace(", ", ",\n") for r in rows]
+    colors = [GREEN if "cache_aware" in r["configuration"] else ORANGE if "round_robin" in r["configuration"] else BLUE
+              for r in rows]
+    bar_panel(axes[0], ticks, [r["prefix_hit"] for r in rows], colors, "Prefix hit rate (%)", "% of prompt tokens", 1)
+    bar_panel(axes[1], ticks, [r["ttft_p50_s"] for r in rows], colors, "TTFT p50 (s)", "seconds", 2)
+    heading(fig, "Replicas behind SGLang's Model Gateway: which worker holds a tenant's prefix?")
+    workload = result["workload"]
+    footer(fig, result, f"{result['model']}, {workload['tenants']} tenants x {workload['users']} users, system prompts "
+           f"of about {workload['system_tokens']} tokens, {workload['concurrency']} clients")
+    return fig
+
+
+def routing_fragment(result: dict, png: str) -> str:
+    rows = result["rows"]
+    lead = f"{one_after_the_other(result)}, each configuration with fresh servers: `{result['command']}`."
+    header = ["configuration", "threads each", "prefix hit %", "TTFT p50 s", "TTFT p99 s", "output tok/s",
+              "prompt tokens per worker"]
+    table_rows = [[r["configuration"], r["threads_per_server"], f"{r['prefix_hit']:.1f}", f"{r['ttft_p50_s']:.2f}",
+                   f"{r['ttft_p99_s']:.2f}", f"{r['output_tok_s']:.1f}", r["prompt_tokens_per_worker"]] for r in rows]
+    alt = "Bar charts: prefix hit rate and median time to first token, one server and two replicas per policy"
+    return fragment(lead, header, table_rows, "lrrrrrl", png, alt)
+
+
 # The results that chapter pages show: result name -> (PNG, figure, fragment).
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
@@ -674,6 +701,7 @@ FIGURES = {
     "serve_ch06_peers": ("ch06-peers.png", peers_figure, peers_fragment),
     "serve_chapters_c32": ("ch06-chapters.png", chapters_figure, chapters_fragment),
     "serve_overlap_cpu": ("ch06-overlap-cpu.png", overlap_figure, overlap_fragment),
+    "routing": ("ch06-routing.png", routing_figure, routing_fragment),
 }
 
 

@@ -4,6 +4,7 @@ Option names follow SGLang's and mini-sglang's, so that what you learn here carr
 """
 
 import argparse
+import importlib.util
 from dataclasses import dataclass, fields
 
 from .default_model import default_model_path
@@ -42,6 +43,8 @@ class ServerArgs:
     dist_init_addr: str = ""  # host:port of the ranks' rendezvous (on node 0); empty: a free local port
     dist_timeout: int = 300  # seconds a rank waits for the others, at the rendezvous or in a collective
     tp_check_lockstep: bool = False  # debug: after every step, check that every rank sampled the same tokens
+    dp_size: int = 1  # data-parallel replicas: whole servers behind SGLang's Model Gateway (``server/replicas.py``)
+    router_policy: str = "cache_aware"  # how the gateway picks a replica for each request
     shell: bool = False  # chat in the terminal instead of serving HTTP
 
 
@@ -76,18 +79,25 @@ HELP = {
     "dist_init_addr": "host:port where the ranks meet (a port on node 0); needed with --nnodes > 1",
     "dist_timeout": "seconds a rank waits for the others (at the rendezvous or in a collective) before failing",
     "tp_check_lockstep": "debug: after every step, compare the tokens every rank sampled (costs an all-gather)",
+    "dp_size": "data-parallel replicas: N whole servers, each with these options, behind SGLang's Model Gateway "
+               "listening on --host and --port (needs: pip install sglang-router)",
+    "router_policy": "how the gateway picks a replica: cache_aware (where the prompt's prefix is likely cached), "
+                     "round_robin, random, power_of_two (the less loaded of two) or manual",
     "shell": "chat with the model in this terminal (no server): /reset starts over, /exit leaves",
 }
 
 
 # Other names a flag answers to: the ones mini-sglang uses, where ours follow SGLang.
 ALIASES = {"chunked_prefill_size": ["--max-prefill-length"]}
+# The policies of SGLang's Model Gateway (``smg launch --policy``).
+ROUTER_POLICIES = ["cache_aware", "round_robin", "random", "power_of_two", "manual"]
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
     choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
-               "cache_type": ["radix", "naive"], "attention_backend": ["auto", "torch", "triton"]}
+               "cache_type": ["radix", "naive"], "attention_backend": ["auto", "torch", "triton"],
+               "router_policy": ROUTER_POLICIES}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):  # a switch: present or not
@@ -105,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     if args.num_tokenizer < 0:
         parser.error("--num-tokenizer must be 0 or more")
     for name in ("max_running_requests", "context_length", "page_size", "max_request_bytes", "tp_size",
-                 "nnodes", "dist_timeout"):
+                 "nnodes", "dist_timeout", "dp_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     for name in ("chunked_prefill_size", "num_pages", "kv_cache_memory", "cuda_graph_max_bs", "max_queued_requests"):
@@ -124,7 +134,31 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         parser.error("--nnodes > 1 needs --dist-init-addr HOST:PORT, an address of node 0 that every node can reach")
     if args.dist_init_addr and not valid_address(args.dist_init_addr):
         parser.error(f"--dist-init-addr must be HOST:PORT, got {args.dist_init_addr!r}")
+    if args.dp_size > 1:
+        check_replicas(parser, args)
+    elif args.router_policy != ServerArgs.router_policy:
+        parser.error("--router-policy picks among replicas: it needs --dp-size 2 or more")
     return args
+
+
+def check_replicas(parser: argparse.ArgumentParser, args: ServerArgs) -> None:
+    """--dp-size N starts N servers on this machine behind SGLang's Model Gateway, which must be installed."""
+    if args.shell or args.nnodes > 1:
+        parser.error("--dp-size starts replicas of the server on this machine: not with --shell or --nnodes "
+                     "(for replicas on several machines, see docs/setup.md)")
+    if importlib.util.find_spec("sglang_router") is None:
+        parser.error("--dp-size > 1 puts the replicas behind SGLang's Model Gateway, which is not installed: "
+                     "pip install sglang-router (wheels for x86-64 Linux)")
+
+
+def to_argv(args: ServerArgs) -> list[str]:
+    """The command line that parses back to ``args``: every option that differs from its default."""
+    argv = []
+    for f in fields(ServerArgs):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if value != f.default:
+            argv += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return argv
 
 
 def overlap_schedule(args: ServerArgs, device_type: str) -> bool:

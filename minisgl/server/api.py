@@ -44,9 +44,11 @@ from .common import (
     REQUEST_FAILED,
     APIError,
     check_encodable,
+    check_model,
     check_stop,
     collect,
     error_body,
+    keeping_stop_strings,
     prompt_of,
     refuse,
     sse,
@@ -66,9 +68,7 @@ from .tools import ToolPlan, as_template_messages, describe_tools, parse_calls, 
 def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None = None,
                     constraint: tuple[str, str] | None = None, prompt_logprobs: bool = False) -> list[SamplingParams]:
     """Check the body and make one SamplingParams per choice (the tokenizer checks the length)."""
-    if body.model is not None and body.model != model_name:
-        message = f"the model {body.model!r} does not exist; this server serves {model_name!r}"
-        raise APIError(404, message, "model", "model_not_found")
+    check_model(body.model, model_name)
     refuse(body.model_dump(exclude_unset=True))
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options needs stream: true", "stream_options")
@@ -220,6 +220,8 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
     shape = reply.shape
     header = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     echo = [reply.echo[i // reply.per_prompt] if reply.echo else "" for i in range(reply.num_choices)]
+    if body.no_stop_trim:
+        outputs = keeping_stop_strings(outputs)
     if body.stream:
         async def events():
             latest, held = {}, [""] * reply.num_choices  # held: a tool call's text, sent once it is whole
@@ -357,9 +359,7 @@ async def models(http: HTTPRequest):
 @router.get("/v1/models/{model:path}")
 async def model(model: str, http: HTTPRequest):
     config = http.app.state.config
-    if model != config.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}", "model",
-                       "model_not_found")
+    check_model(model, config.model_name)
     return model_card(config)
 
 
@@ -384,4 +384,4 @@ async def server_state(http: HTTPRequest):
 @router.get("/metrics")
 async def metrics(http: HTTPRequest):
     frontend = http.app.state.frontend
-    return PlainTextResponse(frontend.metrics.render(frontend.state()), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(frontend.metrics.render(frontend.state()), media_type=frontend.metrics.CONTENT_TYPE)

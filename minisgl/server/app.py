@@ -13,12 +13,14 @@ from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
 from .common import APIError, api_error, http_error, invalid_body
 from .frontend import Frontend
+from .metrics import Metrics
 
 
 # --8<-- [start:create-app]
 def create_app(frontend: Frontend, config: ServerConfig, lifespan=None) -> FastAPI:
     app = FastAPI(title="minisgl", description="An OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.frontend, app.state.config = frontend, config
+    frontend.metrics = Metrics(config.model_name)  # /metrics labels its series with the model's name, as SGLang's
     app.include_router(api.router)
     app.include_router(native.router)
     app.add_exception_handler(APIError, api_error)

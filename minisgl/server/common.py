@@ -5,12 +5,13 @@ native endpoints, ``native.py``, began to use them too, so that neither dialect 
 - **Errors**: every endpoint refuses with ``APIError``, which ``app.py`` turns into OpenAI's shape,
   ``{"error": {"message", "type", "param", "code"}}``; pydantic's complaints about a body and
   Starlette's own errors (404, 405) get the same shape.
-- **Checks** of values the pydantic models cannot see through: text that UTF-8 cannot hold, fields
-  known but not implemented, ``logit_bias`` keys, token ids of a prompt, the number and length of
-  stop strings (at most 4, as OpenAI allows, of at most 256 characters each).
+- **Checks** of values the pydantic models cannot see through: text that UTF-8 cannot hold, the model's
+  name, fields known but not implemented, ``logit_bias`` keys, token ids of a prompt, the number and
+  length of stop strings (at most 4, as OpenAI allows, of at most 256 characters each).
 - **The frontend**: ``submit`` sends a request's choices and waits for the first output (so a refusal
   becomes a 400 before the reply starts), ``collect`` gathers a whole reply (aborting it when the client
-  goes away), ``sse`` frames one server-sent event of a streamed reply.
+  goes away), ``keeping_stop_strings`` puts the matched stop string back (SGLang's ``no_stop_trim``),
+  ``sse`` frames one server-sent event of a streamed reply.
 """
 
 import asyncio
@@ -100,6 +101,13 @@ def check_stop(stop: list[str], param: str = "stop") -> list[str]:
         check_encodable(s, param)
     return stop
 # --8<-- [end:stop-limits]
+
+
+def check_model(model: str | None, served: str) -> None:
+    """A request may name the model it wants: the one served here (or none: this server has one)."""
+    if model is not None and model != served:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r}", "model",
+                       "model_not_found")
 
 
 def refuse(fields: dict) -> None:
@@ -204,6 +212,16 @@ async def client_left(http: HTTPRequest) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
 # --8<-- [end:collect]
+
+
+async def keeping_stop_strings(outputs: AsyncIterator) -> AsyncIterator[tuple[int, Output]]:
+    """SGLang's ``no_stop_trim``: the text ends with the stop string that ended it, not before it. The
+    detokenizer sends the text up to the stop string and names the string it matched, so putting it back
+    is all there is to do (a stop *token*, such as EOS, stays out of the text: it is a special token)."""
+    async for index, out in outputs:
+        if out.finish_reason == "stop" and isinstance(out.matched_stop, str):
+            out.text += out.matched_stop
+        yield index, out
 
 
 def sse(payload) -> str:

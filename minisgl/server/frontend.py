@@ -73,7 +73,7 @@ class Frontend:
         self.failure: str | None = None  # set when a worker process died: every request fails
         self.counts = counts
         self.max_in_flight = max_in_flight
-        self.metrics = Metrics()
+        self.metrics = Metrics()  # create_app puts one labelled with the served model's name in its place
 
     def state(self) -> dict:
         if self.counts is None:
@@ -129,7 +129,7 @@ class Frontend:
         if self.failure:
             raise WorkersDown(self.failure)
         if self.max_in_flight and len(self.routes) + len(requests) > self.max_in_flight:
-            self.metrics.requests["overloaded"] += len(requests)
+            self.metrics.overloaded(len(requests))
             raise Overloaded(f"the server has {len(self.routes)} requests in flight, its limit is {self.max_in_flight}")
         outputs: asyncio.Queue = asyncio.Queue()
         for index, request in enumerate(requests):
@@ -145,8 +145,8 @@ class Frontend:
                 if output.finish_reason == DEAD_END:  # its own constraint led nowhere: a refusal, not a failure
                     output = dead_end(requests[index], output)
                 if output.completion_tokens > tokens_seen[index]:
+                    self.metrics.token_arrived(records[index], output.completion_tokens - tokens_seen[index])
                     tokens_seen[index] = output.completion_tokens
-                    self.metrics.token_arrived(records[index])
                 if output.finish_reason is not None:
                     unfinished.discard(requests[index].uid)
                     outcome = "invalid" if output.error is not None else output.finish_reason

@@ -7,7 +7,9 @@
 
 With ``--tp-size N`` there is one scheduler per rank, ``minisgl-scheduler-0 ... N-1``. Spread over
 several machines (``--nnodes``), node 0 runs all of the above with its share of the ranks; every other
-node runs only its ranks' schedulers, under a launcher that watches them (``serve_ranks``).
+node runs only its ranks' schedulers, under a launcher that watches them (``serve_ranks``). With
+``--dp-size N`` (chapter 06) this whole tree is one replica: ``replicas.py`` starts N of them behind SGLang's
+Model Gateway.
 
 Children are started with ``spawn`` (a fresh interpreter: no copy of the parent's threads, sockets or
 CUDA state) and each reports on a multiprocessing queue once it is ready; the server accepts requests
@@ -41,6 +43,7 @@ from ..ipc import Addresses
 from ..process import scheduler_name, start_child
 from .app import create_app
 from .frontend import COUNTS, Frontend
+from .replicas import serve_replicas
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600
@@ -123,6 +126,8 @@ def stop_workers(processes: list, grace_s: float = 3.0) -> None:
 # --8<-- [start:serve]
 def serve(args: ServerArgs) -> int:
     """Run the server until Ctrl-C, SIGTERM or the death of a child; returns the exit code."""
+    if args.dp_size > 1:
+        return serve_replicas(args)
     if args.node_rank > 0:
         return serve_ranks(args)
     config = resolve_config(with_rendezvous(args))  # every start-up fact, once; bad input fails here, clearly

@@ -10,7 +10,11 @@ came with chapter 02; the dialect, the batches and the other endpoints with the 
   N}`` or ``{"type": "abort"}``. With ``return_logprob``, ``output_token_logprobs`` lists ``[logprob,
   token id, text or None]`` per token and ``output_top_logprobs`` the ``top_logprobs_num`` best of each.
   Streamed, each event carries the text *so far*, as SGLang's does, not the increment.
-- ``GET /get_model_info``, ``GET /get_server_info``: what is served, and with which settings.
+  ``sampling_params.no_stop_trim`` keeps the matched stop string at the end of the text.
+- ``GET /get_model_info``, ``GET /get_server_info``: what is served, and with which settings; also under
+  SGLang's newer names, ``/model_info`` and ``/server_info``, which SGLang's Model Gateway asks first.
+- ``GET /get_load``: how busy the server is, per data-parallel rank (one here), as SGLang reports it; the
+  gateway's ``power_of_two`` policy reads it (chapter 06).
 - ``POST /flush_cache``: drop every cached prefix no request is using (the scheduler does it between steps).
 """
 
@@ -26,9 +30,11 @@ from .common import (
     REQUEST_FAILED,
     APIError,
     check_encodable,
+    check_model,
     check_stop,
     collect,
     error_body,
+    keeping_stop_strings,
     prompt_of,
     refuse,
     sse,
@@ -90,6 +96,8 @@ def logprob_entries(tokens: list[TokenText], with_text: bool) -> tuple[list, lis
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, http: HTTPRequest):
+    check_model(body.model, http.app.state.config.model_name)
+    refuse(body.model_dump(exclude_unset=True, exclude={"sampling_params"}))
     prompts, batch = prompts_of(body)
     if not prompts:
         raise APIError(400, "the batch is empty", "text")
@@ -98,6 +106,8 @@ async def generate(body: GenerateRequest, http: HTTPRequest):
     requests = [TokenizeRequest(f"gen-{time.monotonic_ns():x}-{p * per_prompt + j}", param, **prompt)
                 for p, prompt in enumerate(prompts) for j, param in enumerate(params)]
     outputs = await submit(http, requests)
+    if body.sampling_params.no_stop_trim:
+        outputs = keeping_stop_strings(outputs)
     texts, logprobs = [""] * len(requests), [[] for _ in requests]
 
     def result(index: int, out: Output) -> dict:
@@ -137,6 +147,7 @@ async def generate(body: GenerateRequest, http: HTTPRequest):
 
 
 @router.get("/get_model_info")
+@router.get("/model_info")
 async def get_model_info(http: HTTPRequest):
     config = http.app.state.config
     return {"model_path": config.model_path, "tokenizer_path": config.model_path, "is_generation": True,
@@ -145,12 +156,23 @@ async def get_model_info(http: HTTPRequest):
 
 
 @router.get("/get_server_info")
+@router.get("/server_info")
 async def get_server_info(http: HTTPRequest):
     config = http.app.state.config
     settings = {name: value for name, value in vars(config.args).items() if name != "api_key"}
     return settings | {"model_path": config.model_path, "served_model_name": config.model_name,
                        "context_length": config.context_length, "version": "minisgl",
                        "internal_states": [http.app.state.frontend.state()]}
+
+
+@router.get("/get_load")
+async def get_load(http: HTTPRequest):
+    """SGLang's shape: one entry per data-parallel rank. ``num_tokens`` counts the tokens whose keys and values
+    requests hold (whole pages); SGLang adds the prompts still waiting, which our scheduler does not count."""
+    state, page_size = http.app.state.frontend.state(), http.app.state.config.args.page_size
+    running, waiting = state.get("running", 0), state.get("waiting", 0)
+    return [{"dp_rank": 0, "num_reqs": running + waiting, "num_waiting_reqs": waiting,
+             "num_tokens": state.get("used_pages", 0) * page_size}]
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])

@@ -15,6 +15,13 @@ OpenAI's stored completions), ``service_tier`` and ``prompt_cache_key`` (how Ope
 caches), ``parallel_tool_calls`` (a reply here holds at most one call, which satisfies either value).
 Chat messages may carry fields a client copied back from an earlier reply (``refusal``, ``audio``...):
 those are a record of the conversation, not options, and are left alone.
+
+SGLang's own fields are accepted as SGLang defines them, since SGLang's Model Gateway (``smg``) forwards
+them with every request, set or not (chapter 06 runs replicas behind it): ``no_stop_trim`` keeps the
+matched stop string at the end of the text; ``separate_reasoning`` and ``stream_reasoning`` act only in a
+server launched with a reasoning parser, which this one has not, so that at either value the text stays
+whole, as in SGLang without one; ``/generate``'s ``model`` must name the served model, as in the OpenAI
+endpoints. The rest are implemented at their neutral value only (``NEUTRAL_VALUES``).
 """
 
 from typing import Literal
@@ -23,9 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core import MAX_TOP_LOGPROBS, InvalidParam
 
-# Known fields that do something this server does not do, and the one value at which they do nothing.
+# Known fields that do something this server does not do, and the one value at which they do nothing. From
+# ``skip_special_tokens`` on, SGLang's: the gateway sends them with every request, at these values unless a
+# client set them (``log_metrics``: count the request in the metrics; ``no_logs``: log nothing of it).
 NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
-                  "repetition_penalty": 1.0, "stop_token_ids": None, "no_stop_trim": False, "skip_special_tokens": True}
+                  "repetition_penalty": 1.0, "stop_token_ids": None, "skip_special_tokens": True,
+                  "continue_final_message": False, "return_hidden_states": False, "log_metrics": True,
+                  "no_logs": False, "background": False, "return_bytes": False, "return_entropy": False}
 
 
 def refuse_unsupported(fields: dict) -> None:
@@ -64,9 +75,12 @@ class SamplingFields(Strict):
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    no_stop_trim: bool = False  # SGLang's: keep the matched stop string at the end of the text
     # known, implemented only at their neutral value
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    return_hidden_states: bool = False
 
     @property
     def stop_list(self) -> list[str]:
@@ -107,6 +121,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "none", "auto", "required" or {"type": "function", "function": {...}}
     parallel_tool_calls: bool | None = None  # a hint (see the module's docstring)
+    separate_reasoning: bool = True  # SGLang's, with a reasoning parser only (see the module's docstring)
+    stream_reasoning: bool = True
+    continue_final_message: bool = False  # SGLang's; implemented only at its neutral value
 
 
 class CompletionRequest(SamplingFields):
@@ -138,7 +155,7 @@ class GenerateSampling(Strict):
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     stop_token_ids: list[int] | None = None
-    no_stop_trim: bool = False
+    no_stop_trim: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = True
 
 
@@ -153,3 +170,11 @@ class GenerateRequest(Strict):
     top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # SamplingParams.logprobs, with return_logprob
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None  # the caller's id for the request (a hint: ours are our own)
+    model: str | None = None  # sent by SGLang's gateway (null); if set, it must name the served model
+    # SGLang's, implemented only at their neutral value (the gateway sends them with every request)
+    log_metrics: bool = True
+    return_hidden_states: bool = False
+    background: bool = False
+    no_logs: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False

@@ -63,3 +63,63 @@ def test_the_launcher_reads_config_json_with_the_models_own_reader(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         resolve_config(parse_args(["--model-path", str(tmp_path)]))
+
+
+# ---------------------------------------------------------------- --dp-size: replicas behind SGLang's Model Gateway
+
+
+def pretend_the_gateway_is_installed(monkeypatch, installed: bool) -> None:
+    """``--dp-size`` > 1 checks that sglang_router can be imported: answer for it, whatever this machine has."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: (object() if installed else None) if name == "sglang_router" else
+                        real(name, *rest))
+
+
+@pytest.fixture
+def gateway_installed(monkeypatch):
+    pretend_the_gateway_is_installed(monkeypatch, True)
+
+
+def test_dp_size_and_the_router_policy_parse(gateway_installed):
+    assert (parse_args([]).dp_size, parse_args([]).router_policy) == (1, "cache_aware")
+    args = parse_args(["--dp-size", "3", "--router-policy", "round_robin"])
+    assert (args.dp_size, args.router_policy) == (3, "round_robin")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--dp-size", "0"], "--dp-size must be positive"),
+    (["--dp-size", "2", "--router-policy", "fastest"], "invalid choice"),
+    (["--router-policy", "round_robin"], "needs --dp-size 2 or more"),  # nothing to pick among: not ignored
+    (["--dp-size", "2", "--shell"], "not with --shell or --nnodes"),
+])
+def test_dp_size_mistakes_are_refused(gateway_installed, capsys, flags, words):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert words in capsys.readouterr().err
+
+
+def test_dp_size_without_the_gateway_installed_says_how_to_install_it(monkeypatch, capsys):
+    pretend_the_gateway_is_installed(monkeypatch, False)
+    with pytest.raises(SystemExit):
+        parse_args(["--dp-size", "2"])
+    assert "pip install sglang-router" in capsys.readouterr().err
+    assert parse_args(["--dp-size", "1"]).dp_size == 1  # one server needs no gateway
+
+
+def test_each_replica_runs_with_the_launchers_options_on_a_port_of_its_own(gateway_installed):
+    from minisgl.args import to_argv
+    from minisgl.server.replicas import replica_command
+
+    flags = ["--dtype", "float32", "--page-size", "32", "--api-key", "k", "--disable-cuda-graph", "--host", "0.0.0.0",
+             "--port", "8000", "--dp-size", "2", "--router-policy", "random"]
+    args = parse_args(flags)
+    assert parse_args(to_argv(args)) == args  # to_argv is parse_args' inverse
+    command = replica_command(args, 5000)
+    assert command[1:3] == ["-m", "minisgl"]
+    replica = parse_args(command[3:])  # on 127.0.0.1 (behind the gateway), alone, and otherwise alike
+    assert (replica.host, replica.port, replica.dp_size, replica.router_policy) == ("127.0.0.1", 5000, 1, "cache_aware")
+    assert replica == parse_args(["--dtype", "float32", "--page-size", "32", "--api-key", "k", "--disable-cuda-graph",
+                                  "--port", "5000"])

@@ -173,7 +173,9 @@ def test_a_grammar_dead_end_reaches_the_client_as_a_400_naming_the_constraint(fa
         error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "regex"
     assert error["code"] == "constraint_dead_end" and "allows no next token" in error["message"]
-    assert frontend.metrics.requests["invalid"] == 1 and frontend.metrics.requests["error"] == 0
+    counted = frontend.metrics.registry.get_sample_value  # /metrics' registry, its series labelled as create_app said
+    assert counted("minisgl:num_requests_by_outcome_total", {"model_name": "tiny", "outcome": "invalid"}) == 1
+    assert counted("minisgl:num_requests_by_outcome_total", {"model_name": "tiny", "outcome": "error"}) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,8 +204,14 @@ def test_token_counters_past_2_31_survive_the_shared_array(tiny_llama):
     assert state["prefix_hit_rate"] == round((2**32 + 7) / (3 * 2**31 + 5), 4)
 
 
-def gauges(text: str) -> dict:
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("minisgl_kv")}
+def page_gauges(text: str) -> tuple[dict, dict]:
+    """The kv_pages_* gauges of a /metrics text, read by prometheus-client's parser: their values, their help."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = [family for family in text_string_to_metric_families(text) if family.name.startswith("minisgl:kv_")]
+    assert families and all(family.type == "gauge" and len(family.samples) == 1 for family in families)
+    return ({family.name: family.samples[0].value for family in families},
+            {family.name: family.documentation for family in families})
 
 
 def test_page_gauges_add_up_and_cached_pages_include_those_a_running_request_locks(tiny_llama):
@@ -221,16 +229,14 @@ def test_page_gauges_add_up_and_cached_pages_include_those_a_running_request_loc
     assert state["free_pages"] + state["cached_pages"] + state["in_use_pages"] == state["total_pages"]
     assert state["cached_pages"] - state["evictable_pages"] >= 3  # the prefix it locks counts as cached
     assert state["in_use_pages"] > 0  # and its own pages, outside the cache, as in use
-    text = Metrics().render(state)
-    kv = gauges(text)
-    assert kv["minisgl_kv_pages_free"] + kv["minisgl_kv_pages_cached"] + kv["minisgl_kv_pages_uncached"] == \
-        kv["minisgl_kv_pages_total"]
-    assert kv["minisgl_kv_pages_cached"] == state["cached_pages"]
-    assert kv["minisgl_kv_pages_evictable"] == state["evictable_pages"]
-    assert kv["minisgl_kv_pages_used"] == state["in_use_pages"] + state["cached_pages"] - state["evictable_pages"]
-    helps = {line.split()[2]: line for line in text.splitlines() if line.startswith("# HELP minisgl_kv")}
-    assert "only" not in helps["minisgl_kv_pages_cached"] and "use included" in helps["minisgl_kv_pages_cached"]
-    assert "outside the prefix cache" in helps["minisgl_kv_pages_uncached"]
+    kv, helps = page_gauges(Metrics().render(state))
+    assert kv["minisgl:kv_pages_free"] + kv["minisgl:kv_pages_cached"] + kv["minisgl:kv_pages_uncached"] == \
+        kv["minisgl:kv_pages_total"]
+    assert kv["minisgl:kv_pages_cached"] == state["cached_pages"]
+    assert kv["minisgl:kv_pages_evictable"] == state["evictable_pages"]
+    assert kv["minisgl:kv_pages_used"] == state["in_use_pages"] + state["cached_pages"] - state["evictable_pages"]
+    assert "only" not in helps["minisgl:kv_pages_cached"] and "use included" in helps["minisgl:kv_pages_cached"]
+    assert "outside the prefix cache" in helps["minisgl:kv_pages_uncached"]
     run_until_idle(scheduler, replies, 20)
     idle = published_state(scheduler)
     assert idle["used_pages"] == idle["in_use_pages"] == 0 and idle["evictable_pages"] == idle["cached_pages"] > 0

@@ -1,5 +1,5 @@
 """The operator's side of the complete server: ``--api-key``, ``--max-queued-requests``, ``GET /metrics``
-and one log line per finished request.
+(read back with prometheus-client's own parser) and one log line per finished request.
 
 A tiny random model with the default model's tokenizer serves (its replies are noise; what is tested is
 the plumbing), through the openai client where a client would use it. Counts and states are asserted,
@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from openai_contract import MODEL
 
@@ -48,6 +49,7 @@ def test_past_the_queue_requests_are_refused_at_once_with_503_and_retry_after(gu
     refused with 503 and Retry-After, not queued; afterwards the server serves again."""
     headers = {"Authorization": "Bearer sesame"}
     body = {"model": MODEL, "prompt": "Count to a hundred:", "max_tokens": 400, "ignore_eos": True}
+    before = scrape(guarded.url, headers)
     barrier, replies = threading.Barrier(6), []
 
     def send():
@@ -69,43 +71,81 @@ def test_past_the_queue_requests_are_refused_at_once_with_503_and_retry_after(gu
             assert reply.json()["usage"]["completion_tokens"] == 400
     again = httpx.post(guarded.url + "/v1/completions", json={**body, "max_tokens": 3}, headers=headers, timeout=60)
     assert again.status_code == 200, again.text
-    metrics = httpx.get(guarded.url + "/metrics", headers=headers, timeout=30).text
-    assert metric(metrics, 'minisgl_requests_total{outcome="overloaded"}') == codes.count(503)
+    counted = grew(before, scrape(guarded.url, headers))
+    assert counted['minisgl:num_requests_by_outcome_total{outcome="overloaded"}'] == codes.count(503)
+    assert counted["sglang:num_requests_total"] == codes.count(200) + 1  # the refused ones were never sent
 
 
-def metric(text: str, name: str) -> float:
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert found, f"{name} is not in /metrics:\n{text}"
-    return float(found[1])
+# /metrics' families as prometheus-client's parser names them (a counter's without its _total), and their types:
+# SGLang's names where SGLang has the metric, this server's own (by outcome, kv_pages_*) in the same style.
+FAMILIES = {
+    "sglang:num_requests": "counter", "sglang:num_aborted_requests": "counter",
+    "minisgl:num_requests_by_outcome": "counter", "sglang:prompt_tokens": "counter", "sglang:cached_tokens": "counter",
+    "sglang:generation_tokens": "counter", "sglang:time_to_first_token_seconds": "histogram",
+    "sglang:inter_token_latency_seconds": "histogram", "sglang:e2e_request_latency_seconds": "histogram",
+    "sglang:num_running_reqs": "gauge", "sglang:num_queue_reqs": "gauge", "sglang:cache_hit_rate": "gauge",
+    "sglang:token_usage": "gauge", **dict.fromkeys(
+        [f"minisgl:kv_pages_{kind}" for kind in ("free", "cached", "evictable", "uncached", "used", "total")], "gauge"),
+}
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
+    """/metrics read by prometheus-client's own parser, as {'name{label="value"}': value} with the model_name
+    label left out (every sample must carry the served model's); every family must be one of FAMILIES."""
+    response = httpx.get(url + "/metrics", headers=headers, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = list(text_string_to_metric_families(response.text))
+    assert {family.name: family.type for family in families} == FAMILIES
+    values = {}
+    for sample in (sample for family in families for sample in family.samples):
+        labels = dict(sample.labels)
+        assert labels.pop("model_name") == MODEL, sample
+        selector = ",".join(f'{name}="{value}"' for name, value in sorted(labels.items()))
+        values[f"{sample.name}{{{selector}}}" if selector else sample.name] = sample.value
+    return values
+
+
+def grew(before: dict, after: dict) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0) for name in after}
 
 
 def test_metrics_count_requests_tokens_and_latencies(start_server, tiny_chat_model):
     server = start_server("--model-path", str(tiny_chat_model), "--served-model-name", MODEL)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
-    before = httpx.get(server.url + "/metrics", timeout=30).text
-    assert metric(before, 'minisgl_requests_total{outcome="length"}') == 0
-    for tokens in (3, 5):
-        client.completions.create(model=MODEL, prompt="The sea is", max_tokens=tokens, extra_body={"ignore_eos": True})
+    before = scrape(server.url)
+    assert before['minisgl:num_requests_by_outcome_total{outcome="length"}'] == 0  # shown before the first
+    usages = [client.completions.create(model=MODEL, prompt="The sea is", max_tokens=tokens,
+                                        extra_body={"ignore_eos": True}).usage for tokens in (3, 5)]
     stream = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=6, stream=True,
-                                       extra_body={"ignore_eos": True})
-    assert sum(1 for _ in stream) >= 6
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    usages += [chunk.usage for chunk in stream if chunk.usage and not chunk.choices]
     with pytest.raises(openai.BadRequestError):  # longer than the context: refused by the tokenizer
         client.completions.create(model=MODEL, prompt="word " * 2000, max_tokens=4)
-    text = httpx.get(server.url + "/metrics", timeout=30).text
-    assert metric(text, 'minisgl_requests_total{outcome="length"}') == 3
-    assert metric(text, 'minisgl_requests_total{outcome="invalid"}') == 1
-    assert metric(text, "minisgl_generation_tokens_total") == 3 + 5 + 6
-    prompt = metric(text, "minisgl_prompt_tokens_total")
-    assert prompt > 0 and prompt % 3 == 0  # three identical prompts
-    assert metric(text, "minisgl_cached_prompt_tokens_total") <= prompt
-    assert metric(text, "minisgl_time_to_first_token_seconds_count") == 3
-    assert metric(text, 'minisgl_time_to_first_token_seconds_bucket{le="+Inf"}') == 3
-    assert metric(text, "minisgl_inter_token_latency_seconds_count") >= 5  # the streamed request's gaps, at least
-    assert metric(text, "minisgl_running_requests") == 0
-    assert metric(text, "minisgl_waiting_requests") == 0
-    assert metric(text, "minisgl_kv_pages_used") == 0
-    assert metric(text, "minisgl_kv_pages_total") > 0
-    assert 0 <= metric(text, "minisgl_prefix_hit_rate") <= 1
+    after = scrape(server.url)
+    counted = grew(before, after)
+    # counters: one per request, by how it ended; the tokens the replies' usage reports
+    assert counted["sglang:num_requests_total"] == 4 and counted["sglang:num_aborted_requests_total"] == 0
+    assert counted['minisgl:num_requests_by_outcome_total{outcome="length"}'] == 3
+    assert counted['minisgl:num_requests_by_outcome_total{outcome="invalid"}'] == 1
+    assert counted["sglang:generation_tokens_total"] == sum(usage.completion_tokens for usage in usages) == 3 + 5 + 6
+    assert counted["sglang:prompt_tokens_total"] == sum(usage.prompt_tokens for usage in usages) > 0
+    assert counted["sglang:cached_tokens_total"] <= counted["sglang:prompt_tokens_total"]
+    # histograms: a first token and an end per request (the refused one had no first token), a gap per later token
+    assert counted["sglang:time_to_first_token_seconds_count"] == 3
+    assert counted['sglang:time_to_first_token_seconds_bucket{le="+Inf"}'] == 3
+    assert counted["sglang:e2e_request_latency_seconds_count"] == 4
+    assert counted["sglang:e2e_request_latency_seconds_sum"] >= counted["sglang:time_to_first_token_seconds_sum"] > 0
+    assert 5 <= counted["sglang:inter_token_latency_seconds_count"] <= (3 - 1) + (5 - 1) + (6 - 1)
+    # gauges: what /state says, the server being idle
+    state = httpx.get(server.url + "/state", timeout=30).json()
+    for gauge, key in (("sglang:num_running_reqs", "running"), ("sglang:num_queue_reqs", "waiting"),
+                       ("sglang:cache_hit_rate", "prefix_hit_rate"), ("minisgl:kv_pages_free", "free_pages"),
+                       ("minisgl:kv_pages_cached", "cached_pages"), ("minisgl:kv_pages_evictable", "evictable_pages"),
+                       ("minisgl:kv_pages_uncached", "in_use_pages"), ("minisgl:kv_pages_used", "used_pages"),
+                       ("minisgl:kv_pages_total", "total_pages")):
+        assert after[gauge] == state[key], gauge
+    assert after["sglang:num_running_reqs"] == after["minisgl:kv_pages_used"] == after["sglang:token_usage"] == 0
+    assert after["minisgl:kv_pages_total"] > 0
     # one log line per finished request, with what it did
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and sum("finished: length" in line for line in server.lines) < 3:

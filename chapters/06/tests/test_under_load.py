@@ -105,12 +105,18 @@ def test_a_storm_where_half_the_clients_leave_mid_stream_leaves_nothing_behind(b
     bodies = [random_body(rng, i) for i in range(64)]
     bodies = [(path, body | {"max_tokens": 40}) for path, body in bodies]
     leave_after = [1 if i % 2 else None for i in range(64)]
+    before = {outcome: counter(busy, "minisgl:num_requests_by_outcome_total", outcome=outcome)
+              for outcome in ("length", "abort")}
+    requests = counter(busy, "sglang:num_requests_total")
     results = asyncio.run(storm(busy.url, bodies, leave_after))
     assert [r[0] for r in results[1::2]] == ["left"] * 32
     assert all(r[0] == 200 and r[3]["completion_tokens"] == 40 for r in results[::2])
     assert_pool_whole(wait_for_idle(busy))
-    metrics = httpx.get(busy.url + "/metrics", timeout=30).text
-    assert 'minisgl_requests_total{outcome="abort"} ' in metrics
+    # every request counted once, as served whole or as aborted (a leaver may have been served whole first)
+    ended = {outcome: counter(busy, "minisgl:num_requests_by_outcome_total", outcome=outcome) - before[outcome]
+             for outcome in before}
+    assert ended["length"] + ended["abort"] == 64 and ended["abort"] >= 1, ended
+    assert counter(busy, "sglang:num_requests_total") - requests == 64
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -182,9 +188,13 @@ def only_x(tokenizer) -> dict:
     return {"temperature": 0, "logit_bias": {str(tokenizer.encode("x", add_special_tokens=False)[0]): 100}}
 
 
-def counter(server, line_start: str) -> float:
-    metrics = httpx.get(server.url + "/metrics", timeout=30).text
-    return float(next(line for line in metrics.splitlines() if line.startswith(line_start + " ")).split()[-1])
+def counter(server, name: str, **labels) -> float:
+    """The value of one series of /metrics (read by prometheus-client's parser), selected by its other labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    samples = (sample for family in text_string_to_metric_families(text) for sample in family.samples)
+    return next(sample.value for sample in samples if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def wait_until_running(server, count: int = 1) -> None:
@@ -235,8 +245,8 @@ def test_stop_strings_at_the_limit_hold_up_no_other_request(busy, tokenizer):
 
 def test_a_client_that_leaves_while_all_its_text_is_held_back_is_aborted_at_once(busy, tokenizer):
     body = CHAT | {"max_tokens": 440, "ignore_eos": True, "stream": True, "stop": STOP_AT_LIMIT, **only_x(tokenizer)}
-    aborted = counter(busy, 'minisgl_requests_total{outcome="abort"}')
-    generated = counter(busy, "minisgl_generation_tokens_total")
+    aborted = counter(busy, "sglang:num_aborted_requests_total")
+    generated = counter(busy, "sglang:generation_tokens_total")
     payload = json.dumps(body).encode()
     client = raw_connection(busy.url)
     client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -244,10 +254,10 @@ def test_a_client_that_leaves_while_all_its_text_is_held_back_is_aborted_at_once
     wait_until_running(busy)  # generating, with not a byte of the reply sent: its first 255 tokens are held
     client.close()
     assert_pool_whole(wait_for_idle(busy))
-    assert counter(busy, 'minisgl_requests_total{outcome="abort"}') == aborted + 1
+    assert counter(busy, "sglang:num_aborted_requests_total") == aborted + 1
     # Aborted before its text was released: no output of it ever reached the API server. Had the leave been
     # noticed only when the reply started, the abort would have counted the 256 tokens that made it.
-    assert counter(busy, "minisgl_generation_tokens_total") == generated
+    assert counter(busy, "sglang:generation_tokens_total") == generated
 
 
 ODD_CONVERSATIONS = {
