@@ -39,6 +39,11 @@ def client(server):
 @pytest.fixture(scope="module")
 def greedy(model_path):
     """transformers' greedy ``generate`` in float32: prompt ids -> the new ids, EOS included if it came."""
+    return greedy_generate(model_path)
+
+
+def greedy_generate(model_path):
+    """The oracle behind ``greedy``, for any model folder (a module that serves another model reuses it)."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -33,6 +33,7 @@ from openai_contract import (  # noqa: E402  the contract's reply tests, run thr
     MODEL,
     chat,
     client,  # noqa: F401  a fixture of those tests
+    greedy_generate,
     test_a_stop_string_spanning_tokens_ends_the_reply_before_it,  # noqa: F401
     test_greedy_completion_is_what_transformers_generates_streamed_or_not,  # noqa: F401
     test_n_choices_with_a_seed,  # noqa: F401
@@ -120,18 +121,7 @@ def server(gateways):
 @pytest.fixture(scope="module")
 def greedy(tiny_chat_model):
     """The contract's oracle on the workers' model: transformers' greedy ``generate`` in float32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
-
-    def generate(prompt_ids: list[int], new_tokens: int) -> list[int]:
-        ids = torch.tensor([prompt_ids])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-        return out[0, len(prompt_ids) :].tolist()
-
-    return generate
+    return greedy_generate(tiny_chat_model)
 
 
 def post(url: str, path: str, body: dict, status: int = 200):

@@ -14,7 +14,6 @@ import random
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 from openai_contract import MODEL
 from server_process import is_alive, wait_until_gone
+from streams import open_streams
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the process tree from Linux's /proc")
 
@@ -290,37 +290,6 @@ def test_odd_but_valid_json_gets_a_reply_or_an_openai_4xx_never_a_5xx(busy, case
         error = reply.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
     assert httpx.get(busy.url + "/health", timeout=30).status_code == 200
-
-
-def open_streams(server, count: int) -> tuple[list[threading.Thread], list]:
-    """``count`` long streamed requests, each thread recording how its stream ended; returns once every one
-    has produced text."""
-    outcomes: list = []
-    generating = threading.Semaphore(0)
-    body = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
-
-    def run():
-        try:
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
-                signalled = False
-                lines = []
-                for line in response.iter_lines():
-                    lines.append(line)
-                    if not signalled and '"text": "' in line and '"text": ""' not in line:
-                        generating.release()
-                        signalled = True
-                outcomes.append("error event" if any('"error"' in line for line in lines) else
-                                "done" if "data: [DONE]" in lines else "cut off")
-        except httpx.HTTPError as error:
-            generating.release()
-            outcomes.append(f"closed ({type(error).__name__})")
-
-    threads = [threading.Thread(target=run) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for _ in range(count):
-        assert generating.acquire(timeout=60)
-    return threads, outcomes
 
 
 # The fault tests run the default model, slow enough that 4 streams of 480 tokens are still running when the
