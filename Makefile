@@ -48,11 +48,11 @@ docs: setup
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
 # 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run); 05 against
 # chapter 03 (one run), radix against naive on shared prefixes, capacity in pages against slots, and
-# chunked prefill against none; chapter 06's overlap scheduling off against on (and why, on a CPU), and replicas
-# behind SGLang's gateway, cache_aware against round_robin; the epilogue's
-# structured output, its cost per step and under load. Each writes
-# its table (and plot, where a page has one) for the book. Frozen chapters are named
-# by number: `top` is the newest chapter, whichever that is.
+# chunked prefill against none; chapter 06 against llama-cpp-python (served, and one stream decoding
+# alone), its overlap scheduling off against on (and why, on a CPU), and replicas behind SGLang's
+# gateway, cache_aware against round_robin; the epilogue's structured output, its cost per step and
+# under load. Each writes its table (and plot, where a page has one) for the book. Frozen chapters are
+# named by number: `top` is the newest chapter, whichever that is.
 bench: setup
 	$(PYTHON) benchmarks/generate_single.py
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02
@@ -67,6 +67,7 @@ bench: setup
 	$(PYTHON) benchmarks/chunked_prefill.py
 	$(PYTHON) benchmarks/linear_prepack.py
 	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
+	$(PYTHON) benchmarks/single_stream.py --chapter 05 top
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \
 		--output benchmarks/results/serve_chapters_c32.md
 	$(PYTHON) benchmarks/serve_workload.py --concurrency 1 32 --skip-transformers --c1-requests 8 --overlap both \

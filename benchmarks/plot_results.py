@@ -375,7 +375,12 @@ def capacity_fragment(result: dict, png: str) -> str:
         for r in result["rows"]
     ]
     alt = "Bar chart of the table: requests that fit at once with slots and with pages"
-    return fragment(lead, header, rows, "llrr", png, alt) + "\n" + result["verdict"] + "\n"
+    text = fragment(lead, header, rows, "llrr", png, alt) + "\n" + result["verdict"] + "\n"
+    ceiling = [r["kv_cache"] for r in result["rows"] if r["requests_at_once"] == work["requests"]]
+    if ceiling:  # every request of the workload got in: the cache could have held more, how many is unmeasured
+        text += (f"\n{', '.join(ceiling)}: all {work['requests']} requests of the workload fit, so that row is the "
+                 "workload's ceiling, not the cache's: how many more would fit, this run does not say.\n")
+    return text
 
 
 def chunked_figure(result: dict):
@@ -689,6 +694,20 @@ def routing_fragment(result: dict, png: str) -> str:
 
 
 # The results that chapter pages show: result name -> (PNG, figure, fragment).
+# ---------------------------------------------------------------- chapter 06: one request, decode only
+
+
+def single_stream_fragment(result: dict) -> str:
+    """A table without a plot: three numbers need no chart."""
+    lead = (
+        f"{measured(result)}: one request, greedy, {result['new_tokens']} new tokens, decode tokens/s between "
+        f"the first and the last streamed piece (prefill left out), the median of {result['repeats']} runs; "
+        f"minisgl through HTTP, llama-cpp-python in-process. `{result['command']}` at commit {result['commit']}."
+    )
+    rows = [[r["engine"], f"{r['decode_tok_s']:.1f}", f"{r['vs_llama_cpp_python']:.2f}x"] for r in result["rows"]]
+    return "\n".join([lead, "", *markdown_table(["engine", "decode tok/s", "vs llama-cpp-python"], rows, "lrr"), ""])
+
+
 FIGURES = {
     "generate_single": ("ch01-single-decode.png", decode_figure, decode_fragment),
     "serve_workload": ("ch02-continuous-vs-static.png", continuous_figure, continuous_fragment),
@@ -703,18 +722,24 @@ FIGURES = {
     "serve_overlap_cpu": ("ch06-overlap-cpu.png", overlap_figure, overlap_fragment),
     "routing": ("ch06-routing.png", routing_figure, routing_fragment),
 }
+# Results a page shows as a table alone: name -> its fragment.
+TABLES = {"single_stream": single_stream_fragment}
 
 
 def render(result_path: Path) -> list[Path]:
     """The plot and fragment made from one JSON result, if a chapter page shows it; returns what it wrote."""
     result_path = Path(result_path).resolve()
+    fragment_path = RESULTS / f"{result_path.stem}.book.md"
+    if result_path.parent == RESULTS and result_path.stem in TABLES:
+        fragment_path.write_text(TABLES[result_path.stem](json.loads(result_path.read_text())))
+        print(f"written {fragment_path.relative_to(REPO_ROOT)}")
+        return [fragment_path]
     if result_path.parent != RESULTS or result_path.stem not in FIGURES:
         print(f"{result_path.name}: no chapter page shows this result, so no plot")  # a trial run, say
         return []
     png, figure, make_fragment = FIGURES[result_path.stem]
     result = json.loads(result_path.read_text())
     written = [save(figure(result), png)]
-    fragment_path = RESULTS / f"{result_path.stem}.book.md"
     fragment_path.write_text(make_fragment(result, png))
     written.append(fragment_path)
     for path in written:
@@ -725,7 +750,7 @@ def render(result_path: Path) -> list[Path]:
 def main():
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     missing = []
-    for name in FIGURES:
+    for name in [*FIGURES, *TABLES]:
         result = RESULTS / f"{name}.json"
         if result.exists():
             render(result)

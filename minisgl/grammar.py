@@ -140,7 +140,8 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> None:
     bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[-1])
     for i, row in enumerate(rows):
         matchers[row].fill_next_token_bitmask(bitmask, i)
-    alive = bitmask.ne(0).any(dim=-1).tolist()  # a dead end (no token allowed) is left free: its token is refused
+    # A dead end (no token allowed) is left free: its token is refused.
+    alive = bitmask.ne(0).any(dim=-1).tolist()
     forbidden = ~unpack_bits(bitmask.to(logits.device), logits.shape[-1])
     if len(rows) == len(matchers) and all(alive):
         logits.masked_fill_(forbidden, float("-inf"))  # every row constrained: one operation
@@ -153,11 +154,15 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list) -> None:
 def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[requests, words] int32, token t's bit at bit t % 32 of word t // 32 -> [requests, vocab] bool.
 
-    (xgrammar's own ``apply_token_bitmask_inplace`` does this with the masking, token by token, on a CPU:
-    measured at batch 8 on the default vocabulary, these two tensor operations are 4x faster.)
+    (xgrammar's own ``apply_token_bitmask_inplace`` does this with the masking, token by token, on a CPU,
+    and slows down with the number of tokens it forbids: at batch 8 on the default vocabulary, two tensor
+    operations took 3.7 to 4.7x less time for the constraints that forbid most tokens, in
+    ``benchmarks/results/grammar_cost.md``.)
     """
+    # --8<-- [start:ex-bitmask]
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+    # --8<-- [end:ex-bitmask]
 # --8<-- [end:mask]
 
 

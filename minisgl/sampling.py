@@ -118,8 +118,9 @@ def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, l
     """The engine's sampling step: the token of each row of ``logits`` [rows, vocab] (a tensor on the
     device), and the log probabilities of each row that asked for them (None for the others). The order
     matters: first the model's own log probabilities (what ``logprobs`` reports, before anything changes
-    them), then ``logit_bias``, then the constraints' mask (after the bias, so no bias brings back a
-    forbidden token), then sampling."""
+    them), then ``logit_bias`` (added to the logits, in place), then the constraints' mask (forbidden
+    tokens' logits to -inf: the last word, which no bias of at most +100 undoes), then sampling."""
+    # --8<-- [start:ex-logit-order]
     model_logprobs = torch.log_softmax(logits[batch.logprob_rows], dim=-1) if batch.logprob_rows else None
     if batch.bias is not None:  # OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it
         rows, ids, biases = batch.bias
@@ -130,9 +131,11 @@ def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, l
     logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
     if model_logprobs is not None:
         chosen = tokens[batch.logprob_rows].tolist()
-        for row, reported in zip(batch.logprob_rows, report_logprobs(model_logprobs, chosen, batch.logprob_top)):
+        reports = report_logprobs(model_logprobs, chosen, batch.logprob_top)
+        for row, reported in zip(batch.logprob_rows, reports):
             logprobs[row] = reported
     return tokens, logprobs
+    # --8<-- [end:ex-logit-order]
 # --8<-- [end:sampler]
 
 

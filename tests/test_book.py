@@ -1,6 +1,8 @@
 """The book: its build hook (tools/book.py) and the built site, where no exercise is given away."""
 
+import html
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -13,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import book  # noqa: E402
-from chapters import book_diff, changed_files, chapter_package, diff_counts, renames  # noqa: E402
+from chapters import as_the_book_shows, book_diff, changed_files, chapter_package, diff_counts, renames  # noqa: E402
 from course import chapter_exercises, chapters  # noqa: E402
 
 FIRST = chapters()[0]
@@ -45,6 +47,7 @@ def test_a_solution_shows_only_inside_a_collapsed_block():
     inside = page('??? success "Reference solution"', "    ```python", f'    --8<-- "{ROTARY}:ex-rope"', "    ```")
     shown = book.expand(inside, FIRST)
     assert "    first, second = x.chunk(2, dim=-1)\n" in shown  # dedented, then indented like the request
+    assert shown.startswith(f'??? success {book.SOLUTION_CLASS} "Reference solution"\n')  # marked for the checks
     for outside in (
         page("```python", f'--8<-- "{ROTARY}:ex-rope"', "```"),
         page('!!! note "open"', "    ```python", f'    --8<-- "{ROTARY}:ex-rope"', "    ```"),
@@ -52,6 +55,42 @@ def test_a_solution_shows_only_inside_a_collapsed_block():
     ):
         with pytest.raises(book.BookError, match="outside a collapsed"):
             book.expand(outside, FIRST)
+
+
+@pytest.mark.skipif("06" not in chapters(), reason="the epilogue teaches the rest of chapter 06's snapshot")
+def test_the_epilogue_is_a_page_of_chapter_06(tmp_path, monkeypatch):
+    assert book.PAGE_CHAPTER.match("chapters/06-epilogue.md")[1] == "06"
+    store = (book.snapshot_root("06") / "minisgl" / "kernels" / "store.py").relative_to(REPO_ROOT).as_posix()
+    code = page("```python", f'--8<-- "{store}:store-kernel"', "```")
+    # A stub's note links to its exercise's section: on 06.md, or on the epilogue when the section is there.
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "chapters" / "06.md").write_text("### Exercise `store` { #ex-store }\n")
+    monkeypatch.setattr(book, "DOCS", tmp_path)
+    shown = book.expand(code, "06", "06-epilogue.md")
+    assert "exercise store: yours to write" in shown and "[exercise `store`](06.md#ex-store)" in shown
+    (tmp_path / "chapters" / "06.md").write_text("No section here.\n")
+    shown = book.expand(code + "### Exercise `store` { #ex-store }\n", "06", "06-epilogue.md")
+    assert "[exercise `store`](#ex-store)" in shown
+    with pytest.raises(book.BookError, match="outside a collapsed"):
+        book.expand(page("```python", f'--8<-- "{store}:ex-store"', "```"), "06", "06-epilogue.md")
+
+
+def test_the_book_stubs_every_exercise_region_and_drops_the_markers():
+    source = ["def f(x):", "    # --8<-- [start:f]", "    # --8<-- [start:ex-double]", "    y = x * 2",
+              "    # --8<-- [end:ex-double]", "    return y", "    # --8<-- [end:f]"]
+    shown, stubbed = as_the_book_shows([line + "\n" for line in source])
+    assert shown == ["def f(x):\n", "    raise NotImplementedError  # exercise double: yours to write\n",
+                     "    return y\n"] and stubbed == ["double"]
+    assert as_the_book_shows(source, {"other"})[0] == ["def f(x):", "    y = x * 2", "    return y"]
+    with pytest.raises(ValueError, match="no end marker"):
+        as_the_book_shows(source[:4])
+
+
+@pytest.mark.parametrize("old,new", list(itertools.pairwise(chapters())))
+def test_the_book_diff_shows_no_exercise_body(old, new):
+    # The diff is on chapter new's page, where chapter old's code may show solved (its learner wrote it).
+    leaks = book.leaks(f"the diff {old}-{new}, line", book_diff(old, new), book.telling_lines(new))
+    assert not leaks, "\n".join(leaks)
 
 
 def test_a_missing_file_or_region_stops_the_build():
@@ -218,12 +257,60 @@ def test_no_page_shows_a_region_marker(site):
     assert not shown, f"pages show region marker comments: {shown}"
 
 
-def test_no_exercise_solution_shows_outside_a_collapsed_block(site):
-    assert book.visible_solutions(site) == []
+def chapter_pages(site: Path, chapter: str) -> str:
+    """The HTML of a chapter's pages: its own, and chapter 06's epilogue, which holds exercises of its snapshot."""
+    pages = [site / "chapters" / name / "index.html" for name in (chapter, f"{chapter}-epilogue")]
+    return "".join(page.read_text(encoding="utf-8") for page in pages if page.is_file())
+
+
+def test_every_exercise_shows_as_a_stub_and_its_solution_in_a_marked_block(site):
     for chapter in chapters():
-        html = (site / "chapters" / chapter / "index.html").read_text(encoding="utf-8")
+        html = chapter_pages(site, chapter)
         for name in chapter_exercises(chapter):
             assert f"exercise {name}: yours to write" in html, f"chapter {chapter} never shows exercise {name}'s stub"
+        # The answer check skips the solution blocks by this class: each exercise's block must carry it.
+        marked = html.count(f'<details class="success {book.SOLUTION_CLASS}"')
+        assert marked >= len(chapter_exercises(chapter)), f"chapter {chapter}: {marked} marked solution blocks"
+
+
+def test_no_answer_shows_in_the_site_the_notebooks_or_the_readmes(site):
+    leaks = book.answer_leaks(site)
+    assert not leaks, "exercise answers in the open (file:line):\n" + "\n".join(leaks)
+
+
+def test_the_answer_check_finds_a_leaked_body(tmp_path):
+    chapter = "04" if "04" in chapters() else chapters()[-1]
+    name, lines = next((n, lines) for n, lines in book.telling_lines(chapter).items() if lines)
+    line = lines[0]
+    site, root, escaped = tmp_path / "site", tmp_path / "repo", html.escape(line)
+    leaky_page = "\n".join([
+        "<p>The page</p>",
+        f'<details class="success {book.SOLUTION_CLASS}"><pre>{escaped}</pre></details>',  # the solution: no leak
+        '<details class="tip"><summary>Hint</summary>',
+        f"<pre><span>    </span>{escaped}</pre></details>",  # folded away, but no solution block: a leak
+        f"<pre>+        {escaped}</pre>",  # a diff's line: a leak
+    ])
+    pages = {
+        f"chapters/{chapter}/index.html": leaky_page,
+        "index.html": f"<p>{escaped}</p>",  # a page of no chapter
+        "chapters/99/index.html": f"<p>{escaped}</p>",  # a later chapter shows its earlier chapters' code solved
+    }
+    for rel, text in pages.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text, encoding="utf-8")
+    (root / "chapters" / chapter).mkdir(parents=True)
+    (root / "README.md").write_text(f"# Course\n\n    {line}\n", encoding="utf-8")
+    notebook = {"cells": [
+        {"cell_type": "code", "source": ["x = 1\n"],
+         "outputs": [{"output_type": "stream", "name": "stdout", "text": ["a\n", f"{line}\n"]}]},
+        {"cell_type": "code", "source": ["def f():\n", f"    {line}\n"], "outputs": []},
+    ]}
+    (root / "chapters" / chapter / "notebook.ipynb").write_text(json.dumps(notebook), encoding="utf-8")
+    label = f"exercise {name} of chapter {chapter} shows {line!r}"
+    found = [f"site/chapters/{chapter}/index.html:4", f"site/chapters/{chapter}/index.html:5", "site/index.html:1",
+             "README.md:3", f"chapters/{chapter}/notebook.ipynb cell 0 (output):2",
+             f"chapters/{chapter}/notebook.ipynb cell 1 (source):2"]
+    assert sorted(book.answer_leaks(site, root)) == sorted(f"{where}: {label}" for where in found)
 
 
 def test_no_list_renders_as_a_paragraph(site):

@@ -44,11 +44,13 @@ def test_chapter_conftests_are_identical():
 
 @pytest.mark.parametrize("chapter", chapters())
 def test_the_book_documents_every_exercise(chapter):
-    page = (REPO_ROOT / "docs" / "chapters" / f"{chapter}.md").read_text()
+    # A chapter's exercises are on its page, or (chapter 06) on the epilogue, which teaches the rest of its code.
+    pages = [REPO_ROOT / "docs" / "chapters" / name for name in (f"{chapter}.md", f"{chapter}-epilogue.md")]
+    text = "".join(page.read_text() for page in pages if page.is_file())
     names = chapter_exercises(chapter)
     assert len(names) >= 3, f"chapter {chapter} has fewer than three exercises"
     for name in names:
-        assert f"-k {name}" in page, f"docs/chapters/{chapter}.md does not say how to test exercise {name}"
+        assert f"-k {name}" in text, f"docs/chapters/{chapter}.md (or its epilogue) does not say how to test {name}"
 
 
 def focused_marks(chapter: str) -> list[str]:
@@ -189,6 +191,9 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
 # An absolute path of the machine that ran a notebook: a home, work or temporary folder.
 MACHINE_PATH = re.compile(r"(?<![\w.])(/home/|/root/|/work/|/tmp/|/var/folders/|/Users/|[A-Z]:\\Users)")
+# The same in the book's pages and the READMEs, but for /tmp/: there a temporary folder is a reader's (a command
+# that builds into /tmp/minisgl-site, a server's log naming its socket folder), the same on every Linux machine.
+PAGE_MACHINE_PATH = re.compile(r"(?<![\w.])(/home/|/root/|/work/|/var/folders/|/Users/|[A-Z]:\\Users)")
 
 
 def notebook_outputs(chapter: str) -> list[tuple[int, str, str]]:
@@ -212,6 +217,25 @@ def test_notebook_outputs_carry_no_path_of_the_machine_that_ran_them(chapter):
         "print paths relative to the repository and run `python tools/run_notebooks.py NN --write`"
 
 
+def pages_and_readmes() -> list[Path]:
+    """The book's Markdown pages and the READMEs: the repository's, the course map's, each chapter's."""
+    readmes = [REPO_ROOT / "README.md", CHAPTERS_DIR / "README.md", *CHAPTERS_DIR.glob("*/README.md")]
+    return sorted((REPO_ROOT / "docs").rglob("*.md")) + sorted(readmes)
+
+
+def machine_paths(text: str) -> list[tuple[int, str]]:
+    """(line number, path) of each absolute path of a machine that a page's text shows."""
+    return [(number, match[0]) for number, line in enumerate(text.splitlines(), 1)
+            if (match := PAGE_MACHINE_PATH.search(line))]
+
+
+@pytest.mark.parametrize("path", pages_and_readmes(), ids=lambda path: path.relative_to(REPO_ROOT).as_posix())
+def test_pages_and_readmes_carry_no_path_of_the_machine_they_were_written_on(path):
+    found = machine_paths(path.read_text(encoding="utf-8"))
+    assert not found, f"{path.relative_to(REPO_ROOT)}: lines {found} show an absolute path of a machine; " \
+        "shorten it (`.venv/bin/python`, `…/python`)"
+
+
 @pytest.mark.parametrize("chapter", chapters())
 def test_notebook_outputs_have_no_errors_or_warnings(chapter):
     outputs = notebook_outputs(chapter)
@@ -221,8 +245,33 @@ def test_notebook_outputs_have_no_errors_or_warnings(chapter):
     assert not bad, f"chapters/{chapter}/notebook.ipynb: cells with errors, stderr or warnings: {bad}"
 
 
+# The comment of the cell where each notebook prints which copy of the package it imported.
+WHICH_COPY = "# which copy of the package this notebook runs"
+
+
+@pytest.mark.parametrize("chapter", chapters())
+def test_each_notebook_ran_its_own_chapters_code(chapter):
+    import json
+
+    notebook = json.loads((REPO_ROOT / "chapters" / chapter / "notebook.ipynb").read_text())
+    cells = [cell for cell in notebook["cells"] if WHICH_COPY in "".join(cell["source"])]
+    assert len(cells) == 1, f"chapters/{chapter}/notebook.ipynb: no one cell prints which copy it runs ({WHICH_COPY})"
+    printed = "".join("".join(output.get("text", "")) for output in cells[0].get("outputs", [])).splitlines()
+    own = (snapshot_root(chapter) / "minisgl" / "__init__.py").relative_to(REPO_ROOT).as_posix()
+    assert printed and printed[0] == own, (
+        f"chapters/{chapter}/notebook.ipynb ran {printed[:1]}, not this chapter's {own}: its outputs are stale "
+        f"(run `python tools/run_notebooks.py {chapter} --write` once the code is committed)")
+
+
 def test_the_notebook_path_check_catches_a_machine_path():
     for text in ("/work/main/minisgl/__init__.py", "in /home/ana/minisgl", "/tmp/tmpab12/x.sock", "C:\\Users\\x"):
         assert MACHINE_PATH.search(text), text
     for text in ("chapters/01/minisgl/__init__.py", "/proc/1/status", "/v1/chat/completions", "a/work/b"):
         assert not MACHINE_PATH.search(text), text
+
+
+def test_the_page_path_check_catches_a_machine_path():
+    pasted = "$ ps -o pid,cmd\n  PID CMD\n21683 /work/main/.venv/bin/python -B -c from multiprocessing\n"
+    assert machine_paths(pasted) == [(3, "/work/")]
+    assert machine_paths("see /Users/ana/minisgl and\nC:\\Users\\ana") == [(1, "/Users/"), (2, "C:\\Users")]
+    assert machine_paths("mkdocs build -d /tmp/minisgl-site\n21683 …/.venv/bin/python -B\nchapters/03/x.py") == []

@@ -2,6 +2,7 @@
 
     python tools/chapters.py diff 01 02          # what chapter 02 changes, as a unified diff
     python tools/chapters.py diff 01 02 --stat   # the same, one line per file
+    python tools/chapters.py diff 01 02 --book   # the diff the book shows: no markers, exercise bodies stubbed
     python tools/chapters.py check               # the drift check (tests/test_chapters.py runs it too)
     python tools/chapters.py carry 01            # carry the fixes made in chapters/01/minisgl to later chapters
     python tools/chapters.py carry 01 kv_cache.py --base HEAD~1   # the same for a fix committed already
@@ -29,7 +30,8 @@ half alike are one file renamed, shown as git's rename (``rename from``/``rename
 lines that changed), which ``git apply`` understands.
 
 The book shows each chapter's diff, and a table of its files, on the chapter's page ("What changed
-since the last chapter"), generated at build time by ``book_diff`` without the region marker comments.
+since the last chapter"), generated at build time by ``book_diff`` without the region marker comments
+and with every exercise's body stubbed, as the walkthrough shows it.
 """
 
 import argparse
@@ -229,23 +231,59 @@ def chapter_diff(old: str, new: str) -> str:
 
 # A region marker comment, ``# --8<-- [start:name]`` or ``# --8<-- [end:name]``: for tools, not readers.
 REGION_MARKER = re.compile(r"^\s*#\s*-+8<-+\s*\[(?P<kind>start|end):(?P<name>[\w-]+)\]\s*$")
+# What the book shows in place of an exercise's body (a region ``ex-NAME``): the walkthrough and the diffs.
+BOOK_STUB = "raise NotImplementedError  # exercise {name}: yours to write"
+
+
+def as_the_book_shows(lines: list[str], exercises: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """Source lines as the book shows them: no region marker lines, the body of each exercise in
+    ``exercises`` (every one when None) replaced by one ``BOOK_STUB`` line, indented like its marker.
+
+    The lines may keep their line ends or not; the stub takes its marker's. Returns the lines and the
+    names of the exercises stubbed, in order.
+    """
+    out, stubbed, inside = [], [], None
+    for line in lines:
+        marker = REGION_MARKER.match(line)
+        if inside is not None:
+            if marker and marker["kind"] == "end" and marker["name"] == f"ex-{inside}":
+                inside = None
+            continue
+        if not marker:
+            out.append(line)
+            continue
+        name = marker["name"].removeprefix("ex-")
+        if marker["kind"] == "start" and marker["name"].startswith("ex-") and (exercises is None or name in exercises):
+            inside = name
+            text = line.rstrip("\r\n")
+            indent = text[: len(text) - len(text.lstrip())]
+            out.append(indent + BOOK_STUB.format(name=name) + line[len(text):])
+            stubbed.append(name)
+    if inside is not None:
+        raise ValueError(f"exercise {inside!r} has a start marker and no end marker")
+    return out, stubbed
 
 
 def without_region_markers(package: Path, into: Path) -> Path:
-    """A copy of a package folder whose Python files have no region marker lines; returns the copy."""
+    """A copy of a package folder as the book's diffs show it; returns the copy.
+
+    Its Python files have no region marker lines, and every exercise's body is the book's stub (in any
+    chapter's copy, so that no diff shows an answer: the reader sees that a function changed, not how).
+    """
     for rel, path in package_files(package).items():
         target = into / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".py":
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            target.write_text("".join(line for line in lines if not REGION_MARKER.match(line)), encoding="utf-8")
+            lines, _ = as_the_book_shows(path.read_text(encoding="utf-8").splitlines(keepends=True))
+            target.write_text("".join(lines), encoding="utf-8")
         else:
             shutil.copy2(path, target)
     return into
 
 
 def book_diff(old: str, new: str) -> str:
-    """The diff from chapter ``old`` to ``new`` as the book shows it: the region markers left out.
+    """The diff from chapter ``old`` to ``new`` as the book shows it: the region markers left out, every
+    exercise's body stubbed on both sides.
 
     The book generates it at build time (tools/book.py), so there is no stored copy to keep up to date.
     """
@@ -620,6 +658,8 @@ def main() -> None:
     diff.add_argument("old", nargs="?", type=chapter_number, help="e.g. 01 (default: the second newest chapter)")
     diff.add_argument("new", nargs="?", type=chapter_number, help="e.g. 02 (default: the newest chapter)")
     diff.add_argument("--stat", action="store_true", help="one line per file instead of the diff")
+    diff.add_argument("--book", action="store_true",
+                      help="the diff the book shows: no region markers, every exercise's body stubbed")
 
     commands.add_parser("check", help="fail if a chapter's changed.txt disagrees with the code")
 
@@ -648,7 +688,7 @@ def main() -> None:
             if args.old is not None or len(chapters()) < 2:
                 diff.error("give two chapters, e.g. `diff 01 02`")
             args.old, args.new = chapters()[-2:]
-        diff_text = chapter_diff(args.old, args.new)
+        diff_text = book_diff(args.old, args.new) if args.book else chapter_diff(args.old, args.new)
         print(diff_stat(diff_text) if args.stat else diff_text, end="")
 
     elif args.command == "check":

@@ -9,6 +9,11 @@ runs in a clean checkout (a temporary clone of HEAD, with this working tree's no
 outputs the book shows come from the committed code and not from whatever else this folder holds.
 The notebooks print paths relative to the repository; a test rejects stored outputs that contain
 an absolute path of the machine that ran them.
+
+Stored outputs go stale when the code they ran moves: freezing chapter NN (``tools/chapters.py freeze``)
+turns the tip's ``minisgl/`` into ``chapters/NN/minisgl/``, and a notebook run before that still says it
+imported ``minisgl/__init__.py``. Re-run the frozen chapter's notebook with ``--write`` then; a test
+(tests/test_repository.py) checks that each notebook's recorded copy of the package is its own chapter's.
 """
 
 import argparse
