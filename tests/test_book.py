@@ -244,6 +244,8 @@ def test_a_page_sharing_a_snapshot_lists_the_files_of_its_part(chapter, title):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    if os.environ.get("MINISGL_BUILT_SITE"):  # built once from this checkout for every step (tools/run_tests.py)
+        return Path(os.environ["MINISGL_BUILT_SITE"])
     site = tmp_path_factory.mktemp("site")
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False,

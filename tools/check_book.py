@@ -19,7 +19,7 @@ Without Chromium the build is still checked, and the browser check says SKIPPED.
 or with the environment variable CI set, as root with apt-get, it installs Debian's ``chromium`` first.
 
     python tools/check_book.py                 # build, then check in the browser
-    python tools/check_book.py --site site     # check a site built already
+    python tools/check_book.py --site site     # check a site built already (so does MINISGL_BUILT_SITE=site)
     python tools/check_book.py --install       # apt-get install chromium when it is missing
     python tools/check_book.py --window 1920x1080
 """
@@ -245,6 +245,8 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="apt-get install chromium when it is missing")
     parser.add_argument("--window", default=WINDOW, help=f"the browser window, WIDTHxHEIGHT (default {WINDOW})")
     args = parser.parse_args()
+    if args.site is None and os.environ.get("MINISGL_BUILT_SITE"):  # tools/run_tests.py built it once for all steps
+        args.site = Path(os.environ["MINISGL_BUILT_SITE"])
     with tempfile.TemporaryDirectory(prefix="minisgl-site-") as temp:
         site = Path(temp) / "site"
         if args.site:
