@@ -258,7 +258,10 @@ def test_each_notebook_ran_its_own_chapters_code(chapter):
     assert len(cells) == 1, f"chapters/{chapter}/notebook.ipynb: no one cell prints which copy it runs ({WHICH_COPY})"
     printed = "".join("".join(output.get("text", "")) for output in cells[0].get("outputs", [])).splitlines()
     own = (snapshot_root(chapter) / "minisgl" / "__init__.py").relative_to(REPO_ROOT).as_posix()
-    assert printed and printed[0] == own, (
+    # On the branch chapter-NN (tools/chapters.py branches), chapter NN's snapshot is the top-level package, and
+    # its notebook keeps the outputs it got on main, where that snapshot was chapters/NN/minisgl.
+    frozen = f"chapters/{chapter}/minisgl/__init__.py"
+    assert printed and printed[0] in {own, frozen if chapter == chapters()[-1] else own}, (
         f"chapters/{chapter}/notebook.ipynb ran {printed[:1]}, not this chapter's {own}: its outputs are stale "
         f"(run `python tools/run_notebooks.py {chapter} --write` once the code is committed)")
 
