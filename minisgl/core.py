@@ -61,9 +61,29 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log probability and the k likeliest
     prompt_logprobs: bool = False  # the same for every prompt token but the first (completions' echo)
+    # With prompt_logprobs: the first prompt position reported (SGLang's logprob_start_len; echo: 0). Its own log
+    # probability is None, as the first token's: positions before it never run for a score. -1: the last prompt
+    # token (the tokenizer resolves it, once it knows the prompt's length).
+    logprob_start_len: int = 0
     # A constraint on the reply's text, compiled into a grammar by the scheduler (``grammar.py``):
     # ("json_object", ""), ("json_schema", schema as JSON text), ("regex", pattern) or ("ebnf", grammar).
     constraint: tuple[str, str] | None = None
+    # Penalties on the tokens the request has generated so far, as SGLang defines them (``sampling.py``):
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus penalty x the token's count from its logit
+    presence_penalty: float = 0.0  # in [-2, 2]: minus penalty from the logit of every token seen at least once
+    repetition_penalty: float = 1.0  # in (0, 2]: a seen token's logit / it if positive, x it if negative
+    min_p: float = 0.0  # in [0, 1]: a drawn token is at least min_p times as likely as the likeliest
+    # More ways to end a reply, as SGLang defines them: token ids that end it as EOS does (ignore_eos ignores them
+    # too; the scheduler checks them), and regular expressions searched in its text as stop strings are (the
+    # detokenizer matches them; SGLang's stop_regex).
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)
+    cache_salt: str | None = None  # the prefix cache's tenant: no page is shared with another salt, or none
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the request's sampling needs the counts of its generated tokens (the engine keeps them)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self):
         # Each error names the field of this class. An HTTP API that calls a field something else (chat's
@@ -79,9 +99,22 @@ class SamplingParams:
             raise InvalidParam("max_tokens", f"max_tokens must be > 0, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidParam("logprobs", f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.logprob_start_len < -1:
+            message = f"logprob_start_len must be -1 or >= 0, got {self.logprob_start_len}"
+            raise InvalidParam("logprob_start_len", message)
         for token, bias in self.logit_bias.items():
             if not -100 <= bias <= 100:
                 raise InvalidParam("logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for {token}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidParam(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise InvalidParam("repetition_penalty", "repetition_penalty must be in (0, 2] (1: no penalty), "
+                                                     f"got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidParam("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if any(token < 0 for token in self.stop_token_ids):  # the tokenizer checks them against the vocabulary
+            raise InvalidParam("stop_token_ids", f"stop_token_ids must be token ids (>= 0), got {self.stop_token_ids}")
 # --8<-- [end:sampling-params]
 
 

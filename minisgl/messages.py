@@ -6,6 +6,7 @@ The server is a tree of processes that talk over ZMQ sockets:
     scheduler --BatchTokenOutput--> detokenizer --BatchTextOutput--> API server
     tokenizer --TokenizeError--> API server          detokenizer --AbortRequest--> scheduler
     scheduler --BatchTokenOutput(refused)--> detokenizer --Refusal--> API server   (the complete server)
+    API server --DecodeRequest--> tokenizer --DecodedText--> API server             (the complete server)
 
 Messages are msgspec Structs, encoded as MessagePack: compact, fast, and typed on both ends (a
 malformed message fails to decode instead of travelling on). A prompt's token ids travel as one packed
@@ -46,6 +47,22 @@ class TokenizeRequest(msgspec.Struct, tag=True):
     messages: list[dict] | None = None  # a chat, to go through the chat template
     tools: list[dict] | None = None  # the chat's tools, for a chat template that takes them
     input_ids: bytes | None = None  # already token ids
+    continue_final: bool = False  # the reply continues the chat's last (assistant) message: continue_final_message
+
+
+class DecodeRequest(msgspec.Struct, tag=True):
+    """API server -> tokenizer: the text of these token ids (completions' echo of a prompt sent as ids). The
+    API server holds no tokenizer; a tokenizer worker answers with a ``DecodedText`` of the same uid."""
+
+    uid: str
+    input_ids: bytes
+
+
+class DecodedText(msgspec.Struct, tag=True):
+    """Tokenizer -> API server: the answer to a ``DecodeRequest`` (a ``TokenizeError`` if the ids are not text)."""
+
+    uid: str
+    text: str
 
 
 class FlushCache(msgspec.Struct, tag=True):
@@ -86,6 +103,7 @@ class NewRequestInfo(msgspec.Struct):
     # (token, log probabilities)
     first_prompt_id: int | None = None
     prompt_logprobs: list[tuple[int, TokenLogprobs]] = []
+    stop_regex: list[str] = []  # regular expressions that end the reply as its stop strings do
 
 
 class TokenOutput(msgspec.Struct, array_like=True):
@@ -95,7 +113,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     token: int = -1  # -1: it finished without a new token (EOS, abort, error)
     finish: str | None = None  # None: it goes on; "stop", "length", "abort", "error" or DEAD_END
     logprobs: TokenLogprobs | None = None  # the token's, if the request asked for them
-    matched_eos: int | None = None  # the end-of-sequence token that stopped it (not part of the reply)
+    matched_eos: int | None = None  # the end-of-sequence or stop token that stopped it (not part of the reply)
     new: NewRequestInfo | None = None  # with its first output: what the detokenizer must know first
 
 
@@ -143,6 +161,9 @@ class BatchTextOutput(msgspec.Struct, tag=True):
     cached_tokens: list[int]
     logprobs: list[list[TokenText]] = []  # empty, or per request the tokens its new text came from
     matched_stops: list[str | int | None] = []  # empty, or per request: the stop string or token that ended it
+    # empty, or per request: the text of what ended it, cut from the reply (SGLang's no_stop_trim puts it back): a
+    # stop string, what a stop_regex pattern matched, a stop token's own text ("" for a special token, such as EOS)
+    matched_texts: list[str] = []
     prompt_logprobs: list[list[TokenText]] = []  # empty, or per request: its prompt's tokens, if it asked
 
 
@@ -152,10 +173,10 @@ class BatchTextOutput(msgspec.Struct, tag=True):
 COUNTS = ("running", "waiting", "free_pages", "cached_pages", "in_use_pages", "total_pages", "prompt_tokens",
           "cached_tokens", "evictable_pages")
 
-ToTokenizer = TokenizeRequest | AbortRequest | FlushCache
+ToTokenizer = TokenizeRequest | AbortRequest | FlushCache | DecodeRequest
 ToScheduler = UserRequest | AbortRequest | FlushCache
 ToDetokenizer = BatchTokenOutput
-ToAPIServer = BatchTextOutput | TokenizeError | Refusal
+ToAPIServer = BatchTextOutput | TokenizeError | Refusal | DecodedText
 
 _encoder = msgspec.msgpack.Encoder()
 

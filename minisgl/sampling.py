@@ -16,6 +16,10 @@ batch's parameters become tensors once, in a ``SamplingBatch``, when the batch's
 step the engine runs after the forward pass.
 (``SamplingParams`` itself lives in ``core.py``, which the processes that never sample import without
 torch.)
+
+The complete server adds what clients ask of the logits before all that (the epilogue): penalties on the
+tokens a request has already generated (``apply_penalties``, counted on the device by the engine), then
+``logit_bias``, then a grammar's mask; and ``min_p``, a last filter after top-k and top-p.
 """
 
 from collections.abc import Callable
@@ -51,6 +55,57 @@ def top_k_top_p(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 MIN_TEMPERATURE = 1e-5
 
 
+# --8<-- [start:penalties]
+@dataclass
+class Penalties:
+    """The penalized rows of a batch (SGLang's penalizers, ``python/sglang/srt/sampling/penaltylib/``).
+
+    What a penalty needs is how often each request has generated each token. The engine keeps that on the
+    device, one row of ``counts`` per request slot, and adds each step's sampled tokens to it there: with
+    overlap scheduling the CPU learns a token only once the next step, whose penalties need it, is launched.
+    """
+
+    rows: torch.Tensor  # the penalized rows of the batch
+    slots: torch.Tensor  # their requests' slots, their rows of ``counts``
+    counts: torch.Tensor  # [slots, vocab] int32, the engine's: each slot's generated tokens, counted
+    frequency: torch.Tensor  # [penalized rows, 1], as are the next two
+    presence: torch.Tensor
+    repetition: torch.Tensor
+    placed: list[tuple[int, int]]  # (row, slot) of each, on the CPU
+
+    @classmethod
+    def build(cls, requests: list, rows: list[int], counts: torch.Tensor) -> "Penalties":
+        """``requests``: the batch's sampled requests; ``rows``: the penalized ones (each has its slot)."""
+        requests = [requests[row] for row in rows]
+        as_tensor = lambda values: torch.tensor(values, device=counts.device)  # noqa: E731
+        column = lambda name: as_tensor([[getattr(r.params, name)] for r in requests])  # noqa: E731
+        return cls(as_tensor(rows), as_tensor([r.slot for r in requests]), counts,
+                   column("frequency_penalty"), column("presence_penalty"), column("repetition_penalty"),
+                   [(row, r.slot) for row, r in zip(rows, requests)])
+
+
+def apply_penalties(logits: torch.Tensor, batch: "SamplingBatch") -> None:
+    """Penalize, in place, each penalized row's logits [rows, vocab] for the tokens its request generated (not
+    its prompt's), in SGLang's order: first the additive penalties, frequency (minus penalty x count) and
+    presence (minus penalty once a token is seen), then repetition, which scales a seen token's logit toward
+    0: divided by the penalty if positive, multiplied if negative (so > 1 makes it less likely either way)."""
+    p = batch.penalties
+    if p is None:  # no request of the batch has a penalty: no work
+        return
+    counts = p.counts[p.slots]
+    seen = counts > 0
+    rows = logits[p.rows] - p.frequency * counts - p.presence * seen
+    scaled = torch.where(rows > 0, rows / p.repetition, rows * p.repetition)
+    logits[p.rows] = torch.where(seen, scaled, rows).to(logits.dtype)
+
+
+def count_tokens(tokens: torch.Tensor, penalties: Penalties) -> None:
+    """Add one step's sampled ``tokens`` [rows] to the penalized requests' counts, on the device."""
+    ones = torch.ones_like(penalties.slots, dtype=penalties.counts.dtype)
+    penalties.counts.index_put_((penalties.slots, tokens[penalties.rows]), ones, accumulate=True)
+# --8<-- [end:penalties]
+
+
 # --8<-- [start:sampling-batch]
 @dataclass
 class SamplingBatch:
@@ -73,12 +128,18 @@ class SamplingBatch:
     logprob_rows: list[int] = field(default_factory=list)
     logprob_top: list[int] = field(default_factory=list)
     mask: Callable[[torch.Tensor], None] | None = None
+    # Sampling penalties and min_p (None where no row of the batch asks for them: no work then).
+    penalties: Penalties | None = None
+    min_p: torch.Tensor | None = None  # [drawn rows]
 
     @classmethod
-    def build(cls, requests: list, device, mask: Callable | None = None) -> "SamplingBatch":
-        """``requests``: the sampled requests, in row order (each with its ``params`` and ``generator``)."""
+    def build(cls, requests: list, device, mask: Callable | None = None,
+              counts: torch.Tensor | None = None) -> "SamplingBatch":
+        """``requests``: the sampled requests, in row order (each with its ``params`` and ``generator``, and its
+        ``slot`` if it is penalized); ``counts``: the engine's token counts, needed if any of them is."""
         params = [request.params for request in requests]
         drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+        penalized = [i for i, p in enumerate(params) if p.penalized]
         as_tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
         bias = [(row, token, value) for row, p in enumerate(params) for token, value in p.logit_bias.items()]
         return cls(
@@ -93,6 +154,8 @@ class SamplingBatch:
             logprob_rows=[i for i, p in enumerate(params) if p.logprobs is not None],
             logprob_top=[p.logprobs for p in params if p.logprobs is not None],
             mask=mask,
+            penalties=Penalties.build(requests, penalized, counts) if penalized else None,
+            min_p=as_tensor([params[i].min_p for i in drawn]) if any(params[i].min_p for i in drawn) else None,
         )
 # --8<-- [end:sampling-batch]
 
@@ -106,6 +169,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         probs = torch.softmax(logits[batch.drawn] / batch.temperature[:, None], dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         sorted_probs = top_k_top_p(sorted_probs, batch.top_k, batch.top_p)
+        if batch.min_p is not None:  # drop what is less likely than min_p x the likeliest token (column 0)
+            below = sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1]
+            sorted_probs = sorted_probs.masked_fill(below, 0.0)
         for row, generator in enumerate(batch.generators):  # one draw per request, each from its own stream
             choice = torch.multinomial(sorted_probs[row], 1, generator=generator)
             tokens[batch.drawn[row]] = order[row, choice]
@@ -118,10 +184,12 @@ def sampler(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, l
     """The engine's sampling step: the token of each row of ``logits`` [rows, vocab] (a tensor on the
     device), and the log probabilities of each row that asked for them (None for the others). The order
     matters: first the model's own log probabilities (what ``logprobs`` reports, before anything changes
-    them), then ``logit_bias`` (added to the logits, in place), then the constraints' mask (forbidden
-    tokens' logits to -inf: the last word, which no bias of at most +100 undoes), then sampling."""
+    them), then the penalties (``apply_penalties``, in place), then ``logit_bias`` (added to the logits, in
+    place), then the constraints' mask (forbidden tokens' logits to -inf: the last word, which no bias of at
+    most +100 undoes), then sampling."""
     # --8<-- [start:ex-logit-order]
     model_logprobs = torch.log_softmax(logits[batch.logprob_rows], dim=-1) if batch.logprob_rows else None
+    apply_penalties(logits, batch)  # on the model's logits, before the client's bias moves them (as SGLang)
     if batch.bias is not None:  # OpenAI's logit_bias: -100 all but bans a token, +100 all but forces it
         rows, ids, biases = batch.bias
         logits.index_put_((rows, ids), biases.to(logits.dtype), accumulate=True)
@@ -155,12 +223,13 @@ def report_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -
 def prompt_logprob_rows(batch) -> list[tuple[int, int, int]]:
     """For the requests of a ``Batch`` that want their prompt's log probabilities (the epilogue's echo):
     (request, row of the batch, the prompt token that row predicts), for every token of its chunk that is
-    followed by another prompt token."""
+    followed by another prompt token, from the request's ``logprob_start_len`` on."""
     rows, start = [], 0
     for b, (request, new, seq_len) in enumerate(zip(batch.requests, batch.new_lens, batch.seq_lens)):
         if request.params.prompt_logprobs:
             cached = seq_len - new  # from the batch: the request's own count may have moved on (overlap)
-            for position in range(cached, min(seq_len, len(request.prompt_ids) - 1)):
+            first = max(cached, request.params.logprob_start_len)
+            for position in range(first, min(seq_len, len(request.prompt_ids) - 1)):
                 rows.append((b, start + position - cached, request.prompt_ids[position + 1]))
         start += new
     return rows

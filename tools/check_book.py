@@ -1,6 +1,6 @@
 """Build the book and read it in a real browser: headless Chromium, with the network blocked.
 
-Every page a learner reads (home, setup, exercises, each page under chapters/) is opened in a
+Every page a learner reads (home, setup, exercises, each page under chapters/, where to go next) is opened in a
 1440x900 window. The check fails, naming the page and the problem, when:
 
 - a diagram was not drawn (the reader sees mermaid source), or its text is displayed under 10 px;
@@ -52,10 +52,10 @@ SKIPPED = "SKIPPED: headless Chromium is not installed (apt-get install chromium
 
 
 def pages(site: Path) -> list[str]:
-    """The pages a learner reads, as paths under the site: home, setup, exercises and the chapters."""
+    """The pages a learner reads, as paths under the site: home, setup, exercises, the chapters, where to go next."""
     found = ["index.html", "setup/index.html", "exercises/index.html"]
     found += sorted(str(p.relative_to(site)) for p in site.glob("chapters/*/index.html"))
-    return found
+    return found + (["next/index.html"] if (site / "next" / "index.html").is_file() else [])
 
 
 def build(site: Path) -> None:

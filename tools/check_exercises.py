@@ -1,7 +1,8 @@
 """Prove that every exercise is real: its tests fail on the stub and pass on the reference.
 
 For each chapter and each exercise in it, this makes a workspace where only that exercise is stubbed
-and runs ``pytest chapters/NN --learn=<workspace> -k <exercise>``. It fails when an exercise selects
+and runs ``pytest chapters/NN --learn=<workspace> -k <exercise>`` (collecting only the chapter's test files
+that mention the exercise, the only ones ``-k`` can select from). It fails when an exercise selects
 no test, or when a selected test passes on the stub (a test that cannot notice a missing body, or a
 test that ``-k`` picked up by accident because its name contains the exercise's). That the same tests
 pass on the reference is checked by the chapter's own test run.
@@ -21,14 +22,25 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from course import REPO_ROOT, chapter_exercises, chapters, exercises, snapshot_root, tested_exercises
+from course import CHAPTERS_DIR, REPO_ROOT, chapter_exercises, chapters, exercises, snapshot_root, tested_exercises
 from learn import make_workspace
+
+
+def files_that_may_match(chapter: str, name: str) -> list[str]:
+    """The chapter's test files that ``-k name`` can select from: those whose text (or file name) holds the
+    name, any case. A test is selected by its exercise mark, which names it, or by a name or id that
+    contains it, which the file's text shows too. Collecting only these, not the whole chapter, spares each
+    run the other modules' imports."""
+    tests = CHAPTERS_DIR / chapter / "tests"
+    found = [p for p in sorted(tests.rglob("test_*.py")) if name.lower() in p.read_text(encoding="utf-8").lower()]
+    return [p.relative_to(REPO_ROOT).as_posix() for p in found] or [f"chapters/{chapter}"]
 
 
 def run_selected(chapter: str, name: str, learn: Path, report: Path) -> list[tuple[str, bool, set[str]]]:
     """Run chapter's tests selected by ``-k name`` against workspace ``learn``; returns, in the order they ran,
     each test's id, whether it passed, and the exercises it is the focused test of."""
-    command = [sys.executable, "-m", "pytest", f"chapters/{chapter}", "-q", "-p", "no:cacheprovider", "-k", name]
+    command = [sys.executable, "-m", "pytest", *files_that_may_match(chapter, name), "-q", "-p", "no:cacheprovider",
+               "-k", name]
     command += ["-p", "no:randomly", f"--junitxml={report}", f"--learn={learn}"]
     # Failing tests are expected (stubs fail); the results come from the junit report, not the exit code.
     subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)

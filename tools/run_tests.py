@@ -18,9 +18,11 @@ Steps, each in its own process (chapters cannot share one: each imports its own 
 The book is built once, with ``mkdocs build --strict``, before the steps start; ``repository`` and
 ``book`` both read that build (``MINISGL_BUILT_SITE``) instead of building their own.
 
-Steps run two at a time (``--jobs``): much of a step is waiting (servers starting, ranks meeting,
-clients reading streams), and a second step fills those waits. Each step's output is printed whole
-when it ends, so two steps never interleave; the longest steps start first.
+Steps run two at a time (``--jobs``): much of a step is one Python thread at a time (imports, servers
+starting, ranks meeting, clients reading streams), which a second step overlaps. On the course's 2-core
+machine that gains about 1.2x, measured on chapters 04 to 06 (pinning each step to a core of its own
+gained no more). Each step's output is printed whole when it ends, so two steps never interleave; the
+longest steps start first.
 
 Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 
@@ -106,9 +108,9 @@ def main() -> None:
                 env = ENV | {"MINISGL_BUILT_SITE": str(site)}
             else:
                 results["book build"] = (False, time.perf_counter() - started)
-        capture = args.jobs > 1 and len(order) > 1
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {name: pool.submit(run_step, name, selected[name], env, capture) for name in order}
+        jobs = max(1, min(args.jobs, len(order)))
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {name: pool.submit(run_step, name, selected[name], env, jobs > 1) for name in order}
             for name in order:  # in the order they started; each printed whole as soon as it and those before end
                 ok, seconds, output = futures[name].result()
                 print(output, end="", flush=True)

@@ -24,7 +24,15 @@ from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..layers.linear import prepack_for_cpu
 from ..models import load_model
-from ..sampling import SamplingBatch, make_generator, prompt_logprob_rows, sampler, score_prompt_rows
+from ..sampling import (
+    Penalties,
+    SamplingBatch,
+    count_tokens,
+    make_generator,
+    prompt_logprob_rows,
+    sampler,
+    score_prompt_rows,
+)
 from .future import resolve_future_tokens
 from .graphs import DecodeGraphs, graph_batch_sizes
 
@@ -113,6 +121,9 @@ class Engine:
         # Overlap scheduling (chapter 06): each step writes its sampled tokens here, by request slot, and the
         # next step, built before they were known, reads its input tokens from here (``resolve_future_tokens``).
         self.future_tokens = torch.zeros(max_running_requests, dtype=torch.long, device=self.device)
+        # Sampling penalties (the epilogue): how often each slot's request has generated each token, [slots,
+        # vocab] int32 on the device, made when a penalized request first samples (until then it costs nothing).
+        self.token_counts: torch.Tensor | None = None
         self.graphs = None  # the torch backend has no graph hooks: it runs every step eagerly
         if cuda_graph_max_bs and self.device.type == "cuda" and self.attention.supports_graphs:
             self.graphs = DecodeGraphs(self.model, self.attention, self.device, graph_batch_sizes(cuda_graph_max_bs),
@@ -142,7 +153,10 @@ class Engine:
 
     def sampling_batch(self, requests: list, mask=None) -> SamplingBatch:
         """The sampling tensors of a batch's sampled requests (the scheduler keeps them while they stay the same)."""
-        return SamplingBatch.build(requests, self.device, mask)
+        if self.token_counts is None and any(request.params.penalized for request in requests):
+            self.token_counts = torch.zeros(len(self.future_tokens), self.config.vocab_size, dtype=torch.int32,
+                                            device=self.device)
+        return SamplingBatch.build(requests, self.device, mask, self.token_counts)
 
     @torch.inference_mode()
     def step(self, batch: Batch, sampling: SamplingBatch) -> list[Sampled]:
@@ -154,8 +168,12 @@ class Engine:
         chosen = [b for b, wanted in enumerate(batch.sample) if wanted]
         if chosen:
             rows = logits[: len(batch.requests)]
+            if sampling.penalties is not None:
+                self.start_counts(batch, chosen, sampling.penalties)
             token_ids, logprobs = sampler(rows if len(chosen) == len(rows) else rows[chosen], sampling)
             self.remember_tokens([batch.slots[b] for b in chosen], token_ids)
+            if sampling.penalties is not None:
+                count_tokens(token_ids, sampling.penalties)  # on the device: overlap's next step reads them
             tokens = token_ids.tolist()  # (the step's one wait for the device)
             for b, token, token_logprobs in zip(chosen, tokens, logprobs):
                 results[b].token, results[b].logprobs = token, token_logprobs
@@ -171,6 +189,16 @@ class Engine:
         if rows:
             index = torch.tensor([slots[row] for row in rows], device=self.device)
             self.future_tokens[index] = token_ids if len(rows) == len(slots) else token_ids[rows]
+
+    def start_counts(self, batch: Batch, chosen: list[int], penalties: Penalties) -> None:
+        """Zero the counts of each penalized request that samples its first token in this step (its batch length
+        is its prompt's): its slot's counts are still its last request's. Done here, in the step, and not when
+        the scheduler hands the slot over: with overlap, a step of that last request may still be running then,
+        and count its token after."""
+        first = [slot for row, slot in penalties.placed
+                 if batch.seq_lens[chosen[row]] == len(batch.requests[chosen[row]].prompt_ids)]
+        if first:
+            self.token_counts[first] = 0
 
     def use_this_thread(self) -> None:
         """Make the calling thread ready to run steps (the overlap scheduler's forward thread): CUDA's current

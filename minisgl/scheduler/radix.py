@@ -18,6 +18,11 @@ hold it. The path from the root to a node spells token ids; the node holds the p
   node above it, the requests that read those pages. A locked node is never evicted.
 - When pages run short, ``evict`` frees unlocked leaves, least recently used first; a parent whose last
   child went becomes a leaf and may follow.
+- A tenant's salt (``cache_salt``, the epilogue) keeps its prefixes to itself: its tokens' first page is keyed
+  by ``(salt, token)`` pairs (``salted``), which equal no other tenant's tokens, nor a request's without a salt.
+  Every path starts at the root, so the root's child for that page, and everything under it, is the tenant's
+  own: matching, locking and inserting work as they did, and eviction still frees the least recently used
+  leaves of every tenant together.
 
 Every choice here is deterministic (dicts keep insertion order, ``last_access`` is a counter and not a
 clock): under tensor parallelism each rank runs its own scheduler, and they must all keep and evict the
@@ -35,7 +40,7 @@ from .pages import PageAllocator
 # --8<-- [start:radix-node]
 class RadixNode:
     def __init__(self, key: list[int], pages: list[int], parent: "RadixNode | None", last_access: int = 0):
-        self.key = key  # token ids, a whole number of pages
+        self.key = key  # token ids, a whole number of pages (a salted first page: (salt, token) pairs)
         self.pages = pages  # the pages that hold their keys and values: len(key) // page_size of them
         self.parent = parent
         self.children: dict[tuple[int, ...], RadixNode] = {}  # by the tokens of the child's first page
@@ -64,6 +69,17 @@ def prefix_pages(node: RadixNode) -> list[int]:
     return [page for part in reversed(parts) for page in part]
 
 
+# --8<-- [start:salted]
+def salted(token_ids: list[int], salt: str | None, page_size: int) -> list:
+    """The tokens as the tree keys them: without a salt, as they are; with one, the first page's tokens paired
+    with the salt, so that the tenant's prefixes hang under root children of its own (SGLang keys every
+    child by its ``extra_key`` and first page; here the first page is enough, since every path starts there)."""
+    if salt is None:
+        return token_ids
+    return [(salt, token) for token in token_ids[:page_size]] + list(token_ids[page_size:])
+# --8<-- [end:salted]
+
+
 def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -82,13 +98,15 @@ class RadixCache:
         return self.clock
 
     # --8<-- [start:match-prefix]
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], RadixNode]:
+    def match_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], RadixNode]:
         """The pages of the longest cached prefix of ``token_ids``, in whole pages, and the node it ends at.
 
         At most ``(len(token_ids) - 1) // page_size`` pages: at least one token is left for the model to
         compute. A match that ends inside a node splits it there, so the node returned ends exactly where
-        the match does (the request locks it). Every node on the way is marked as used now.
+        the match does (the request locks it). Every node on the way is marked as used now. ``salt``: only
+        the prefixes cached with the same salt match (``salted``).
         """
+        token_ids = salted(token_ids, salt, self.page_size)
         # --8<-- [start:ex-radix-match]
         size = self.page_size
         usable = max(len(token_ids) - 1, 0) // size * size
@@ -127,17 +145,18 @@ class RadixCache:
     # --8<-- [end:split]
 
     # --8<-- [start:insert]
-    def insert(self, token_ids: list[int], pages: list[int]) -> int:
+    def insert(self, token_ids: list[int], pages: list[int], salt: str | None = None) -> int:
         """Put the whole pages of ``token_ids`` into the tree, held by ``pages`` (the request's page table).
 
         Returns how many leading tokens the tree already held. The tree keeps its own pages for them:
         the caller frees its pages for that stretch, except those it got from the tree (its matched
         prefix). The partial last page, if any, is not inserted and stays the caller's.
         """
-        return self.insert_node(token_ids, pages)[0]
+        return self.insert_node(token_ids, pages, salt)[0]
 
-    def insert_node(self, token_ids: list[int], pages: list[int]) -> tuple[int, RadixNode]:
+    def insert_node(self, token_ids: list[int], pages: list[int], salt: str | None = None) -> tuple[int, RadixNode]:
         """``insert``, also returning the node where the inserted prefix ends."""
+        token_ids = salted(token_ids, salt, self.page_size)
         size = self.page_size
         key = list(token_ids[: len(token_ids) // size * size])
         if len(pages) < len(key) // size:
@@ -216,32 +235,33 @@ class RadixCache:
     # --8<-- [end:evict]
 
     # --8<-- [start:cache-request]
-    def cache_unfinished(self, token_ids: list[int], pages: list[int], node: RadixNode) -> tuple[list[int], RadixNode]:
+    def cache_unfinished(self, token_ids: list[int], pages: list[int], node: RadixNode,
+                         salt: str | None = None) -> tuple[list[int], RadixNode]:
         """A running request's prefill (or one chunk of it) is done: share what it has computed so far.
 
         ``token_ids``: the tokens whose keys and values are in ``pages`` (its page table); ``node``: the
         node it holds locked. Its whole pages go into the tree, its pages that duplicate the tree's are
         freed, and its lock moves down to the new end of its prefix. Returns the request's new page table
-        (the tree's pages, then its own) and the node it now holds.
+        (the tree's pages, then its own) and the node it now holds. ``salt``: the request's ``cache_salt``.
         """
         held = len(prefix_pages(node))
         if len(token_ids) // self.page_size <= held:
             return pages, node  # nothing new to share
-        cached, end = self.insert_node(token_ids, pages)
+        cached, end = self.insert_node(token_ids, pages, salt)
         self.allocator.free(pages[held : cached // self.page_size])
         self.lock(end)  # before unlocking the old node, so that the shared part is never evictable meanwhile
         self.unlock(node)
         shared = prefix_pages(end)
         return shared + pages[len(shared) :], end
 
-    def cache_finished(self, token_ids: list[int], pages: list[int], node: RadixNode) -> None:
+    def cache_finished(self, token_ids: list[int], pages: list[int], node: RadixNode, salt: str | None = None) -> None:
         """A request is done, finished or aborted: the tree keeps what it computed, the rest is freed.
 
         ``token_ids``: the tokens whose keys and values are in ``pages`` (a finished request's last token
         has none: it was sampled, never run through the model). ``node``: the node it holds locked.
         """
         held = len(prefix_pages(node))
-        cached, end = self.insert_node(token_ids, pages)
+        cached, end = self.insert_node(token_ids, pages, salt)
         kept = max(len(prefix_pages(end)), held)  # pages[:kept] are the tree's now
         self.allocator.free(pages[held : cached // self.page_size] + pages[kept:])
         self.unlock(node)
@@ -252,8 +272,10 @@ class RadixCache:
         how many requests lock it, and when it was last used."""
         lines = [f"root ({self.cached_pages} pages cached, {self.evictable_pages} of them evictable)"]
         for depth, node in self.nodes():
-            tokens = clip(repr(decode(node.key)) if decode else str(node.key), width)
-            lines.append(f"{'  ' * depth}{tokens} pages={clip(str(node.pages), width)} "
+            key = [token[1] if isinstance(token, tuple) else token for token in node.key]  # without its salt
+            salt = f"salt={node.key[0][0]!r} " if node.key and isinstance(node.key[0], tuple) else ""
+            tokens = clip(repr(decode(key)) if decode else str(key), width)
+            lines.append(f"{'  ' * depth}{salt}{tokens} pages={clip(str(node.pages), width)} "
                          f"lock={node.lock_ref} used={node.last_access}")
         return "\n".join(lines)
 
@@ -272,10 +294,10 @@ class NaiveCache:
         self.cached_pages = 0
         self.evictable_pages = 0
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], RadixNode]:
+    def match_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], RadixNode]:
         return [], self.root
 
-    def insert(self, token_ids: list[int], pages: list[int]) -> int:
+    def insert(self, token_ids: list[int], pages: list[int], salt: str | None = None) -> int:
         return 0  # keeps nothing: every page stays the caller's
 
     def lock(self, node: RadixNode) -> None:
@@ -287,10 +309,11 @@ class NaiveCache:
     def evict(self, num_pages: int) -> int:
         return 0
 
-    def cache_unfinished(self, token_ids: list[int], pages: list[int], node: RadixNode) -> tuple[list[int], RadixNode]:
+    def cache_unfinished(self, token_ids: list[int], pages: list[int], node: RadixNode,
+                         salt: str | None = None) -> tuple[list[int], RadixNode]:
         return pages, node
 
-    def cache_finished(self, token_ids: list[int], pages: list[int], node: RadixNode) -> None:
+    def cache_finished(self, token_ids: list[int], pages: list[int], node: RadixNode, salt: str | None = None) -> None:
         self.allocator.free(pages)
 
     def render(self, decode: Callable[[list[int]], str] | None = None, width: int = 60) -> str:

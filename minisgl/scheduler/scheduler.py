@@ -266,11 +266,12 @@ class Scheduler:
             size = min(len(request.prompt_ids) - request.cached_len, budget)
             if size <= 0:
                 break
-            if request.params.prompt_logprobs:  # each of its tokens brings a row of logits
-                size = min(size, rows)
+            if request.params.prompt_logprobs:  # each of its tokens from logprob_start_len on brings a row of logits
+                before = max(request.params.logprob_start_len - request.cached_len, 0)  # tokens that bring none
+                size = min(size, before + rows)
                 if size == 0:
                     continue  # the step's rows are spent; the requests behind it that want none may still run
-                rows -= size
+                rows -= max(size - before, 0)
             chunks.append((request, size))
             budget -= size
         return chunks
@@ -280,7 +281,8 @@ class Scheduler:
         """A chunk of the prompt ran: share its whole pages with the prefix cache; once the whole prompt is
         in, the request runs."""
         computed = request.prompt_ids[: request.cached_len]
-        request.pages, request.node = self.cache.cache_unfinished(computed, request.pages, request.node)
+        request.pages, request.node = self.cache.cache_unfinished(computed, request.pages, request.node,
+                                                                  request.params.cache_salt)
         if finished:
             self.prefilling.remove(request)
             self.running.append(request)
@@ -292,10 +294,13 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_running_requests:
             request = self.waiting[0]
-            # A request that wants its prompt's log probabilities runs its whole prompt, so it matches no cached
-            # prefix (whose tokens would never run, so never be scored); the root it holds locks nothing.
-            prefix, node = ([], self.cache.root) if request.params.prompt_logprobs else \
-                self.cache.match_prefix(request.prompt_ids)
+            # A request that wants its prompt's log probabilities runs its prompt from where they start on
+            # (``logprob_start_len``; echo: the whole prompt): it matches a cached prefix only up to there, since
+            # cached tokens never run, so are never scored (matching nothing, the root it holds locks nothing).
+            params = request.params
+            matched = request.prompt_ids[: params.logprob_start_len + 1] if params.prompt_logprobs else \
+                request.prompt_ids
+            prefix, node = self.cache.match_prefix(matched, params.cache_salt)
             self.cache.lock(node)  # before counting: its pages must not be counted as evictable
             needed = pages_for(len(request.prompt_ids) + request.params.max_tokens, self.page_size) - len(prefix)
             if needed > self.pages.num_free + self.cache.evictable_pages:
@@ -330,8 +335,10 @@ class Scheduler:
             logger.info("request %s: its constraint allows no next token; ending it", request.uid)
             del request.output_ids[index:]
             return self.finish(request, DEAD_END)
-        if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None):
-            # the EOS token is not part of the reply (its log probabilities go along: the detokenizer drops them)
+        if token in self.eos_ids and (not params.ignore_eos or request.grammar is not None) or \
+                token in params.stop_token_ids and not params.ignore_eos:
+            # the EOS token (or a stop token: SGLang's stop_token_ids, which ignore_eos ignores too, as SGLang does)
+            # is not part of the reply (its log probabilities go along: the detokenizer drops them)
             del request.output_ids[index:]
             return self.finish(request, "stop", logprobs=sampled.logprobs, matched_eos=token)
         if index + 1 >= params.max_tokens:
@@ -353,7 +360,7 @@ class Scheduler:
             request.slot = -1
         if request.node is not None:
             computed = (request.prompt_ids + request.output_ids)[: request.cached_len]
-            self.cache.cache_finished(computed, request.pages, request.node)
+            self.cache.cache_finished(computed, request.pages, request.node, request.params.cache_salt)
             request.pages, request.node = [], None
         return self.output(request, token, reason, logprobs, matched_eos)
 
@@ -366,8 +373,9 @@ class Scheduler:
         if not request.announced:
             request.announced = True
             new = NewRequestInfo(request.uid, len(request.prompt_ids), request.params.stop, request.prefix_len,
-                                 request.prompt_ids[0] if request.params.prompt_logprobs else None,
-                                 request.prompt_logprobs)
+                                 request.prompt_ids[request.params.logprob_start_len]
+                                 if request.params.prompt_logprobs else None,
+                                 request.prompt_logprobs, stop_regex=request.params.stop_regex)
         return TokenOutput(request.uid, token, finish, logprobs, matched_eos, new)
     # --8<-- [end:output]
 

@@ -3,13 +3,16 @@
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events
 or not), ``GET /v1/models`` (and ``/v1/models/{model}``), ``GET /health`` and ``GET /state`` (the
 server's counts, for tests and dashboards); from chapter 06 on ``GET /metrics`` (Prometheus' text
-format, ``metrics.py``). SGLang's native endpoints (``/generate``...) are in ``native.py``, and
-``app.py`` puts both together.
+format, ``metrics.py``). SGLang's native endpoints (``/generate``...) are in ``native.py``, OpenAI's
+Responses API (``POST /v1/responses``, a chat in other words) in ``responses.py``, and ``app.py`` puts
+them together.
 
 The complete server speaks the OpenAI surface real clients use: structured output
 (``response_format``, and SGLang's ``regex`` and ``ebnf``, compiled and enforced by the scheduler,
 ``grammar.py``), tool calls (``tools.py``), ``logit_bias``, log probabilities, several prompts in one
-completion request, ``matched_stop`` and usage in every chunk. A field it does not implement is
+completion request (each echoed if asked, text or token ids), assistant prefill (``continue_final_message``),
+``matched_stop`` and usage in every chunk, and SGLang's other stops (``stop_token_ids``,
+``stop_regex``) and per-tenant prefix cache (``cache_salt``). A field it does not implement is
 refused with a 400 that names it (``protocol.py`` lists the hints it accepts and ignores).
 
 The handlers run on the asyncio event loop of the API server process, which holds neither the model
@@ -43,9 +46,12 @@ from ..messages import TokenizeRequest, TokenText
 from .common import (
     REQUEST_FAILED,
     APIError,
+    check_cache_salt,
     check_encodable,
     check_model,
     check_stop,
+    check_stop_regex,
+    check_stop_token_ids,
     collect,
     error_body,
     keeping_stop_strings,
@@ -55,7 +61,7 @@ from .common import (
     submit,
     token_biases,
 )
-from .frontend import Output
+from .frontend import DecodeFailed, Output, WorkersDown
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tools import ToolPlan, as_template_messages, describe_tools, parse_calls, plan_tools
 
@@ -73,6 +79,8 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options needs stream: true", "stream_options")
     check_stop(body.stop_list)
+    stop_token_ids, stop_regex = check_stop_token_ids(body.stop_token_ids), check_stop_regex(body.stop_regex_list)
+    cache_salt = check_cache_salt(body.cache_salt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
         return [
@@ -88,6 +96,13 @@ def sampling_params(body: SamplingFields, model_name: str, logprobs: int | None 
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 constraint=constraint,
+                frequency_penalty=body.frequency_penalty,
+                presence_penalty=body.presence_penalty,
+                repetition_penalty=body.repetition_penalty,
+                min_p=body.min_p,
+                stop_token_ids=stop_token_ids,
+                stop_regex=stop_regex,
+                cache_salt=cache_salt,
             )
             for i in range(body.n)
         ]
@@ -227,6 +242,11 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
             latest, held = {}, [""] * reply.num_choices  # held: a tool call's text, sent once it is whole
             offsets = [0] * reply.num_choices  # where each choice's next chunk starts in its whole text
             echoed = set()
+            # A completion streamed with log probabilities holds each choice's chunk back until its next output
+            # shows whether the reply ends there: an end that brings no token (EOS, which is not part of the reply)
+            # then goes out in the held chunk, so that every chunk lists at least one token (SGLang's clients index
+            # each chunk's tokens[0]). The price: each chunk leaves one step late.
+            pending, hold = {}, shape is COMPLETION and reply.logprobs
             chunk = lambda choices: header | {"object": shape.chunk_object, "choices": choices}  # noqa: E731
             for index in range(reply.num_choices if shape is CHAT else 0):  # the role, before any token
                 yield sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -246,7 +266,18 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                 if reply.tools is not None:  # calls are parsed from the whole reply
                     held[index] += text
                     text = held[index] if done else ""
-                if text or done or out.logprobs:
+                if hold and index in pending and not out.logprobs:  # no token: what it brings joins the held chunk
+                    payload = pending.pop(index)
+                    payload["choices"][0]["text"] += text
+                    payload["choices"][0] |= {"finish_reason": out.finish_reason, "matched_stop": out.matched_stop}
+                    offsets[index] += len(text)
+                    if body.continuous_usage:
+                        payload["usage"] = reply.usage(latest)
+                    if done:
+                        yield sse(payload)
+                    else:
+                        pending[index] = payload
+                elif text or done or out.logprobs:
                     payload = chunk([reply.choice(index, text, out if done else None, out.logprobs, streamed=True,
                                                   offset=offsets[index])])
                     # the offsets count the tokens' own texts, as in a whole reply (a token that ends halfway
@@ -254,7 +285,14 @@ async def respond(http: HTTPRequest, body: SamplingFields, outputs: AsyncIterato
                     offsets[index] += sum(len(t.text) for t in out.logprobs) if out.logprobs else len(text)
                     if body.continuous_usage:
                         payload["usage"] = reply.usage(latest)
-                    yield sse(payload)
+                    if index in pending:
+                        yield sse(pending.pop(index))
+                    if hold and not done:
+                        pending[index] = payload
+                    else:
+                        yield sse(payload)
+            for payload in pending.values():  # (none: every choice's last output sent its chunk)
+                yield sse(payload)
             if body.include_usage:
                 yield sse(header | {"object": shape.chunk_object, "choices": [], "usage": reply.usage(latest)})
             yield sse("[DONE]")
@@ -287,6 +325,9 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         raise APIError(400, "messages must not be empty", "messages")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if body.continue_final_message and body.messages[-1].role != "assistant":  # assistant prefill
+        raise APIError(400, "continue_final_message needs the last message to be an assistant's, whose text the "
+                       f"reply continues; the last message is a {body.messages[-1].role}'s", "continue_final_message")
     if body.tools:
         check_encodable(json.dumps(body.tools, ensure_ascii=False), "tools")
     try:
@@ -307,7 +348,8 @@ async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         messages = as_template_messages(messages)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, config.model_name, logprobs, constraint)
-    prompt = {"messages": messages, "tools": tools.template_tools if tools else None}
+    prompt = {"messages": messages, "tools": tools.template_tools if tools else None,
+              "continue_final": body.continue_final_message}
     outputs = await submit(http, choices(params, [prompt]))
     return await respond(http, body, outputs, Reply(CHAT, len(params), len(params), body.logprobs, tools))
 # --8<-- [end:chat]
@@ -339,16 +381,26 @@ async def completions(body: CompletionRequest, http: HTTPRequest):
         else [body.prompt]
     if not prompts:
         raise APIError(400, "prompt must not be an empty list", "prompt")
-    if body.echo and not all(isinstance(p, str) for p in prompts):
-        raise APIError(400, "echo needs text prompts (this server does not turn token ids back into text here)",
-                       "echo")
     params = sampling_params(body, config.model_name, body.logprobs, constraint_of(body),
                              prompt_logprobs=body.echo and body.logprobs is not None)
-    outputs = await submit(http, choices(params, [prompt_of(p, "prompt") for p in prompts]))
-    reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None,
-                  echo=prompts if body.echo else None)
+    fields = [prompt_of(p, "prompt") for p in prompts]
+    echo = [p if isinstance(p, str) else await prompt_text(http, p) for p in prompts] if body.echo else None
+    outputs = await submit(http, choices(params, fields))
+    reply = Reply(COMPLETION, len(prompts) * len(params), len(params), body.logprobs is not None, echo=echo)
     return await respond(http, body, outputs, reply)
 # --8<-- [end:completions]
+
+
+async def prompt_text(http: HTTPRequest, ids: list[int]) -> str:
+    """The text of a prompt sent as token ids, for its echo. This process holds no tokenizer (nor should it:
+    a tokenizer worker has one already), so it asks one, in a round trip of its own before the request is sent
+    (``Frontend.decode``), rather than carry the text through the scheduler and the detokenizer with the reply."""
+    try:
+        return await http.app.state.frontend.decode(ids)
+    except WorkersDown as error:
+        raise APIError(503, str(error)) from None
+    except DecodeFailed as failed:
+        raise APIError(400, failed.error.message, failed.error.param) from None
 
 
 @router.get("/v1/models")
@@ -364,8 +416,10 @@ async def model(model: str, http: HTTPRequest):
 
 
 def model_card(config) -> dict:
+    """OpenAI's model object, with what SGLang's and vLLM's add: ``root``, the model it is (the served name, as
+    SGLang gives it), and ``max_model_len``, the context length."""
     return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "minisgl",
-            "max_model_len": config.context_length}
+            "root": config.model_name, "parent": None, "max_model_len": config.context_length}
 
 
 @router.get("/health")

@@ -1,6 +1,7 @@
 """The HTTP application: the routes, the error handlers and the checks before any route (introduced in
 chapter 02 as part of ``api.py``; the complete server gave it a module of its own when SGLang's native
-endpoints moved to ``native.py``; the errors both dialects raise are in ``common.py``).
+endpoints moved to ``native.py``; the errors both dialects raise are in ``common.py``). OpenAI's Responses
+API (``responses.py``) is routed here too, next to chat completions.
 """
 
 from fastapi import FastAPI
@@ -8,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from ..config import ServerConfig
-from . import api, native
+from . import api, native, responses
 from .api_key import APIKeyCheck
 from .body_limit import BodySizeLimit
 from .common import APIError, api_error, http_error, invalid_body
@@ -23,6 +24,7 @@ def create_app(frontend: Frontend, config: ServerConfig, lifespan=None) -> FastA
     frontend.metrics = Metrics(config.model_name)  # /metrics labels its series with the model's name, as SGLang's
     app.include_router(api.router)
     app.include_router(native.router)
+    app.include_router(responses.router)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(HTTPException, http_error)

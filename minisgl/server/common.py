@@ -7,10 +7,12 @@ native endpoints, ``native.py``, began to use them too, so that neither dialect 
   Starlette's own errors (404, 405) get the same shape.
 - **Checks** of values the pydantic models cannot see through: text that UTF-8 cannot hold, the model's
   name, fields known but not implemented, ``logit_bias`` keys, token ids of a prompt, the number and
-  length of stop strings (at most 4, as OpenAI allows, of at most 256 characters each).
+  length of stop strings (at most 4, as OpenAI allows, of at most 256 characters each), and of SGLang's
+  stop patterns (the same bounds; each must compile, and match no empty text), stop token ids and
+  ``cache_salt``.
 - **The frontend**: ``submit`` sends a request's choices and waits for the first output (so a refusal
   becomes a 400 before the reply starts), ``collect`` gathers a whole reply (aborting it when the client
-  goes away), ``keeping_stop_strings`` puts the matched stop string back (SGLang's ``no_stop_trim``),
+  goes away), ``keeping_stop_strings`` puts back what a stop cut (SGLang's ``no_stop_trim``),
   ``sse`` frames one server-sent event of a streamed reply.
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import regex
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -101,6 +104,49 @@ def check_stop(stop: list[str], param: str = "stop") -> list[str]:
         check_encodable(s, param)
     return stop
 # --8<-- [end:stop-limits]
+
+
+# --8<-- [start:stop-patterns]
+# SGLang's other stops. Its regular expressions are searched by the same detokenizer, for each token, so they are
+# bounded as stop strings are, and a pattern's search is bounded in time there (``text_stream.REGEX_TIMEOUT``).
+# Stop token ids: more than any model has end tokens. A salt names a tenant (vLLM suggests 43 random characters).
+MAX_STOP_TOKEN_IDS = 64
+MAX_SALT_LENGTH = 256  # characters
+
+
+def check_stop_regex(patterns: list[str], param: str = "stop_regex") -> list[str]:
+    """The stop patterns, if there are few and short enough, each compiles, and none matches the empty text
+    (which would end every reply before its first character)."""
+    check_stop(patterns, param)
+    for pattern in patterns:
+        try:
+            compiled = regex.compile(pattern)  # the engine the detokenizer searches with
+        except Exception as error:  # regex.error, and the odd RecursionError or OverflowError
+            raise APIError(400, f"{param}: {pattern!r} is not a regular expression: {error}", param) from None
+        if compiled.search("") is not None:
+            raise APIError(400, f"{param}: {pattern!r} matches the empty text, so it would end every reply "
+                           "before its first character", param)
+    return patterns
+
+
+def check_stop_token_ids(ids: list[int] | None, param: str = "stop_token_ids") -> list[int]:
+    """The stop token ids, if there are few enough (the tokenizer checks them against the vocabulary)."""
+    ids = list(dict.fromkeys(ids or []))  # each once, in order
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise APIError(400, f"{param} holds {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed", param)
+    if any(not 0 <= token < 2**31 for token in ids):
+        raise APIError(400, f"{param} must be token ids of the vocabulary", param)
+    return ids
+
+
+def check_cache_salt(salt: str | None, param: str = "cache_salt") -> str | None:
+    """A tenant's salt for the prefix cache: some text, not too long (None: no salt)."""
+    if salt is None:
+        return None
+    if not salt or len(salt) > MAX_SALT_LENGTH:
+        raise APIError(400, f"{param} must be a non-empty string of at most {MAX_SALT_LENGTH} characters", param)
+    return check_encodable(salt, param)
+# --8<-- [end:stop-patterns]
 
 
 def check_model(model: str | None, served: str) -> None:
@@ -215,12 +261,13 @@ async def client_left(http: HTTPRequest) -> None:
 
 
 async def keeping_stop_strings(outputs: AsyncIterator) -> AsyncIterator[tuple[int, Output]]:
-    """SGLang's ``no_stop_trim``: the text ends with the stop string that ended it, not before it. The
-    detokenizer sends the text up to the stop string and names the string it matched, so putting it back
-    is all there is to do (a stop *token*, such as EOS, stays out of the text: it is a special token)."""
+    """SGLang's ``no_stop_trim``: the text ends with what ended it, not before it. The detokenizer sends the
+    text up to the stop and what it cut (``matched_text``: the stop string, the text a stop pattern matched, a
+    stop token's own text), so putting it back is all there is to do. A special token, such as EOS, has no
+    text: it stays out, as it does in SGLang, which decodes the reply without special tokens."""
     async for index, out in outputs:
-        if out.finish_reason == "stop" and isinstance(out.matched_stop, str):
-            out.text += out.matched_stop
+        if out.finish_reason == "stop" and out.matched_text:
+            out.text += out.matched_text
         yield index, out
 
 

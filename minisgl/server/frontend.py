@@ -10,12 +10,14 @@ The frontend also owns what the API reports about the server: whether a worker p
 every request fails, and new ones are refused with ``WorkersDown``), and the scheduler's counts. From
 chapter 06 on it also refuses a request at once (``Overloaded``) when too many are in flight, and
 records each request's timing and outcome for ``/metrics`` and the log (``metrics.py``). In the complete
-server, a reply whose own constraint reached a dead end ends as a refusal (``dead_end``), not a failure.
+server, a reply whose own constraint reached a dead end ends as a refusal (``dead_end``), not a failure, and
+``decode`` asks a tokenizer worker for the text of token ids (this process holds no tokenizer).
 """
 
 import asyncio
 import dataclasses
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import zmq
@@ -26,6 +28,8 @@ from ..messages import (
     COUNTS,
     DEAD_END,
     AbortRequest,
+    DecodedText,
+    DecodeRequest,
     FlushCache,
     Refusal,
     ToAPIServer,
@@ -34,6 +38,7 @@ from ..messages import (
     TokenText,
     decoder,
     encode,
+    pack_ids,
 )
 from .metrics import Metrics, RequestRecord
 
@@ -48,6 +53,14 @@ class Overloaded(Exception):
     """More requests are in flight than the server accepts (``--max-queued-requests``): come back later."""
 
 
+class DecodeFailed(Exception):
+    """A tokenizer could not turn token ids into text (``Frontend.decode``); ``error`` says why, for a 400."""
+
+    def __init__(self, error: TokenizeError):
+        super().__init__(error.message)
+        self.error = error
+
+
 @dataclass
 class Output:
     text: str
@@ -57,7 +70,8 @@ class Output:
     cached_tokens: int = 0
     error: TokenizeError | None = None  # the request was refused before it ran
     logprobs: list[TokenText] = field(default_factory=list)  # of the tokens this text came from, if asked for
-    matched_stop: str | int | None = None  # the stop string or EOS token that ended it
+    matched_stop: str | int | None = None  # the stop string, stop pattern, or EOS or stop token that ended it
+    matched_text: str = ""  # the text of what ended it, left out of the reply (no_stop_trim puts it back)
     prompt_logprobs: list[TokenText] = field(default_factory=list)  # with its first output, if asked for
 
 
@@ -93,6 +107,9 @@ class Frontend:
             if isinstance(message, TokenizeError):
                 self.deliver(message.uid, Output("", "error", error=message))
                 continue
+            if isinstance(message, DecodedText):  # the answer to ``decode``
+                self.deliver(message.uid, Output(message.text, "stop"))
+                continue
             if isinstance(message, Refusal):  # the scheduler's: its constraint does not compile (a 400)
                 error = TokenizeError(message.uid, message.message, constraint_param(message.constraint))
                 self.deliver(message.uid, Output("", "error", error=error))
@@ -102,6 +119,7 @@ class Frontend:
                                 message.completion_tokens[i], message.cached_tokens[i],
                                 logprobs=message.logprobs[i] if message.logprobs else [],
                                 matched_stop=message.matched_stops[i] if message.matched_stops else None,
+                                matched_text=message.matched_texts[i] if message.matched_texts else "",
                                 prompt_logprobs=message.prompt_logprobs[i] if message.prompt_logprobs else [])
                 self.deliver(uid, output)
 
@@ -111,6 +129,26 @@ class Frontend:
             queue, index = route
             queue.put_nowait((index, output))
     # --8<-- [end:receive-loop]
+
+    async def decode(self, ids: list[int]) -> str:
+        """The text of token ids, from a tokenizer worker (this process holds no tokenizer): one round trip,
+        answered before the request whose echo needs it is sent, so that nothing waits on the order in which
+        the tokenizer's and the detokenizer's messages arrive. Raises ``WorkersDown``, or ``DecodeFailed``
+        with the tokenizer's refusal (ids outside the vocabulary)."""
+        if self.failure:
+            raise WorkersDown(self.failure)
+        uid, outputs = f"decode-{uuid.uuid4().hex}", asyncio.Queue()
+        self.routes[uid] = (outputs, 0)
+        try:
+            await self.to_tokenizers.send(encode(DecodeRequest(uid, pack_ids(ids))))
+            _, output = await outputs.get()
+        finally:
+            self.routes.pop(uid, None)
+        if output.error is not None:
+            raise DecodeFailed(output.error)
+        if output.finish_reason == "error":
+            raise WorkersDown(self.failure or "a worker process died")
+        return output.text
 
     async def flush_cache(self) -> None:
         """Ask the scheduler to drop every cached prefix no request is using (it does so between steps)."""

@@ -5,10 +5,12 @@ They follow OpenAI's API: a client written for OpenAI works unchanged. Range che
 name its own fields. A field an API calls by another name (chat's ``top_logprobs`` for ``logprobs``,
 ``max_completion_tokens`` and ``/generate``'s ``max_new_tokens`` for ``max_tokens``, ``top_logprobs_num``)
 carries the same bound here, in pydantic, so that a client's error names the field the client sent.
+The sampling penalties, OpenAI's ``frequency_penalty`` and ``presence_penalty`` and ``/generate``'s
+``repetition_penalty`` and ``min_p`` too, act as SGLang defines them (``sampling.py``), in its ranges.
 
 From the complete server on, nothing is ignored silently: a field the server does not know is refused
 with a 400 that names it (``extra="forbid"``), and so is a known field it does not implement, unless
-its value is the neutral one (``frequency_penalty`` 0, ``best_of`` equal to ``n``...). The only
+its value is the neutral one (``suffix`` empty, ``best_of`` equal to ``n``...). The only
 fields accepted and not acted on are those OpenAI defines as hints a server may ignore: ``user`` and
 ``safety_identifier`` (who the end user is, for abuse monitoring), ``metadata`` and ``store`` (for
 OpenAI's stored completions), ``service_tier`` and ``prompt_cache_key`` (how OpenAI schedules and
@@ -17,14 +19,21 @@ Chat messages may carry fields a client copied back from an earlier reply (``ref
 those are a record of the conversation, not options, and are left alone.
 
 SGLang's own fields are accepted as SGLang defines them, since SGLang's Model Gateway (``smg``) forwards
-them with every request, set or not (chapter 06 runs replicas behind it): ``no_stop_trim`` keeps the
-matched stop string at the end of the text; ``separate_reasoning`` and ``stream_reasoning`` act only in a
-server launched with a reasoning parser, which this one has not, so that at either value the text stays
-whole, as in SGLang without one; ``/generate``'s ``model`` must name the served model, as in the OpenAI
-endpoints. The rest are implemented at their neutral value only (``NEUTRAL_VALUES``).
+them with every request, set or not (chapter 06 runs replicas behind it): ``no_stop_trim`` keeps what
+a stop cut at the end of the text (the stop string, what a stop pattern matched, a stop token's own text);
+``stop_token_ids`` end a reply as EOS does (``ignore_eos`` ignores them too; ``matched_stop`` is the id) and
+``stop_regex``, regular expressions, as stop strings do (``matched_stop`` is the pattern); ``cache_salt`` keeps
+a tenant's cached prefixes to itself: a request shares no cached page with another salt, or none (vLLM's too);
+``continue_final_message`` makes a chat's reply continue its last message, which must be an assistant's
+(assistant prefill: the reply holds only what follows it); ``/generate``'s ``logprob_start_len`` says from
+which prompt position ``input_token_logprobs`` start (-1: the last token only; the first entry's log
+probability is None, as in SGLang); ``separate_reasoning`` and ``stream_reasoning`` act only in a server
+launched with a reasoning parser, which this one has not, so that at either value the text stays whole, as
+in SGLang without one; ``/generate``'s ``model`` must name the served model, as in the OpenAI endpoints. The
+rest are implemented at their neutral value only (``NEUTRAL_VALUES``).
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,9 +42,8 @@ from ..core import MAX_TOP_LOGPROBS, InvalidParam
 # Known fields that do something this server does not do, and the one value at which they do nothing. From
 # ``skip_special_tokens`` on, SGLang's: the gateway sends them with every request, at these values unless a
 # client set them (``log_metrics``: count the request in the metrics; ``no_logs``: log nothing of it).
-NEUTRAL_VALUES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "suffix": None, "min_p": 0.0,
-                  "repetition_penalty": 1.0, "stop_token_ids": None, "skip_special_tokens": True,
-                  "continue_final_message": False, "return_hidden_states": False, "log_metrics": True,
+NEUTRAL_VALUES = {"suffix": None, "skip_special_tokens": True,
+                  "return_hidden_states": False, "log_metrics": True,
                   "no_logs": False, "background": False, "return_bytes": False, "return_entropy": False}
 
 
@@ -76,15 +84,24 @@ class SamplingFields(Strict):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     no_stop_trim: bool = False  # SGLang's: keep the matched stop string at the end of the text
-    # known, implemented only at their neutral value
-    frequency_penalty: float = 0.0
+    stop_token_ids: list[int] | None = None  # SGLang's (and vLLM's): token ids that end the reply as EOS does
+    stop_regex: str | list[str] | None = None  # SGLang's: regular expressions that end it as stop strings do
+    cache_salt: str | None = None  # SGLang's and vLLM's: the tenant whose cached prefixes this request may use
+    frequency_penalty: float = 0.0  # the penalties, bounded by SamplingParams (sampling.py applies them)
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # SGLang's extensions, as on its OpenAI endpoints
+    min_p: float = 0.0
+    # known, implemented only at their neutral value
     skip_special_tokens: bool = True
     return_hidden_states: bool = False
 
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def stop_regex_list(self) -> list[str]:
+        return [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex or [])
 
     @property
     def include_usage(self) -> bool:
@@ -123,7 +140,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None  # a hint (see the module's docstring)
     separate_reasoning: bool = True  # SGLang's, with a reasoning parser only (see the module's docstring)
     stream_reasoning: bool = True
-    continue_final_message: bool = False  # SGLang's; implemented only at its neutral value
+    continue_final_message: bool = False  # SGLang's (and vLLM's): the reply continues the last, assistant, message
 
 
 class CompletionRequest(SamplingFields):
@@ -132,6 +149,34 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None  # implemented only equal to n (one sample per choice)
     suffix: str | None = None
+
+
+class ResponsesRequest(Strict):
+    """OpenAI's Responses API (``POST /v1/responses``, ``responses.py``): one conversation in, one message out.
+    ``input`` is checked there, item by item, so that an error names the item (``input[2]``)."""
+
+    model: str | None = None
+    input: Any  # a string (one user message) or a list of messages
+    instructions: str | None = None  # a system message before the input
+    max_output_tokens: int | None = Field(None, gt=0, lt=2**31)  # None: as many as the context leaves room for
+    temperature: float | None = None  # None: OpenAI's default, 1
+    top_p: float | None = None
+    stream: bool = False
+    text: dict | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tools: list[dict] | None = None  # refused unless empty (responses.py says why)
+    tool_choice: str | dict | None = None  # without tools: "auto" or "none" only
+    # hints a server may ignore (see the module's docstring)
+    store: bool | None = None  # OpenAI keeps responses for later turns; this server keeps none
+    metadata: dict | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
+    # refused when set: they need a server that keeps responses
+    previous_response_id: str | None = None
+    conversation: str | dict | None = None
+    background: bool | None = None  # accepted only false
 
 
 class GenerateSampling(Strict):
@@ -155,6 +200,7 @@ class GenerateSampling(Strict):
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
     no_stop_trim: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = True
 
@@ -169,8 +215,12 @@ class GenerateRequest(Strict):
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # SamplingParams.logprobs, with return_logprob
     return_text_in_logprobs: bool = False
+    # With return_logprob: the first prompt position whose log probability is returned (input_token_logprobs);
+    # -1, SGLang's default: the last prompt token only.
+    logprob_start_len: int = Field(-1, ge=-1, lt=2**31)
     rid: str | list[str] | None = None  # the caller's id for the request (a hint: ours are our own)
     model: str | None = None  # sent by SGLang's gateway (null); if set, it must name the served model
+    cache_salt: str | None = None  # the tenant whose cached prefixes every prompt of the request may use
     # SGLang's, implemented only at their neutral value (the gateway sends them with every request)
     log_metrics: bool = True
     return_hidden_states: bool = False

@@ -5,7 +5,8 @@ detokenizer keeps a ``TextStream`` (incremental, UTF-8 safe, holding back what m
 string). When a stop string appears, the request is over as far as the client is concerned: the
 text before it is sent with ``finish_reason="stop"``, and an abort goes back to the scheduler to free
 its KV cache pages. Tokens the scheduler produced meanwhile are dropped here, so no text past a stop
-string ever reaches the client.
+string ever reaches the client. The complete server's stop patterns (``stop_regex``) end a request the same
+way, matched by the same stream.
 
 A request whose tokens the decoder cannot turn into text (``DecodeStream`` raises on some token
 sequences with some tokenizers) ends alone, with an error: its client is told, the scheduler gets an
@@ -39,7 +40,8 @@ class Detokenizer:
 
     # --8<-- [start:detokenize]
     def detokenize(self, batch: BatchTokenOutput) -> tuple[BatchTextOutput, list[AbortRequest]]:
-        out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], prompt_logprobs=[])
+        out = BatchTextOutput([], [], [], [], [], [], logprobs=[], matched_stops=[], matched_texts=[],
+                              prompt_logprobs=[])
         aborts = []
         for output in batch.outputs:
             try:
@@ -50,6 +52,8 @@ class Detokenizer:
             out.logprobs = []
         if not any(out.prompt_logprobs):
             out.prompt_logprobs = []
+        if not any(out.matched_texts):
+            out.matched_texts = []
         return out, aborts
 
     def step(self, output: TokenOutput, out: BatchTextOutput, aborts: list[AbortRequest]) -> None:
@@ -79,8 +83,18 @@ class Detokenizer:
             del self.states[uid]
         # --8<-- [end:ex-detokenize-step]
         if text or finish is not None:
-            self.emit(out, uid, text, finish, matched, state)
+            self.emit(out, uid, text, finish, matched, state, self.matched_text(state, finish, matched))
     # --8<-- [end:detokenize]
+
+    def matched_text(self, state: DetokenizeState, finish: str | None, matched) -> str:
+        """The text of what ended a reply by ``stop``, which the reply leaves out (``no_stop_trim`` puts it back, as
+        SGLang's detokenizer keeps it): the stop string, what a stop pattern matched, or a stop token's own text,
+        without special tokens (so none for EOS)."""
+        if finish != "stop" or matched is None:
+            return ""
+        if isinstance(matched, int):
+            return self.tokenizer.decode([matched], skip_special_tokens=True)
+        return state.stream.matched_text or ""
 
     def fail(self, output: TokenOutput, out: BatchTextOutput, aborts: list[AbortRequest]) -> None:
         """End a request whose output could not be turned into text with an error, and it alone: the
@@ -94,7 +108,8 @@ class Detokenizer:
         state.logprobs = state.prompt = None
         self.emit(out, output.uid, "", "error", None, state)
 
-    def emit(self, out: BatchTextOutput, uid: str, text: str, finish: str | None, matched, state) -> None:
+    def emit(self, out: BatchTextOutput, uid: str, text: str, finish: str | None, matched, state,
+             matched_text: str = "") -> None:
         out.uids.append(uid)
         out.texts.append(text)
         out.finish_reasons.append(finish)
@@ -102,6 +117,7 @@ class Detokenizer:
         out.completion_tokens.append(state.completion_tokens)
         out.cached_tokens.append(state.cached_tokens)
         out.matched_stops.append(matched)
+        out.matched_texts.append(matched_text)
         out.logprobs.append(state.logprobs or [])
         out.prompt_logprobs.append(state.prompt or [])
         state.logprobs = state.prompt = None
@@ -109,7 +125,7 @@ class Detokenizer:
     def start(self, info: NewRequestInfo) -> None:
         """A request's first output: its stream, with its stop strings, and its prompt's log probabilities."""
         self.states[info.uid] = state = DetokenizeState(
-            TextStream(self.tokenizer, info.stop), info.prompt_tokens, cached_tokens=info.cached_tokens
+            TextStream(self.tokenizer, info.stop, info.stop_regex), info.prompt_tokens, cached_tokens=info.cached_tokens
         )
         if info.first_prompt_id is not None:  # it asked for its prompt's log probabilities
             first = info.first_prompt_id

@@ -2,7 +2,9 @@
 
 Chat messages go through the model's chat template; a raw prompt is encoded as it is. Here, where the
 prompt's length is first known, we also check that prompt plus reply fit in the context, and fill in
-``max_tokens`` when the client left it open.
+``max_tokens`` when the client left it open (and, in the complete server, where the prompt's log
+probabilities start, ``logprob_start_len``). The complete server also turns token ids back into text here,
+for an echo of a prompt sent as ids (``decode``).
 """
 
 from ..messages import TokenizeError, TokenizeRequest, UserRequest, pack_ids, unpack_ids
@@ -22,9 +24,11 @@ class Tokenizer:
                 message = "this model has no chat template: send a prompt to /v1/completions"
                 return TokenizeError(request.uid, message, "messages")
             try:
+                # continue_final: the last message (an assistant's, the API server checked) is left open, and the
+                # reply continues it (assistant prefill); otherwise a new assistant turn is opened for the reply.
                 text = self.tokenizer.apply_chat_template(
                     request.messages, tools=request.tools, chat_template=self.chat_template, tokenize=False,
-                    add_generation_prompt=True,
+                    add_generation_prompt=not request.continue_final, continue_final_message=request.continue_final,
                 )
             except Exception as error:  # the template itself refused these messages
                 return TokenizeError(request.uid, f"the chat template rejected the messages: {error}", "messages")
@@ -38,9 +42,18 @@ class Tokenizer:
         if not prompt_ids:
             return TokenizeError(request.uid, "the prompt is empty", field)
         params = request.params
+        if params.prompt_logprobs and params.logprob_start_len == -1:  # SGLang's default: the last prompt token
+            params.logprob_start_len = len(prompt_ids) - 1
+        if params.prompt_logprobs and params.logprob_start_len >= len(prompt_ids):
+            message = (f"logprob_start_len ({params.logprob_start_len}) must be smaller than the prompt's length "
+                       f"({len(prompt_ids)} tokens)")
+            return TokenizeError(request.uid, message, "logprob_start_len")
         if any(not 0 <= t < self.vocab_size for t in params.logit_bias):
             message = f"logit_bias keys must be token ids below {self.vocab_size}"
             return TokenizeError(request.uid, message, "logit_bias")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            message = f"stop_token_ids must be token ids below {self.vocab_size}"
+            return TokenizeError(request.uid, message, "stop_token_ids")
         if len(prompt_ids) >= self.context_length:
             return TokenizeError(
                 request.uid,
@@ -61,3 +74,11 @@ class Tokenizer:
             )
         return UserRequest(request.uid, pack_ids(prompt_ids), params)
     # --8<-- [end:tokenize]
+
+    def decode(self, ids: list[int]) -> str:
+        """A prompt's token ids as text, for completions' ``echo`` of a prompt sent as ids. Special tokens are
+        dropped, as in a reply's text and in SGLang's echo: the ids of a text with a BOS token added echo as
+        that text."""
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError("prompt token ids must be in the vocabulary")
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

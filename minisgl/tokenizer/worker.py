@@ -6,7 +6,8 @@ detokenizer pulls the scheduler's ``BatchTokenOutput`` and pushes ``BatchTextOut
 server. With ``--num-tokenizer 0`` one process does both, watching both sockets.
 
 A request that makes the tokenizer or the decoder raise ends alone, with an error (``tokenize_one`` and
-``Detokenizer.fail``); the worker goes on serving every other request (from chapter 06 on).
+``Detokenizer.fail``); the worker goes on serving every other request (from chapter 06 on). In the complete
+server a tokenizer also answers the API server's ``DecodeRequest``: a prompt's token ids as text, for an echo.
 """
 
 import logging
@@ -17,7 +18,17 @@ from transformers import PreTrainedTokenizerFast
 
 from ..config import ServerConfig
 from ..ipc import Addresses, pull_socket, push_socket, receive_all
-from ..messages import ToDetokenizer, TokenizeError, TokenizeRequest, ToTokenizer, decoder, encode
+from ..messages import (
+    DecodedText,
+    DecodeRequest,
+    ToDetokenizer,
+    TokenizeError,
+    TokenizeRequest,
+    ToTokenizer,
+    decoder,
+    encode,
+    unpack_ids,
+)
 from ..process import become_child
 from .detokenize import Detokenizer
 from .tokenize import Tokenizer
@@ -73,6 +84,12 @@ def tokenize_one(message, tokenizer: Tokenizer, to_scheduler, to_api) -> None:
             logger.exception("request %s: tokenizing it failed", message.uid)
             result = TokenizeError(message.uid, f"the tokenizer could not process this request: {error}")
         (to_api if isinstance(result, TokenizeError) else to_scheduler).send(encode(result))
+    elif isinstance(message, DecodeRequest):  # ids back into text, for the API server (an echo of an ids prompt)
+        try:
+            answer = DecodedText(message.uid, tokenizer.decode(unpack_ids(message.input_ids)))
+        except Exception as error:
+            answer = TokenizeError(message.uid, f"could not turn the prompt's token ids into text: {error}", "prompt")
+        to_api.send(encode(answer))
     else:  # an abort or a cache flush: forwarded in order, after the request it aborts if that came this way
         to_scheduler.send(encode(message))
 

@@ -1,6 +1,6 @@
 """The epilogue's exercises: ``bitmask`` (xgrammar's packed token bitmask unpacked into allowed tokens, in
-``grammar.py``) and ``logit-order`` (the sampling step's order: log probabilities, ``logit_bias``, the grammar's
-mask, then sampling, in ``sampling.py``).
+``grammar.py``) and ``logit-order`` (the sampling step's order: log probabilities, penalties, ``logit_bias``, the
+grammar's mask, then sampling, in ``sampling.py``).
 
 Each runs on small tensors and a vocabulary of a few tokens, with no model and no server; the first test of
 each exercise compares the learner's function with a plain computation written here, and says where it differs.
@@ -93,10 +93,19 @@ def test_grammar_masks_touch_only_the_constrained_rows():
     assert logits[0, 0].item() == 0.0 and logits[2, 3].item() == 2 * len(tokens) + 3, "allowed logits stay as they were"
 
 
-def batch_of(rows: list[SamplingParams], mask=None) -> SamplingBatch:
-    """A SamplingBatch for requests of these parameters, each with its own seeded random stream."""
-    requests = [SimpleNamespace(uid=f"r{i}", params=p, generator=make_generator(i)) for i, p in enumerate(rows)]
-    return SamplingBatch.build(requests, "cpu", mask)
+def batch_of(rows: list[SamplingParams], mask=None, counts: torch.Tensor | None = None) -> SamplingBatch:
+    """A SamplingBatch for requests of these parameters, each with its own seeded random stream, request i in
+    slot i of ``counts`` (the engine's token counts, for the penalties)."""
+    requests = [SimpleNamespace(uid=f"r{i}", params=p, generator=make_generator(i), slot=i) for i, p in enumerate(rows)]
+    return SamplingBatch.build(requests, "cpu", mask, counts)
+
+
+def counts_of(slots: int, vocab: int, generated: dict[tuple[int, int], int]) -> torch.Tensor:
+    """Token counts as the engine keeps them: generated[(slot, token)] = how often that slot's request made it."""
+    counts = torch.zeros(slots, vocab, dtype=torch.int32)
+    for (slot, token), n in generated.items():
+        counts[slot, token] = n
+    return counts
 
 
 def forbid(row: int, token_ids: list[int]):
@@ -112,13 +121,20 @@ def forbid(row: int, token_ids: list[int]):
 def test_sampler_applies_bias_then_mask_then_samples():
     # Row 0: a bias of +1.5 on token 2 (logit 3.0) beats token 4 (logit 4.0) only if it is added, not set.
     # Row 1: the grammar forbids tokens 4 and 5; the client's +100 on token 5 cannot bring it back.
-    # Row 2: wants its log probabilities, which must be the model's own, before its bias of +100 on token 0.
+    # Row 2: wants its log probabilities, which must be the model's own, before its bias of +100 on token 0 and
+    # before its presence penalty of 2 on token 1, which it generated once.
+    # Row 3: a repetition penalty of 2 on tokens 1 and 3, generated once each, and then a bias of +1.5 on token 1:
+    # penalties, then bias: token 1 (3.0 / 2 + 1.5 = 3.0 against 2.5 and 4.6 / 2); bias first: token 2 (token 1
+    # at (3.0 + 1.5) / 2 = 2.25); no penalty: token 3 (4.6).
     raw = torch.tensor([[0.0, 1.0, 3.0, 2.0, 4.0, -1.0],
                         [0.0, 1.0, 2.0, 0.5, 9.0, 3.0],
-                        [0.0, 5.0, 1.0, 2.0, 3.0, 4.0]])
+                        [0.0, 5.0, 1.0, 2.0, 3.0, 4.0],
+                        [0.0, 3.0, 2.5, 4.6, -1.0, 0.5]])
     params = [SamplingParams(logit_bias={2: 1.5}), SamplingParams(logit_bias={5: 100.0}),
-              SamplingParams(logit_bias={0: 100.0}, logprobs=2)]
-    tokens, logprobs = sampler(raw.clone(), batch_of(params, forbid(1, [4, 5])))
+              SamplingParams(logit_bias={0: 100.0}, logprobs=2, presence_penalty=2.0),
+              SamplingParams(logit_bias={1: 1.5}, repetition_penalty=2.0)]
+    counts = counts_of(4, 6, {(2, 1): 1, (3, 1): 1, (3, 3): 1})
+    tokens, logprobs = sampler(raw.clone(), batch_of(params, forbid(1, [4, 5]), counts))
     assert isinstance(tokens, torch.Tensor), "return the tokens as a tensor (sample gives one)"
     tokens = tokens.tolist()
     assert tokens[0] == 2, (f"row 0 chose {tokens[0]}, expected 2: its bias of +1.5 is added to token 2's logit 3.0"
@@ -127,7 +143,12 @@ def test_sampler_applies_bias_then_mask_then_samples():
                             "allowed token wins" + (" (was the mask applied before sampling?)"
                                                     if tokens[1] in (4, 5) else ""))
     assert tokens[2] == 0, f"row 2 chose {tokens[2]}, expected 0: its +100 bias makes it the best"
-    assert logprobs[0] is None and logprobs[1] is None, "only row 2 asked for log probabilities: None for the others"
+    assert tokens[3] == 1, (f"row 3 chose {tokens[3]}, expected 1: the penalties change the model's logits, then the "
+                            "bias is added" + {2: " (got 2: was the bias added before the penalties?)",
+                                               3: " (got 3: were the penalties applied? apply_penalties does it)"}
+                            .get(tokens[3], ""))
+    assert logprobs[0] is None and logprobs[1] is None and logprobs[3] is None, (
+        "only row 2 asked for log probabilities: None for the others")
     assert logprobs[2] is not None, "row 2 asked for log probabilities"
     chosen, top = logprobs[2]
     model = torch.log_softmax(raw[2], dim=-1)
@@ -144,8 +165,9 @@ def test_sampler_reports_the_same_logprobs_whatever_the_sampling():
     reported = []
     for params, mask in [(SamplingParams(logprobs=3), None),
                          (SamplingParams(logprobs=3, temperature=0.7, top_k=2, seed=1), None),
-                         (SamplingParams(logprobs=3, logit_bias={3: 50.0}), forbid(0, [0, 1]))]:
-        _, logprobs = sampler(raw.clone(), batch_of([params], mask))
+                         (SamplingParams(logprobs=3, logit_bias={3: 50.0}), forbid(0, [0, 1])),
+                         (SamplingParams(logprobs=3, frequency_penalty=2.0, min_p=0.2, temperature=1.0, seed=2), None)]:
+        _, logprobs = sampler(raw.clone(), batch_of([params], mask, counts_of(1, 5, {(0, 0): 3})))
         reported.append(logprobs[0])
     first_chosen, first_top = reported[0]
     for chosen, top in reported[1:]:
