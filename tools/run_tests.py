@@ -69,7 +69,8 @@ def run_step(name: str, command: list[str], env: dict, capture: bool) -> tuple[b
         print(f"\n===== {name}: {' '.join(command[1:])}", flush=True)
         returncode = subprocess.run(command, cwd=REPO_ROOT, env=env, check=False).returncode
         return returncode == 0, time.perf_counter() - started, ""
-    print(f"----- started {name}", flush=True)
+    sys.stdout.write(f"----- started {name}\n")  # one write: print's line and its newline are two, and interleave
+    sys.stdout.flush()
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, check=False)
     seconds = time.perf_counter() - started
