@@ -1,9 +1,11 @@
-"""Fixtures for chapter 06's tests: servers, the default model, and tiny random models.
+"""Fixtures for chapter 06's tests: servers, the default model, tiny random models, and an API server whose
+workers a task plays (``fake_workers``).
 
 Without a GPU the Triton kernels run in Triton's interpreter, which reads ``TRITON_INTERPRET`` when a
 kernel is decorated: it is set here, before any test module imports ``minisgl.kernels``.
 """
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -107,3 +109,48 @@ def tiny_llama(tmp_path_factory) -> Path:
 def _no_proxy(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def fake_workers(tmp_path):
+    """The API server's app and frontend, with the workers played by a task: every request gets the text " {"
+    and then the scheduler's dead end (as the detokenizer would pass it on)."""
+    import httpx
+    import zmq.asyncio
+
+    from minisgl.args import ServerArgs
+    from minisgl.config import ServerConfig
+    from minisgl.ipc import Addresses, pull_socket, push_socket
+    from minisgl.messages import DEAD_END, BatchTextOutput, TokenizeRequest, ToTokenizer, decoder, encode
+    from minisgl.server.app import create_app
+    from minisgl.server.frontend import Frontend
+
+    addresses = Addresses.in_folder(tmp_path)
+    frontend = Frontend(addresses)
+    config = ServerConfig(ServerArgs(), str(tmp_path), "tiny", 128, 256, (255,), None, 0)
+    app = create_app(frontend, config)
+
+    context = zmq.asyncio.Context()  # the workers'; both contexts are destroyed at the end, sockets and all
+
+    async def workers():
+        inbox = pull_socket(context, addresses.tokenizer, bind=False)
+        outbox = push_socket(context, addresses.api_server)
+        messages = decoder(ToTokenizer)
+        while True:
+            message = messages.decode(await inbox.recv())
+            if isinstance(message, TokenizeRequest):
+                for text, finish, tokens in ((" {", None, 1), ("", DEAD_END, 1)):
+                    await outbox.send(encode(BatchTextOutput([message.uid], [text], [finish], [3], [tokens], [0])))
+
+    async def run(method, *args, **kwargs):
+        tasks = [asyncio.ensure_future(frontend.receive_loop()), asyncio.ensure_future(workers())]
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+                return await getattr(client, method)(*args, **kwargs)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    yield lambda method, *args, **kwargs: asyncio.run(run(method, *args, **kwargs)), frontend
+    context.destroy(linger=0)
+    frontend.context.destroy(linger=0)

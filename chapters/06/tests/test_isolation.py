@@ -5,7 +5,6 @@ fail a batch; a request's own constraint that leads nowhere ends that request wi
 500; the counters /state and /metrics show do not wrap, and the page gauges say what they count.
 """
 
-import asyncio
 
 import pytest
 from test_paged_engine import collect, run_until_idle, submit, tiny_scheduler
@@ -109,51 +108,6 @@ def test_a_grammar_dead_end_ends_its_request_as_its_own_not_as_a_server_error(ti
     assert replies["stuck"].finish == DEAD_END and len(replies["stuck"].tokens) == 2
     assert replies["free"].finish == "length" and len(replies["free"].tokens) == 6
     assert scheduler.pages.num_free + scheduler.cache.cached_pages == scheduler.pages.num_total
-
-
-@pytest.fixture
-def fake_workers(tmp_path):
-    """The API server's app and frontend, with the workers played by a task: every request gets the text " {"
-    and then the scheduler's dead end (as the detokenizer would pass it on)."""
-    import httpx
-    import zmq.asyncio
-
-    from minisgl.args import ServerArgs
-    from minisgl.config import ServerConfig
-    from minisgl.ipc import Addresses, pull_socket, push_socket
-    from minisgl.messages import DEAD_END, BatchTextOutput, TokenizeRequest, ToTokenizer, decoder, encode
-    from minisgl.server.app import create_app
-    from minisgl.server.frontend import Frontend
-
-    addresses = Addresses.in_folder(tmp_path)
-    frontend = Frontend(addresses)
-    config = ServerConfig(ServerArgs(), str(tmp_path), "tiny", 128, 256, (255,), None, 0)
-    app = create_app(frontend, config)
-
-    context = zmq.asyncio.Context()  # the workers'; both contexts are destroyed at the end, sockets and all
-
-    async def workers():
-        inbox = pull_socket(context, addresses.tokenizer, bind=False)
-        outbox = push_socket(context, addresses.api_server)
-        messages = decoder(ToTokenizer)
-        while True:
-            message = messages.decode(await inbox.recv())
-            if isinstance(message, TokenizeRequest):
-                for text, finish, tokens in ((" {", None, 1), ("", DEAD_END, 1)):
-                    await outbox.send(encode(BatchTextOutput([message.uid], [text], [finish], [3], [tokens], [0])))
-
-    async def run(method, *args, **kwargs):
-        tasks = [asyncio.ensure_future(frontend.receive_loop()), asyncio.ensure_future(workers())]
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
-                return await getattr(client, method)(*args, **kwargs)
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    yield lambda method, *args, **kwargs: asyncio.run(run(method, *args, **kwargs)), frontend
-    context.destroy(linger=0)
-    frontend.context.destroy(linger=0)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

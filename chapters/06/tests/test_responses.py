@@ -270,51 +270,10 @@ def test_hints_are_accepted_and_change_nothing(client):
 # ---------------------------------------------------------------- an error mid-stream
 
 
-@pytest.fixture
-def dead_end_workers(tmp_path):
-    """The API server's app with the workers played by a task (as in ``test_isolation.py``): every request gets
-    the text " {" and then its grammar's dead end, a refusal that comes after the reply has started."""
-    import asyncio
-
-    import zmq.asyncio
-
-    from minisgl.args import ServerArgs
-    from minisgl.config import ServerConfig
-    from minisgl.ipc import Addresses, pull_socket, push_socket
-    from minisgl.messages import DEAD_END, BatchTextOutput, TokenizeRequest, ToTokenizer, decoder, encode
-    from minisgl.server.app import create_app
-    from minisgl.server.frontend import Frontend
-
-    addresses = Addresses.in_folder(tmp_path)
-    frontend = Frontend(addresses)
-    app = create_app(frontend, ServerConfig(ServerArgs(), str(tmp_path), "tiny", 128, 256, (255,), None, 0))
-    context = zmq.asyncio.Context()
-
-    async def workers():
-        inbox = pull_socket(context, addresses.tokenizer, bind=False)
-        outbox = push_socket(context, addresses.api_server)
-        messages = decoder(ToTokenizer)
-        while True:
-            message = messages.decode(await inbox.recv())
-            if isinstance(message, TokenizeRequest):
-                for text, finish in ((" {", None), ("", DEAD_END)):
-                    await outbox.send(encode(BatchTextOutput([message.uid], [text], [finish], [3], [1], [0])))
-
-    async def run(body):
-        tasks = [asyncio.ensure_future(frontend.receive_loop()), asyncio.ensure_future(workers())]
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
-                return await client.post("/v1/responses", json=body)
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    yield lambda body: asyncio.run(run(body))
-    context.destroy(linger=0)
-    frontend.context.destroy(linger=0)
-
-
-def test_a_refusal_after_the_reply_started_is_an_error_event_naming_the_field(dead_end_workers):
+def test_a_refusal_after_the_reply_started_is_an_error_event_naming_the_field(fake_workers):
+    # the workers played by a task (conftest.py): every request gets " {", then its grammar's dead end
+    call, _ = fake_workers
+    dead_end_workers = lambda body: call("post", "/v1/responses", json=body)  # noqa: E731
     body = {"model": "tiny", "input": "hi", "max_output_tokens": 5, "text": {"format": {"type": "json_object"}}}
     whole = dead_end_workers(body)
     assert whole.status_code == 400
