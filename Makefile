@@ -66,6 +66,9 @@ bench: setup
 	$(PYTHON) benchmarks/capacity.py
 	$(PYTHON) benchmarks/chunked_prefill.py
 	$(PYTHON) benchmarks/linear_prepack.py
+	$(PYTHON) benchmarks/int8_weights.py
+	$(PYTHON) benchmarks/int8_accuracy.py
+	$(PYTHON) benchmarks/step_profile.py
 	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
 	$(PYTHON) benchmarks/single_stream.py --chapter 05 top
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \

@@ -704,8 +704,63 @@ def single_stream_fragment(result: dict) -> str:
         f"the first and the last streamed piece (prefill left out), the median of {result['repeats']} runs; "
         f"minisgl through HTTP, llama-cpp-python in-process. `{result['command']}` at commit {result['commit']}."
     )
-    rows = [[r["engine"], f"{r['decode_tok_s']:.1f}", f"{r['vs_llama_cpp_python']:.2f}x"] for r in result["rows"]]
-    return "\n".join([lead, "", *markdown_table(["engine", "decode tok/s", "vs llama-cpp-python"], rows, "lrr"), ""])
+    bandwidth = max(result["bandwidth_gb_s"].values())
+    lead += (f" The floor: the weights a token reads over the memory bandwidth measured in the same run "
+             f"({bandwidth:.1f} GB/s).")
+    rows = [[r["engine"], f"{r['decode_tok_s']:.1f}", f"{r['vs_llama_cpp_python']:.2f}x", f"{r['ms_per_token']:.1f}",
+             f"{r['weights_mb']:.0f}", f"{r['of_floor']:.0f}%"] for r in result["rows"]]
+    header = ["engine", "decode tok/s", "vs llama-cpp-python", "ms per token", "weights read, MB", "of the floor"]
+    return "\n".join([lead, "", *markdown_table(header, rows, "lrrrrr"), ""])
+
+
+def int8_weights_fragment(result: dict) -> str:
+    """A decode step's products per kernel and batch size, against the floor the bandwidth sets."""
+    bandwidth = result["bandwidth_gb_s"]
+    lead = (
+        f"{measured(result)}; {result['threads']} threads. Memory bandwidth: copy {bandwidth['copy']:.1f} GB/s, "
+        f"triad {bandwidth['triad']:.1f} GB/s. Each cell: one decode step's products (30 layers and the LM head, "
+        f"every matrix distinct, so none is in cache), the median of 5 steps; the floor is the weights' bytes "
+        f"over the bandwidth. `{result['command']}` at commit {result['commit']}."
+    )
+    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
+    by_rows = {}
+    for r in result["rows"]:
+        by_rows.setdefault(r["rows"], {})[r["kernel"]] = r
+    header = ["rows", *(f"{k}, ms (% of floor)" for k in kernels)]
+    rows = [[n, *(f"{cells[k]['step_ms']:.1f} ({cells[k]['of_floor_pct']}%)" for k in kernels)]
+            for n, cells in by_rows.items()]
+    return "\n".join([lead, "", *markdown_table(header, rows, "r" * len(header)), ""])
+
+
+def int8_accuracy_fragment(result: dict) -> str:
+    lead = (
+        f"{measured(result)}. Perplexity over {result['scored_tokens']} tokens of this course's chapter pages "
+        f"({result['windows']} windows of {result['window']}); greedy agreement: how many of "
+        f"{result['new_tokens']} greedy tokens agree with the float32 run (transformers' output), over "
+        f"{len(next(iter(result['agreeing'].values())))} chat and code prompts. `{result['command']}` at commit "
+        f"{result['commit']}."
+    )
+    header = ["weights", "perplexity", "vs float32", "agreeing tokens, median", "fewest", "prompts agreeing to the end"]
+    rows = [[r["weights"], f"{r['perplexity']:.2f}", f"{r['vs_float32']:.3f}x", r["agreeing_tokens_median"],
+             r["agreeing_tokens_min"], r["prompts_all_agreeing"]] for r in result["rows"]]
+    base = result["rows"][0]["perplexity"]
+    by_kind = ("With the activations quantized (w8a8) in one kind of matrix only, every other product "
+               "weight-only, the perplexity is: " + "; ".join(
+                   f"{kind} {p:.2f} ({p / base:.3f}x)" for kind, p in result["w8a8_by_kind"].items()) + ".")
+    return "\n".join([lead, "", *markdown_table(header, rows, "lrrrrr"), "", by_kind, ""])
+
+
+def step_profile_fragment(result: dict) -> str:
+    parts = ("matmuls", "attention", "other tensor ops", "Python in the model", "sampling", "scheduler")
+    lead = (
+        f"{measured(result)}. One request, {result['new_tokens']} greedy tokens through the offline API, under "
+        f"torch's profiler (which makes every step slower: the unprofiled time per token is the first column). "
+        f"`{result['command']}` at commit {result['commit']}."
+    )
+    header = ["weights", "ms per token", "profiled step, ms", *parts]
+    rows = [[r["quantization"], f"{r['unprofiled_ms_per_token']:.1f}", f"{r['profiled_ms_per_step']:.1f}",
+             *(f"{r[p + '_ms']:.1f}" for p in parts)] for r in result["rows"]]
+    return "\n".join([lead, "", *markdown_table(header, rows, "l" + "r" * (len(header) - 1)), ""])
 
 
 FIGURES = {
@@ -723,7 +778,8 @@ FIGURES = {
     "routing": ("ch06-routing.png", routing_figure, routing_fragment),
 }
 # Results a page shows as a table alone: name -> its fragment.
-TABLES = {"single_stream": single_stream_fragment}
+TABLES = {"single_stream": single_stream_fragment, "int8_weights": int8_weights_fragment,
+          "int8_accuracy": int8_accuracy_fragment, "step_profile": step_profile_fragment}
 
 
 def render(result_path: Path) -> list[Path]:

@@ -60,7 +60,7 @@ class LLM:
         self.detokenizer = Detokenizer(hf_tokenizer)
         self.engine = Engine(config.model_path, args.dtype, args.device, config.num_pages, args.page_size,
                              config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
-                             attention_backend=args.attention_backend,
+                             attention_backend=args.attention_backend, quantization=args.quantization,
                              cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
                              max_running_requests=args.max_running_requests)
         # Constraints compile inline, here: nothing else of this process would run meanwhile.

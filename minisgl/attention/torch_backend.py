@@ -74,6 +74,8 @@ class TorchBackend(AttentionBackend):
         meta = self.metadata
         k_cache, v_cache = self.kv_cache.layer(layer_id)
         store_kv(k_cache, v_cache, meta.new_locations, k, v)  # every new token into its page
+        if not meta.extends:  # decodes only (one stream's every step): q's rows are theirs, in order
+            return paged_decode_attention(q, k_cache, v_cache, meta.decode_locations, meta.decode_seq_lens, self.scale)
         out = torch.empty_like(q)
         if meta.decode_locations is not None:
             out[meta.decode_rows] = paged_decode_attention(

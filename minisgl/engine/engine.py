@@ -23,6 +23,7 @@ from ..distributed import tp_info
 from ..kv_cache import KVCache, bytes_per_page
 from ..layers import kv_head_shard
 from ..layers.linear import prepack_for_cpu
+from ..layers.quantize import quantize_model
 from ..models import load_model
 from ..sampling import (
     Penalties,
@@ -93,18 +94,21 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
                  context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto",
-                 cuda_graph_max_bs: int = 0, max_running_requests: int = 256):
+                 cuda_graph_max_bs: int = 0, max_running_requests: int = 256, quantization: str = ""):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
         prompt + reply a request may have (``config.py`` clamps it); ``attention_backend``: torch, triton or
         auto (``attention.make_backend``); ``cuda_graph_max_bs``: capture CUDA graphs of decode steps up to
         that batch size (a GPU and the triton backend; 0: none); ``max_running_requests``: the slots of the
-        future-token map (overlap scheduling: a request's slot holds its last sampled token, on the device)."""
+        future-token map (overlap scheduling: a request's slot holds its last sampled token, on the device);
+        ``quantization``: w8a8_int8 or int8wo to multiply by int8 weights (``layers/quantize.py``), empty: none."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device)
+        if quantization:
+            quantize_model(self.model, quantization)  # each rank its own shard, from the checkpoint's weights
         if self.device.type == "cpu":
             prepack_for_cpu(self.model)  # bfloat16 weights in oneDNN's layout: faster, the same numbers
         self.config = c = self.model.config

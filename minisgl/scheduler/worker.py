@@ -55,7 +55,7 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
             check_same_settings(config)
         engine = Engine(config.model_path, args.dtype, str(device), config.num_pages, args.page_size,
                         config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
-                        attention_backend=args.attention_backend,
+                        attention_backend=args.attention_backend, quantization=args.quantization,
                         cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
                         max_running_requests=args.max_running_requests)
         num_pages = engine.kv_cache.num_pages
@@ -169,8 +169,8 @@ def with_seed(message):
 # What every rank must agree on, or the ranks would step differently: the model, the KV cache's size,
 # the scheduling limits, and the lockstep check itself (a collective that the other ranks must join).
 SHARED_SETTINGS = ("context_length", "num_pages", "vocab_size", "eos_token_ids")
-SHARED_ARGS = ("dtype", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory", "cache_type",
-               "attention_backend", "disable_overlap_schedule", "enable_overlap_schedule",
+SHARED_ARGS = ("dtype", "quantization", "max_running_requests", "chunked_prefill_size", "page_size", "kv_cache_memory",
+               "cache_type", "attention_backend", "disable_overlap_schedule", "enable_overlap_schedule",
                "tp_size", "nnodes", "tp_check_lockstep")
 
 

@@ -1,0 +1,108 @@
+"""Where one batch-1 decode step's time goes (chapter 06): matrix products, attention, sampling, Python.
+
+One request decodes ``--new-tokens`` greedy tokens through the offline API (``minisgl.LLM``: the scheduler
+and engine of the server, without its processes), once per ``--quantization`` value, under torch's
+profiler. Every decode step's wall time is split into:
+
+- **matmuls**: the self time of the matrix-product operators (oneDNN's prepacked bfloat16, the int8
+  kernels of ``layers/quantize.py``);
+- **attention**: the time inside the attention backend's ``forward`` (storing the new key and value,
+  reading the pages, the kernel);
+- **other tensor ops**: every other operator of the model's forward (norms, rotary, SiLU, adds, casts);
+- **Python in the model**: the forward's time outside every operator (the layers' Python);
+- **sampling**: the time inside ``Engine.step`` outside the forward (the sampler, ``tolist``);
+- **scheduler**: the rest: building the batch, the scheduler's bookkeeping, the detokenizer. Messages
+  between processes are not in this picture: in the server the tokenizer and detokenizer run in
+  processes of their own, beside the steps.
+
+The profiler adds its own cost to every operator, so the sum is larger than an unprofiled step; the
+unprofiled ms per token is measured first and shown beside it.
+
+    python benchmarks/step_profile.py [--quantization "" int8wo w8a8_int8] [--new-tokens 64]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from benchkit import record
+
+MATMULS = ("mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "quantized::linear_dynamic", "aten::mm",
+           "aten::addmm")
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+PARTS = ("matmuls", "attention", "other tensor ops", "Python in the model", "sampling", "scheduler")
+
+
+def profile(quantization: str, new_tokens: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from minisgl import LLM, SamplingParams
+
+    llm = LLM(dtype="bfloat16", quantization=quantization, max_running_requests=4)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([PROMPT], params)  # warm-up
+    start = time.perf_counter()
+    llm.generate([PROMPT], params)
+    unprofiled_ms = (time.perf_counter() - start) * 1e3 / new_tokens
+
+    # Label the parts: the attention backend's forward, the engine's forward (the model and the LM head), the
+    # whole engine step.
+    backend = llm.engine.attention
+    plain_attention, plain_forward, plain_step = backend.forward, llm.engine.forward, llm.engine.step
+
+    def labelled(name, fn):
+        def run(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return run
+
+    backend.forward = labelled("part:attention", plain_attention)
+    llm.engine.forward = labelled("part:forward", plain_forward)
+    llm.engine.step = labelled("part:step", plain_step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate([PROMPT], params)
+        wall = (time.perf_counter() - start) * 1e3
+    backend.forward, llm.engine.forward, llm.engine.step = plain_attention, plain_forward, plain_step
+
+    events = {e.key: e for e in prof.key_averages()}
+    inclusive = lambda name: events[name].cpu_time_total / 1e3  # noqa: E731  (ms)
+    steps = events["part:step"].count
+    matmuls = sum(events[name].self_cpu_time_total / 1e3 for name in MATMULS if name in events)
+    python_in_model = events["part:forward"].self_cpu_time_total / 1e3  # in the forward, outside every operator
+    model, attention, step = inclusive("part:forward"), inclusive("part:attention"), inclusive("part:step")
+    other = model - matmuls - attention - python_in_model
+    parts = {"matmuls": matmuls, "attention": attention, "other tensor ops": other,
+             "Python in the model": python_in_model, "sampling": step - model, "scheduler": wall - step}
+    per_step = {name: ms / steps for name, ms in parts.items()}
+    return {"quantization": quantization or "none (bfloat16)", "steps": steps, "unprofiled_ms_per_token": unprofiled_ms,
+            "profiled_ms_per_step": wall / steps, **{f"{k}_ms": v for k, v in per_step.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantization", nargs="+", default=["", "int8wo", "w8a8_int8"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=record.RESULTS / "step_profile.md")
+    args = parser.parse_args()
+    start = record.start_run("minisgl", busy_threshold=0.5)
+    rows = [profile(q, args.new_tokens) for q in args.quantization]
+    from minisgl.default_model import default_model_path
+
+    result = {**record.run_info("step_profile", "One batch-1 decode step, part by part", start, default_model_path(),
+                                packages=("torch",)), "new_tokens": args.new_tokens,
+              "rows": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]}
+    header = ["weights", "ms per token (unprofiled)", "profiled step ms", *(f"{p} ms" for p in PARTS)]
+    table = [[r["quantization"], f"{r['unprofiled_ms_per_token']:.1f}", f"{r['profiled_ms_per_step']:.1f}",
+              *(f"{r[p + '_ms']:.2f} ({100 * r[p + '_ms'] / r['profiled_ms_per_step']:.0f}%)" for p in PARTS)]
+             for r in result["rows"]]
+    lines = [*record.opening_lines(result),
+             f"- {record.versions_text(result['versions'])}; commit {result['commit']}; model {result['model']}",
+             f"- one request, {args.new_tokens} greedy tokens, offline API, bfloat16 activations; torch's profiler",
+             f"- command: `{result['command']}`", "",
+             *record.markdown_table(header, table, "l" + "r" * (len(header) - 1))]
+    record.write_result(args.output, "\n".join(lines) + "\n", result)
+
+
+if __name__ == "__main__":
+    main()
