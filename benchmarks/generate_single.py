@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import transformers
 from benchkit import record
+from int8_weights import bandwidth
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -54,7 +55,8 @@ from minisgl.generate import Generator
 from minisgl.sampling import SamplingParams
 
 PROMPT = "Write a short story about a robot who learns to paint."
-COLUMNS = ["dtype", "minisgl tok/s", "transformers tok/s", "ratio (ours / transformers)", "tokens equal (prefix)"]
+COLUMNS = ["dtype", "minisgl tok/s", "transformers tok/s", "ratio (ours / transformers)", "tokens equal (prefix)",
+           "minisgl % of floor", "transformers % of floor"]
 
 
 def timed(fn, *args) -> tuple[float, list[int]]:
@@ -101,7 +103,8 @@ def report(result: dict) -> str:
     new_tokens, threads = result["new_tokens"], result["torch_threads"]
     rows = [
         [r["dtype"], f"{r['minisgl_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
-         f"{r['ratio_ours_transformers']:.2f}", f"{r['tokens_equal_prefix']}/{new_tokens}"]
+         f"{r['ratio_ours_transformers']:.2f}", f"{r['tokens_equal_prefix']}/{new_tokens}",
+         f"{r['minisgl_of_floor']:.0f}", f"{r['transformers_of_floor']:.0f}"]
         for r in result["rows"]
     ]
     lines = [
@@ -120,9 +123,12 @@ def report(result: dict) -> str:
             f"greedy; median of {result['repeats']} repeats after one warm-up"
         ),
         f"- decode tok/s = {new_tokens - 1} / (time for {new_tokens} new tokens - time for 1)",
+        f"- % of floor: the time the weights ({result['parameters'] / 1e6:.0f} M parameters) take to stream at the "
+        f"memory bandwidth measured in the same run ({result['bandwidth_gb_s']:.1f} GB/s, the best of a large copy "
+        "and a triad), over the time a token took",
         f"- command: `{result['command']}`",
         "",
-        *record.markdown_table(COLUMNS, rows, "lrrrr"),
+        *record.markdown_table(COLUMNS, rows, "lrrrrrr"),
         "",
         "tokens equal (prefix): how many leading greedy tokens the two made alike. In bfloat16 the two",
         "implementations round differently, so their greedy tokens may part early; float32 must match.",
@@ -142,6 +148,7 @@ def main():
     model_path = Path(args.model_path) if args.model_path else require_default_model()
 
     start = record.start_run("chapters/01", busy_threshold=0.5)
+    peak = max(bandwidth().values())  # GB/s, in this run: the floor of a token is its weights' bytes over it
     rows = []
     bar = tqdm(total=len(args.dtypes) * 2 * (1 + args.repeats), desc="generate_single", unit="run")
     for dtype in args.dtypes:
@@ -162,8 +169,11 @@ def main():
         )
         same = record.common_prefix(tokens["minisgl"], tokens["transformers"])
         mine, theirs_rate = rates["minisgl"], rates["transformers"]
+        parameters = sum(p.numel() for p in hf.parameters())  # a tied embedding once: it is the LM head
+        floor_s = parameters * getattr(torch, dtype).itemsize / (peak * 1e9)
         # Rounded as the table prints them: the JSON holds exactly the table's numbers.
-        values = [dtype, round(mine, 1), round(theirs_rate, 1), round(mine / theirs_rate, 2), same]
+        values = [dtype, round(mine, 1), round(theirs_rate, 1), round(mine / theirs_rate, 2), same,
+                  round(100 * floor_s * mine), round(100 * floor_s * theirs_rate)]
         rows.append(dict(zip(map(record.column_key, COLUMNS), values)))
         prompt_tokens = len(prompt_ids)
         del gen, hf
@@ -187,6 +197,8 @@ def main():
         "prompt_tokens": prompt_tokens,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "bandwidth_gb_s": round(peak, 1),
+        "parameters": parameters,
         "rows": rows,
     }
     # Its plot and fragment for the book, chapter 01's.

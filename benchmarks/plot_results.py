@@ -76,16 +76,20 @@ def decode_fragment(result: dict, png: str) -> str:
         f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, greedy, median of "
         f"{result['repeats']} runs: `{result['command']}`."
     )
-    header = ["dtype", "minisgl tok/s", "transformers tok/s", "minisgl / transformers", "same greedy tokens"]
+    lead += (f" Of the floor: the time the weights take to stream at the memory bandwidth measured in the same run "
+             f"({result['bandwidth_gb_s']:.1f} GB/s), over the time a token took.")
+    header = ["dtype", "minisgl tok/s", "transformers tok/s", "minisgl / transformers", "same greedy tokens",
+              "minisgl, of the floor", "transformers, of the floor"]
     rows = [
         [
             r["dtype"], f"{r['minisgl_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
             f"{r['ratio_ours_transformers']:.2f}x", f"{r['tokens_equal_prefix']}/{result['new_tokens']}",
+            f"{r['minisgl_of_floor']}%", f"{r['transformers_of_floor']}%",
         ]
         for r in result["rows"]
     ]
     alt = "Decode tokens per second of one request: minisgl chapter 01 and transformers, in float32 and bfloat16"
-    return fragment(lead, header, rows, "lrrrr", png, alt)
+    return fragment(lead, header, rows, "lrrrrrr", png, alt)
 
 
 # ---------------------------------------------------------------- chapters 02 on: the server under a workload

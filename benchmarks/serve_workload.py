@@ -51,6 +51,9 @@ KV cache each server reports in its log ("32 slots of 1024 tokens", "2048 pages 
 cache") is in the result. Chapter 05 run with ``--max-running-requests 32 --context-length 1024`` gets
 32 x 64 pages of 16 tokens: the same memory as chapter 03's 32 slots.
 
+``--quantization int8wo`` runs the top-level server once more with int8 weights (chapter 06), a row of its
+own after the others.
+
 ``--chapter`` picks which chapter's package to launch: ``top`` (the default) is the top-level
 ``minisgl/``, the newest chapter; ``02`` is the frozen snapshot ``chapters/02/minisgl/``. The server is
 started with its working directory set to the folder that holds that ``minisgl/``, so
@@ -437,6 +440,8 @@ def main():
     parser.add_argument("--overlap", choices=list(OVERLAP_VARIANTS), default="default",
                         help="the server's overlap scheduling: its default, off, on, or both one after the other "
                              "(chapter 06 and later)")
+    parser.add_argument("--quantization", nargs="*", default=[],
+                        help="the top-level server again with each of these --quantization values (chapter 06)")
     # transformers runs in this process too, so no "auto" dtype: it needs a torch dtype.
     serving.add_server_options(parser, max_running_requests=32, context_length=1024, output="serve_workload.md",
                                dtypes=("float32", "bfloat16"))
@@ -460,6 +465,10 @@ def main():
             label = engine_label(chapter) + suffix
             chapters[label] = chapter_number(chapter)  # "minisgl" -> "03", say
             rows += bench_server(chapter, args, workload, label, flags)
+    for quantization in args.quantization:
+        label = f"{engine_label('top')} {quantization}"
+        chapters[label] = chapter_number("top")
+        rows += bench_server("top", args, workload, label, ("--quantization", quantization))
     if args.llama_cpp:
         rows += bench_llama_cpp(args, workload, tokenizer)
     if not args.skip_transformers:

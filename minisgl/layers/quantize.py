@@ -99,8 +99,8 @@ class Int8Weight:
             out = torch.ops.quantized.linear_dynamic(x.float(), self.fbgemm, self.reduce_range).to(x.dtype)
         elif self.on_cpu:
             out = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale_as_input)
-        else:  # converted back on the fly: half the memory, the GPU's own product
-            out = F.linear(x, self.q.to(x.dtype)) * self.scale_as_input
+        else:  # converted back on the fly: half the memory, the GPU's own product, scaled in float32
+            out = (F.linear(x, self.q.to(x.dtype)) * self.scale).to(x.dtype)
         return out if bias is None else out + bias
 # --8<-- [end:int8-weight]
 

@@ -9,6 +9,8 @@ them.
   go to the float weight, bit for bit.
 - ``quantize_model`` on a tiny model: which weights get an int8 copy, which float weights are dropped, what is
   left to prepack; a whole forward pass through an ``Engine`` with int8 weights stays close to float32.
+- Tensor parallelism: at TP 2 each rank's int8 weights are the quantization of its own shard, and the logits
+  stay within the quantization error of TP 1's.
 - The default model with ``LLM(quantization="int8wo")``: its greedy tokens start as transformers' float32 ones.
 - The server flag ``--quantization``, whose choices are the schemes the module knows.
 """
@@ -31,6 +33,7 @@ from minisgl.layers.quantize import (
     quantize_per_channel,
 )
 from minisgl.models import load_model
+from ranks import run_ranks
 
 BF16_PACKS = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -314,6 +317,88 @@ def test_w8a8_runs_a_long_prefill_without_its_dropped_weights(tiny_llama):
     engine, logits = engine_logits(tiny_llama, "bfloat16", "w8a8_int8", [list(range(3, 12))], 2)
     assert all(engine.model.get_submodule(name).weight.is_meta for name in quantized_names(engine.model))
     assert logits.shape == (3, 256) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------ tensor parallelism
+
+ROW_PARALLEL = ("attn.o", "mlp.down")  # each rank holds some input columns of these; the rest some output rows
+
+
+def int8_in_a_rank(tiny_llama, prompts: list[list[int]], steps: int):
+    """In one rank: ``engine_logits`` with int8wo in float32, and for every quantized layer this rank's integers,
+    scales, and float weights as the rank loads them without quantization (its shard of the checkpoint's)."""
+    engine, logits = engine_logits(tiny_llama, "float32", "int8wo", prompts, steps)
+    floats = load_model(tiny_llama, torch.float32)
+    weights = {}
+    for name in quantized_names(engine.model):
+        int8 = engine.model.get_submodule(name).weight.int8
+        weights[name] = (int8.q, int8.scale, floats.get_submodule(name).weight.detach())
+    return weights, logits
+
+
+@pytest.mark.ranks(2)
+def test_each_rank_quantizes_its_own_shard(tiny_llama):
+    """At TP 2 each rank quantizes the shard it loaded (``Engine`` calls ``quantize_model`` after ``load_model``,
+    which reads only the rank's part of each checkpoint tensor): its integers and scales are
+    ``quantize_per_channel`` of its own float weights, never a slice of the whole matrix's. A column-parallel
+    layer's rows are whole on their rank, so its scales are TP 1's; a row-parallel layer's rows are cut by
+    columns, so a rank's scale of a row is the largest |weight| of its half of the row (/ 127), and the larger of
+    the two ranks' is TP 1's. The logits then differ from TP 1's int8 logits, by no more than the quantization
+    error, and from the float ones (the int8 products ran: prompts of 2 tokens and steps of 2 rows, all within
+    WEIGHT_ONLY_MAX_ROWS)."""
+    prompts, steps = [[5, 6], [7, 8]], 3
+    _, reference = engine_logits(tiny_llama, "float32", "", prompts, steps)
+    engine, tp1 = engine_logits(tiny_llama, "float32", "int8wo", prompts, steps)
+    whole = {name: engine.model.get_submodule(name).weight.int8 for name in quantized_names(engine.model)}
+    ranks = run_ranks(2, int8_in_a_rank, tiny_llama, prompts, steps)
+
+    for r, (weights, _) in enumerate(ranks):
+        assert weights.keys() == whole.keys(), f"rank {r} quantized {sorted(weights)}, TP 1 {sorted(whole)}"
+        for name, (q, scale, weight) in weights.items():
+            row_parallel = name.endswith(ROW_PARALLEL)
+            rows, columns = whole[name].q.shape
+            shard = (rows, columns // 2) if row_parallel else (rows // 2, columns)
+            assert q.shape == weight.shape == shard, (
+                f"rank {r}, {name}: int8 weight {tuple(q.shape)}, float weight {tuple(weight.shape)}; its shard of "
+                f"TP 1's {(rows, columns)} is {shard}"
+            )
+            own_q, own_scale = quantize_per_channel(weight)
+            assert torch.equal(q, own_q) and torch.equal(scale, own_scale), (
+                f"rank {r}, {name}: the int8 weight is not the quantization of the rank's own float shard"
+            )
+    for name in whole:
+        if not name.endswith(ROW_PARALLEL):
+            continue
+        scale0, scale1 = (weights[name][1] for weights, _ in ranks)
+        assert torch.equal(torch.maximum(scale0, scale1), whole[name].scale), (
+            f"{name}: the larger of the ranks' scales of a row is not TP 1's (each rank's is its columns' max / 127)"
+        )
+        for r, scale in enumerate((scale0, scale1)):
+            assert (scale < whole[name].scale).any(), (
+                f"rank {r}, {name}: every row's scale is TP 1's: the whole rows' scales, not the rank's columns'"
+            )
+    head = [ranks[r][0]["lm_head"] for r in range(2)]  # column-parallel: rank 0 the first 128 tokens, rank 1 the rest
+    assert torch.equal(torch.cat([head[0][0], head[1][0]]), whole["lm_head"].q), "lm_head: not TP 1's rows"
+    assert torch.equal(torch.cat([head[0][1], head[1][1]]), whole["lm_head"].scale), "lm_head: not TP 1's scales"
+
+    logits = ranks[0][1]
+    for r, (_, got) in enumerate(ranks):
+        assert got.shape == tp1.shape == (len(prompts) + steps * len(prompts), 256)
+        assert torch.equal(got, logits), f"rank {r}'s logits differ from rank 0's"
+    # The largest differences, in units of the float32 logits' standard deviation (0.70). Measured: TP 2's int8
+    # logits are 0.028 off TP 1's int8 ones, and 0.062 off float32's (TP 1's int8: 0.063); the bound is about
+    # three and a half times the first. Without int8 products TP 2 would be within float rounding of float32
+    # (1e-5, chapter 04's test_tensor_parallel.py), far below 0.01.
+    std = reference.std().item()
+    from_tp1 = ((logits - tp1).abs().max() / std).item()
+    from_float = ((logits - reference).abs().max() / std).item()
+    assert from_tp1 <= 0.1, (
+        f"TP 2's int8 logits off TP 1's int8 ones by {from_tp1:.3f} standard deviations (measured: 0.028)"
+    )
+    assert from_float >= 0.01, (
+        f"TP 2's int8 logits off float32's by only {from_float:.2g} standard deviations (measured: 0.062): "
+        "were the int8 weights used?"
+    )
 
 
 # ------------------------------------------------------------------------------ the default model
