@@ -19,10 +19,10 @@ Two schemes, named as SGLang names them, both measured in chapter 06 (``benchmar
 
 - ``int8wo`` (weight only; SGLang: ``--torchao-config int8wo``): the activations stay as they are; the
   product reads the int8 weight and scales it (``torch.ops.aten._weight_int8pack_mm``). Perplexity within
-  1% of bfloat16's. Its kernel is fast for one or two rows, where reading the weights is all the cost, and
-  slow for more (2.7x slower than bfloat16 at 32 rows: it walks the weight once per row), so on a CPU the
-  bfloat16 weight is kept too, prepacked, for steps of more than ``WEIGHT_ONLY_MAX_ROWS`` rows: batches
-  and prefills. One stream gets fewer bytes per token; the memory grows by the int8 copy.
+  1% of bfloat16's. Its kernel is fast for one or two rows and slow for more (2.7x slower than bfloat16 at
+  32 rows: its time grows almost in step with the rows), so on a CPU the bfloat16 weight is kept too,
+  prepacked, for steps of more than ``WEIGHT_ONLY_MAX_ROWS`` rows: batches and prefills. One stream gets
+  fewer bytes per token; the memory grows by the int8 copy.
 - ``w8a8_int8`` (SGLang's ``--quantization w8a8_int8``): the activations are quantized too, at run time,
   and the product is int8 x int8 summed in int32 (fbgemm's dynamic linear, which picks one scale for the
   whole activation). The fastest at every batch size measured, and not accurate enough on this model:

@@ -131,10 +131,13 @@ def fake_workers(tmp_path):
     app = create_app(frontend, config)
 
     context = zmq.asyncio.Context()  # the workers'; both contexts are destroyed at the end, sockets and all
+    # One pair of sockets for every call a test makes: a new pull socket per call would leave the last call's
+    # connected and unread, and the frontend's push socket, taking turns between its peers, could send a
+    # request there, where nothing answers it.
+    inbox = pull_socket(context, addresses.tokenizer, bind=False)
+    outbox = push_socket(context, addresses.api_server)
 
     async def workers():
-        inbox = pull_socket(context, addresses.tokenizer, bind=False)
-        outbox = push_socket(context, addresses.api_server)
         messages = decoder(ToTokenizer)
         while True:
             message = messages.decode(await inbox.recv())
