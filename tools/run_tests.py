@@ -19,10 +19,11 @@ The book is built once, with ``mkdocs build --strict``, before the steps start; 
 ``book`` both read that build (``MINISGL_BUILT_SITE``) instead of building their own.
 
 Steps run two at a time (``--jobs``): much of a step is one Python thread at a time (imports, servers
-starting, ranks meeting, clients reading streams), which a second step overlaps. On the course's 2-core
-machine that gains about 1.2x, measured on chapters 04 to 06 (pinning each step to a core of its own
-gained no more). Each step's output is printed whole when it ends, so two steps never interleave; the
-longest steps start first.
+starting, ranks meeting, clients reading streams), which a second step overlaps. That pays only when
+idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set below for every step):
+on the course's 2-core machine ``make test`` took 27.5 minutes with spinning threads and about 16 with
+sleeping ones, setup left out. Each step's output is printed whole when it ends, so two steps never
+interleave; the longest steps start first.
 
 Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 
@@ -45,6 +46,11 @@ from course import REPO_ROOT, chapters
 
 PYTHON = sys.executable
 ENV = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its successor, on every build
+# torch's OpenMP threads spin for a while after each parallel region, waiting for the next one. With two
+# steps at once, each with its servers' threads, the spinning threads of one step take the cores the other
+# needs: chapters 01 and 02 together took 125 s (46 s and 51 s alone). Threads that sleep when idle
+# ("PASSIVE") took 49 s for both. A choice of the caller (OMP_WAIT_POLICY already set) is kept.
+ENV.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The steps that take longest on the course's 2-core machine, longest first: they start first, so that
 # the short ones fill the other lane at the end instead of one long step running alone.
 LONGEST_FIRST = ["branches", "chapter 06", "chapter 04", "chapter 05", "exercises", "notebooks", "chapter 03"]
