@@ -21,8 +21,8 @@ The book is built once, with ``mkdocs build --strict``, before the steps start; 
 Steps run two at a time (``--jobs``): much of a step is one Python thread at a time (imports, servers
 starting, ranks meeting, clients reading streams), which a second step overlaps. That pays only when
 idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set below for every step):
-on the course's 2-core machine ``make test`` took 27.5 minutes with spinning threads and about 16 with
-sleeping ones, setup left out. Each step's output is printed whole when it ends, so two steps never
+on the course's 2-core machine the steps took 26 minutes with spinning threads and 16 with sleeping
+ones. Each step's output is printed whole when it ends, so two steps never
 interleave; the longest steps start first.
 
 Every step runs even when an earlier one fails; the exit code is non-zero if any failed.

@@ -60,9 +60,9 @@ def prepack_for_cpu(model: nn.Module) -> int:
     if not (mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
     packed = 0
-    unused_for_logits = getattr(model, "embed", None) if getattr(model, "lm_head", None) is not None else None
+    lookup_only = embedding_only_looked_up(model)
     for module in model.modules():
-        if module is unused_for_logits:  # an untied embedding only looks rows up: no product to speed up
+        if module is lookup_only:  # no product to speed up
             continue
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == torch.bfloat16 \
@@ -72,6 +72,12 @@ def prepack_for_cpu(model: nn.Module) -> int:
             packed += 1
     return packed
 # --8<-- [end:linear]
+
+
+def embedding_only_looked_up(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding where it only looks rows up (an untied LM head has a weight of its own);
+    None where it is tied, since its weight is then also the LM head's product."""
+    return getattr(model, "embed", None) if getattr(model, "lm_head", None) is not None else None
 
 
 def takes_every_input(int8) -> bool:

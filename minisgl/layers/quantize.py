@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import embedding_only_looked_up
+
 SCHEMES = ("int8wo", "w8a8_int8")
 # Measured (``benchmarks/int8_weights.py``): a decode step's products with the weight-only kernel beat the
 # prepacked bfloat16 ones at 1 and 2 rows and lose from 4 rows on.
@@ -110,17 +112,16 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     many. Where the int8 product takes every input the float weight is dropped (a shape on the meta device
     is left in its place, so that a stray use fails loudly), except a tied embedding's, which still looks
     tokens up."""
-    lookup_only = getattr(model, "embed", None)
-    tied = getattr(model, "lm_head", None) is None
+    embed, lookup_only = getattr(model, "embed", None), embedding_only_looked_up(model)
     quantized = 0
     for module in list(model.modules()):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or isinstance(module, nn.Embedding):
             continue
-        if module is lookup_only and not tied:  # an untied embedding only looks rows up: no product
+        if module is lookup_only:  # no product to quantize
             continue
         int8 = Int8Weight(weight.detach(), scheme)
-        if module is not lookup_only and int8.max_rows is None:
+        if module is not embed and int8.max_rows is None:  # a tied embedding keeps its weight for lookups
             module.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
         module.weight.int8 = int8
