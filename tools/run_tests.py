@@ -49,7 +49,9 @@ ENV = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice abou
 # torch's OpenMP threads spin for a while after each parallel region, waiting for the next one. With two
 # steps at once, each with its servers' threads, the spinning threads of one step take the cores the other
 # needs: chapters 01 and 02 together took 125 s (46 s and 51 s alone). Threads that sleep when idle
-# ("PASSIVE") took 49 s for both. A choice of the caller (OMP_WAIT_POLICY already set) is kept.
+# ("PASSIVE") took 49 s for both. A choice of the caller (OMP_WAIT_POLICY already set) is kept. Only the
+# tests run this way: waking a sleeping thread costs a latency-bound run dearly (one stream decoding alone,
+# benchmarks/single_stream.py: 37.6 tok/s by default, 29.1 passive), so the benchmarks and servers leave it.
 ENV.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The steps that take longest on the course's 2-core machine, longest first: they start first, so that
 # the short ones fill the other lane at the end instead of one long step running alone.
