@@ -12,10 +12,11 @@ and its fixtures provide
 The oracle is transformers: greedy text must be exactly what its ``generate`` makes, in float32.
 
 A module that serves a second configuration of the same chapter's server (another KV cache, more ranks)
-imports only the tests whose requests reach the scheduler: the greedy replies, the stop string, the
-seeded choices and the disconnect. The others (streaming against the whole reply, multibyte text, bad
-input, body limits, the native endpoints) are answered by the API server, tokenizer and detokenizer
-processes, which a scheduler setting does not change; the chapter's main server module runs them.
+imports only the tests whose requests reach the scheduler (``from scheduler_contract import *``): the greedy
+replies, the stop string, the seeded choices and the disconnect. The others (streaming against the whole
+reply, multibyte text, bad input, body limits, the native endpoints) are answered by the API server, tokenizer
+and detokenizer processes, which a scheduler setting does not change; the chapter's main server module runs
+them.
 
 A chapter whose server does not pass some of these tests yet names them, with the reason, in
 ``CONTRACT_XFAIL = {"test_name": "reason"}`` in its test module; they then run as non-strict xfails.

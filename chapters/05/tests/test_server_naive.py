@@ -3,24 +3,15 @@
 The naive cache is the baseline the radix cache is measured against, so it must be as correct: every reply
 the same, nothing cached, and every page free again once the server is idle.
 
-From the contract, the tests that reach the scheduler run here (``tests/kit/openai_contract.py`` says
-why the rest run once, against the chapter's main server).
+From the contract, the tests that reach the scheduler run here (``tests/kit/scheduler_contract.py``;
+``openai_contract.py`` says why the rest run once, against the chapter's main server).
 """
 
 import httpx
 import pytest
 
-from openai_contract import (  # the contract's tests that reach the scheduler, run against this configuration
-    MODEL,
-    client,  # noqa: F401  fixtures of those tests
-    contract_xfail,  # noqa: F401
-    greedy,  # noqa: F401
-    test_a_stop_string_spanning_tokens_ends_the_reply_before_it,  # noqa: F401
-    test_disconnect_mid_stream_frees_the_slot,  # noqa: F401
-    test_greedy_chat_is_what_transformers_generates,  # noqa: F401
-    test_greedy_completion_is_what_transformers_generates_streamed_or_not,  # noqa: F401
-    test_n_choices_with_a_seed,  # noqa: F401
-)
+from scheduler_contract import *  # noqa: F403  the contract's tests that reach the scheduler
+from scheduler_contract import MODEL
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +19,7 @@ def server(start_server):
     return start_server("--cache-type", "naive")
 
 
-def test_nothing_is_cached_and_an_idle_server_holds_no_page(server, client):  # noqa: F811  the fixture
+def test_nothing_is_cached_and_an_idle_server_holds_no_page(server, client):
     question = "Recite the zebra-quokka-narwhal rhyme about seventeen purple umbrellas, please."
     first, again = (client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                                    max_tokens=8, temperature=0) for _ in range(2))

@@ -6,23 +6,14 @@ overlap scheduling (``--enable-overlap-schedule``, off by default on a CPU): eve
 before the last one's tokens are back, and the contract's replies (streamed, stopped, aborted, constrained)
 must hold with the ranks in lockstep.
 
-From the contract, the tests that reach the scheduler run here (``tests/kit/openai_contract.py`` says
-why the rest run once, against the chapter's main server).
+From the contract, the tests that reach the scheduler run here (``tests/kit/scheduler_contract.py``;
+``openai_contract.py`` says why the rest run once, against the chapter's main server).
 """
 
 import pytest
 
-from openai_contract import (  # the contract's tests that reach the scheduler, run against this configuration
-    MODEL,
-    client,  # noqa: F401  fixtures of those tests
-    contract_xfail,  # noqa: F401
-    greedy,  # noqa: F401
-    test_a_stop_string_spanning_tokens_ends_the_reply_before_it,  # noqa: F401
-    test_disconnect_mid_stream_frees_the_slot,  # noqa: F401
-    test_greedy_chat_is_what_transformers_generates,  # noqa: F401
-    test_greedy_completion_is_what_transformers_generates_streamed_or_not,  # noqa: F401
-    test_n_choices_with_a_seed,  # noqa: F401
-)
+from scheduler_contract import *  # noqa: F403  the contract's tests that reach the scheduler
+from scheduler_contract import MODEL
 
 pytestmark = pytest.mark.ranks(3)
 
@@ -32,7 +23,7 @@ def server(start_server):
     return start_server("--tp-size", "3", "--tp-check-lockstep", "--enable-overlap-schedule")
 
 
-def test_constraints_logprobs_and_logit_bias_keep_the_ranks_in_lockstep(server, client):  # noqa: F811  the fixture
+def test_constraints_logprobs_and_logit_bias_keep_the_ranks_in_lockstep(server, client):
     """Every rank compiles the grammar, masks and advances it: sampled replies (not only greedy ones)
     stay identical across ranks, or the lockstep check would stop the server."""
     import json
