@@ -1,9 +1,9 @@
-"""What int8 weights cost in accuracy (chapter 06, ``layers/quantize.py``): perplexity and greedy agreement.
+"""What int8 and int4 weights cost in accuracy (chapter 06, ``layers/quantize.py``): perplexity and greedy agreement.
 
 For each way of running the default model, through the offline API (``minisgl.LLM``):
 
-Every product of an int8 row is int8 here, prefills and batches included (serving multiplies inputs of
-more than ``WEIGHT_ONLY_MAX_ROWS`` rows by the float weights when ``int8wo`` keeps them):
+Every product of a quantized weight is quantized here, prefills and batches included (serving multiplies
+inputs of more than ``WEIGHT_ONLY_MAX_ROWS`` or ``INT4_MAX_ROWS`` rows by the float weights it keeps):
 
 - **perplexity** on a fixed text, the course's own chapter pages (``docs/chapters/*.md``), cut into
   ``--windows`` windows of ``--window`` tokens; each window is one prompt, scored token by token with
@@ -15,6 +15,8 @@ more than ``WEIGHT_ONLY_MAX_ROWS`` rows by the float weights when ``int8wo`` kee
 
 - **which matrices w8a8 hurts**: perplexity with the activations quantized (w8a8) in one kind of matrix
   only (qkv, o, gate_up, down, the LM head), every other product weight-only.
+- **why int4wo-32 keeps the LM head int8**: a row with the LM head in int4 too (groups of 32, as the
+  layers).
 
     python benchmarks/int8_accuracy.py [--windows 8] [--window 512] [--new-tokens 48]
 """
@@ -28,7 +30,8 @@ from pathlib import Path
 from benchkit import record
 
 RUNS = [("float32", "float32", ""), ("bfloat16", "bfloat16", ""), ("int8 weight-only", "bfloat16", "int8wo"),
-        ("int8 w8a8", "bfloat16", "w8a8_int8")]
+        ("int8 w8a8", "bfloat16", "w8a8_int8"), ("int4wo-32 (LM head int8)", "bfloat16", "int4wo-32"),
+        ("int4, LM head too", "bfloat16", "int4wo-32")]
 SYSTEM = ("You are a meticulous librarian in a small mountain town. You answer questions about books, reading "
           "and the history of libraries, briefly and kindly, and you never invent titles or authors. When you do "
           "not know something, you say so plainly and suggest where the reader could look it up.")
@@ -76,8 +79,8 @@ def w8a8_by_kind(windows: list[list[int]]) -> dict[str, float]:
     from minisgl import LLM
 
     llm = LLM(dtype="bfloat16", quantization="w8a8_int8", max_running_requests=8, context_length=1024)
-    weights = [(name, module.weight.int8) for name, module in llm.engine.model.named_modules()
-               if getattr(getattr(module, "weight", None), "int8", None) is not None]
+    weights = [(name, module.weight.quantized) for name, module in llm.engine.model.named_modules()
+               if getattr(getattr(module, "weight", None), "quantized", None) is not None]
     fbgemm = {name: int8.fbgemm for name, int8 in weights}
     found = {}
     for kind, suffix in KINDS.items():
@@ -89,12 +92,18 @@ def w8a8_by_kind(windows: list[list[int]]) -> dict[str, float]:
     return found
 
 
-def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: dict, new_tokens: int) -> dict:
+def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: dict, new_tokens: int,
+            head_int4: bool = False) -> dict:
     from minisgl import LLM, SamplingParams
 
+    from minisgl.layers.quantize import Int4Weight, lm_head_of
+
     llm = LLM(dtype=dtype, quantization=quantization, max_running_requests=8, context_length=1024)
+    if head_int4:
+        head = lm_head_of(llm.engine.model).weight
+        head.quantized = Int4Weight(head.detach())
     for module in llm.engine.model.modules():  # every product int8, prefills and batches included (serving
-        int8 = getattr(getattr(module, "weight", None), "int8", None)  # sends those to the float weights)
+        int8 = getattr(getattr(module, "weight", None), "quantized", None)  # sends those to the float weights)
         if int8 is not None:
             int8.max_rows = None
     found = perplexity(llm, windows)
@@ -119,7 +128,8 @@ def main() -> None:
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     windows, prompts = text_windows(tokenizer, args.windows, args.window), oracle_prompts(tokenizer)
-    measured = {label: measure(dtype, q, windows, prompts, args.new_tokens) for label, dtype, q in RUNS}
+    measured = {label: measure(dtype, q, windows, prompts, args.new_tokens, head_int4="LM head too" in label)
+                for label, dtype, q in RUNS}
     by_kind = w8a8_by_kind(windows)
     reference = measured["float32"]
     rows = []
@@ -131,7 +141,7 @@ def main() -> None:
             label, m["perplexity"], m["perplexity"] / reference["perplexity"], statistics.median(agree), min(agree),
             f"{sum(a == args.new_tokens for a in agree)} of {len(agree)}"]))
     result = {
-        **record.run_info("int8_accuracy", "int8 weights: perplexity and greedy agreement with float32", start,
+        **record.run_info("int8_accuracy", "int8 and int4 weights: perplexity and greedy agreement with float32", start,
                           model_path, packages=("torch", "transformers")),
         "windows": args.windows, "window": args.window, "new_tokens": args.new_tokens, "rows": rows,
         "agreeing": {label: measured[label]["agreeing"] for label, *_ in RUNS},

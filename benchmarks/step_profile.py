@@ -5,7 +5,7 @@ and engine of the server, without its processes), once per ``--quantization`` va
 profiler. Every decode step's wall time is split into:
 
 - **matmuls**: the self time of the matrix-product operators (oneDNN's prepacked bfloat16, the int8
-  kernels of ``layers/quantize.py``);
+  and int4 kernels of ``layers/quantize.py``);
 - **attention**: the time inside the attention backend's ``forward`` (storing the new key and value,
   reading the pages, the kernel);
 - **other tensor ops**: every other operator of the model's forward (norms, rotary, SiLU, adds, casts);
@@ -18,7 +18,7 @@ profiler. Every decode step's wall time is split into:
 The profiler adds its own cost to every operator, so the sum is larger than an unprofiled step; the
 unprofiled ms per token is measured first and shown beside it.
 
-    python benchmarks/step_profile.py [--quantization "" int8wo w8a8_int8] [--new-tokens 64]
+    python benchmarks/step_profile.py [--quantization "" int8wo int4wo-32] [--new-tokens 64]
 """
 
 import argparse
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from benchkit import record
 
-MATMULS = ("mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "quantized::linear_dynamic", "aten::mm",
+MATMULS = ("mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
+           "aten::_weight_int4pack_mm_for_cpu", "aten::mm",
            "aten::addmm")
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 PARTS = ("matmuls", "attention", "other tensor ops", "Python in the model", "sampling", "scheduler")
@@ -81,7 +82,7 @@ def profile(quantization: str, new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quantization", nargs="+", default=["", "int8wo", "w8a8_int8"])
+    parser.add_argument("--quantization", nargs="+", default=["", "int8wo", "int4wo-32"])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--output", type=Path, default=record.RESULTS / "step_profile.md")
     args = parser.parse_args()

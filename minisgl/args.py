@@ -14,7 +14,7 @@ from .default_model import default_model_path
 class ServerArgs:
     model_path: str = ""  # empty: the course's default model
     dtype: str = "auto"
-    quantization: str = ""  # empty: weights in --dtype; int8wo or w8a8_int8: int8 weights (``layers/quantize.py``)
+    quantization: str = ""  # empty: weights in --dtype; int8wo, w8a8_int8, int4wo-32 (``layers/quantize.py``)
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 1919
@@ -52,9 +52,10 @@ class ServerArgs:
 HELP = {
     "model_path": "a Hugging Face model folder (Llama, Qwen2 or Qwen3), or a hub id where a hub can be reached",
     "dtype": "auto (bfloat16 where the hardware is fast at it), float32, bfloat16 or float16",
-    "quantization": "int8 weights, one scale per output row, made at load time: int8wo (weights only, SGLang's "
-                    "--torchao-config int8wo: faster decoding of one or two requests) or w8a8_int8 (activations "
-                    "quantized at run time too: faster still, and too inaccurate on the default model); empty: none",
+    "quantization": "quantized weights, made at load time: int8wo (int8 weights, one scale per output row, SGLang's "
+                    "--torchao-config int8wo: faster decoding of one or two requests), w8a8_int8 (activations "
+                    "quantized at run time too: faster still, and too inaccurate on the default model) or int4wo-32 "
+                    "(int4 weights, one scale per 32, the LM head int8: fastest for up to 8 requests); empty: none",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "host": "address to listen on",
     "port": "port to listen on",
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = argparse.ArgumentParser(prog="python -m minisgl", description="An OpenAI-compatible LLM server.")
     choices = {"dtype": ["auto", "float32", "bfloat16", "float16"], "log_level": ["debug", "info", "warning", "error"],
                "cache_type": ["radix", "naive"], "attention_backend": ["auto", "torch", "triton"],
-               "quantization": ["", "int8wo", "w8a8_int8"],
+               "quantization": ["", "int8wo", "w8a8_int8", "int4wo-32"],
                "router_policy": ROUTER_POLICIES}
     for f in fields(ServerArgs):
         flag = "--" + f.name.replace("_", "-")

@@ -35,11 +35,11 @@ from ..distributed import all_reduce, tp_info
 # --8<-- [start:linear]
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, or oneDNN's matrix product on a prepacked copy of the weight where ``prepack_for_cpu``
-    made one (chapter 06): the same numbers, bit for bit, faster; or the int8 product where
+    made one (chapter 06): the same numbers, bit for bit, faster; or the quantized product where
     ``quantize.quantize_model`` gave the weight one that takes ``x`` (chapter 06, ``--quantization``)."""
-    int8 = getattr(weight, "int8", None)
-    if int8 is not None and int8.takes(x):
-        return int8(x, bias)
+    quantized = getattr(weight, "quantized", None)
+    if quantized is not None and quantized.takes(x):
+        return quantized(x, bias)
     packed = getattr(weight, "packed", None)
     if packed is None:
         return F.linear(x, weight, bias)
@@ -67,7 +67,7 @@ def prepack_for_cpu(model: nn.Module) -> int:
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == torch.bfloat16 \
                 and weight.device.type == "cpu" and not isinstance(module, nn.Embedding) \
-                and not takes_every_input(getattr(weight, "int8", None)):
+                and not takes_every_input(getattr(weight, "quantized", None)):
             weight.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
             packed += 1
     return packed
@@ -80,10 +80,10 @@ def embedding_only_looked_up(model: nn.Module) -> nn.Module | None:
     return getattr(model, "embed", None) if getattr(model, "lm_head", None) is not None else None
 
 
-def takes_every_input(int8) -> bool:
-    """Whether an int8 product (``quantize.Int8Weight``) replaces the float one for every input: then the
-    float weight is never multiplied, and packing it would be wasted."""
-    return int8 is not None and int8.max_rows is None
+def takes_every_input(quantized) -> bool:
+    """Whether a quantized product (``quantize.Int8Weight``, ``Int4Weight``) replaces the float one for every
+    input: then the float weight is never multiplied, and packing it would be wasted."""
+    return quantized is not None and quantized.max_rows is None
 
 
 # --8<-- [start:shard]

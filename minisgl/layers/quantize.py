@@ -1,4 +1,5 @@
-"""Int8 weights: every weight matrix stored as int8, one scale per output row (introduced in chapter 06).
+"""Quantized weights: int8 with one scale per output row, or int4 with one scale per group of 32 (introduced in
+chapter 06).
 
 Decoding one request multiplies a single row by every weight matrix, so a decode step's time is mostly
 the time it takes to read the weights from memory: 270 MB of bfloat16 for the default model, every
@@ -29,8 +30,19 @@ Two schemes, named as SGLang names them, both measured in chapter 06 (``benchmar
   the input of each MLP's down projection has a few channels hundreds of times larger than the rest, and
   one scale for them all rounds the others away (perplexity 1.56 times float32's). The float weight is dropped.
 
-On a GPU both schemes keep only the int8 weight and multiply ``x`` by it converted back on the fly: the
-memory is halved; the course's GPU fast path stays the CUDA graphs of chapter 06.
+On a GPU every scheme keeps only the quantized weight (int4's one integer a byte) and multiplies ``x`` by it
+converted back on the fly: less memory, no faster; the course's GPU fast path stays the CUDA graphs of
+chapter 06.
+
+**Int4, one scale per group.** ``int4wo-32`` (SGLang: ``--torchao-config int4wo-32``) halves the bytes again:
+sixteen levels are too few for one scale per row, so every run of 32 weights along a row gets its own, and
+an offset too (its minimum: ``w ~ q * scale + minimum``, ``q`` in [0, 15]), since with so few levels a
+symmetric grid wastes the ones its group does not reach. torch's CPU kernel
+(``torch.ops.aten._weight_int4pack_mm_for_cpu``) reads two integers a byte and a (scale, zero) pair per
+group. Measured on the default model (``benchmarks/int8_accuracy.py``), the LM head is where 4 bits hurt: it
+stays ``int8wo``; so does a matrix whose shape the kernel cannot take (in-features not a multiple of 32,
+out-features not of 16). Like ``int8wo``, the float weight is kept on a CPU for steps of more than
+``INT4_MAX_ROWS`` rows.
 
 Under tensor parallelism each rank quantizes its own shard: a row-parallel layer's scales are then
 those of its columns, which only makes each scale fit its numbers more closely.
@@ -44,10 +56,13 @@ from torch import nn
 
 from .linear import embedding_only_looked_up
 
-SCHEMES = ("int8wo", "w8a8_int8")
-# Measured (``benchmarks/int8_weights.py``): a decode step's products with the weight-only kernel beat the
-# prepacked bfloat16 ones at 1 and 2 rows and lose from 4 rows on.
+SCHEMES = ("int8wo", "w8a8_int8", "int4wo-32")
+INT8_SCHEMES = SCHEMES[:2]
+# Measured (``benchmarks/int8_weights.py``): a decode step's products with the int8 weight-only kernel beat the
+# prepacked bfloat16 ones at 1 and 2 rows and lose from 4 rows on; the int4 kernel's win up to 8 rows.
 WEIGHT_ONLY_MAX_ROWS = 2
+INT4_MAX_ROWS = 8
+INT4_GROUP = 32
 
 
 # --8<-- [start:quantize]
@@ -73,8 +88,8 @@ class Int8Weight:
     to ``max_rows`` rows (more: the float weight, which is then kept)."""
 
     def __init__(self, weight: torch.Tensor, scheme: str):
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown quantization {scheme!r}: use one of {', '.join(SCHEMES)}")
+        if scheme not in INT8_SCHEMES:
+            raise ValueError(f"unknown int8 scheme {scheme!r}: use one of {', '.join(INT8_SCHEMES)}")
         self.q, self.scale = quantize_per_channel(weight)
         self.scale_as_input = self.scale.to(weight.dtype)  # the weight-only kernel wants the activations' dtype
         self.on_cpu = weight.device.type == "cpu"
@@ -107,12 +122,84 @@ class Int8Weight:
 # --8<-- [end:int8-weight]
 
 
+# --8<-- [start:quantize-groups]
+def quantize_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (integers [out, in] in [0, 15] as uint8, scales and minimums [out, in / group]), with
+    ``weight ~ q * scale + minimum`` for each run of ``group`` weights along a row."""
+    rows, columns = weight.shape
+    w = weight.float().view(rows, columns // group, group)
+    minimum, maximum = w.amin(dim=2), w.amax(dim=2)
+    # Sixteen levels from the group's smallest weight to its largest; a constant group gets a tiny scale
+    # (every q is 0, and the minimum is the weight), not a division by 0.
+    scale = ((maximum - minimum) / 15).clamp(min=1e-12)
+    q = torch.round((w - minimum[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(rows, columns), scale, minimum
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    rows, columns = q.shape
+    groups = q.view(rows, scale.shape[1], -1).float()
+    return (groups * scale[..., None] + minimum[..., None]).view(rows, columns).to(dtype)
+# --8<-- [end:quantize-groups]
+
+
+# --8<-- [start:int4-weight]
+class Int4Weight:
+    """A weight matrix in int4, one scale and minimum per group of ``group`` weights along a row, and its product
+    for inputs of up to ``max_rows`` rows (on a CPU; more: the float weight, which is then kept)."""
+
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
+        if not self.fits(weight, group):
+            raise ValueError(f"int4 needs in-features a multiple of {group} and out-features a multiple of 16, "
+                             f"not {tuple(weight.shape)}")
+        q, scale, minimum = quantize_groups(weight, group)
+        self.group = group
+        self.on_cpu = weight.device.type == "cpu"
+        self.max_rows = INT4_MAX_ROWS if self.on_cpu else None
+        if self.on_cpu:
+            # torch's kernel wants two integers a byte in its own order, and for each group a pair (scale, zero)
+            # in the activations' dtype, [groups, out, 2], read as w = (q - 8) * scale + zero: our minimum is
+            # then zero - 8 * scale. Only these are kept: 4.5 bits a weight.
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            zero = minimum + 8 * scale
+            self.scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(weight.dtype)
+        else:
+            self.q, self.scale, self.minimum = q, scale, minimum
+
+    @staticmethod
+    def fits(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
+        """Whether the kernel takes this shape: whole groups along a row, and rows in blocks of 16."""
+        return weight.shape[1] % group == 0 and weight.shape[0] % 16 == 0
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return self.max_rows is None or x.shape[0] <= self.max_rows
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.on_cpu:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
+        else:  # converted back on the fly
+            out = F.linear(x, dequantize_groups(self.q, self.scale, self.minimum, x.dtype))
+        return out if bias is None else out + bias
+# --8<-- [end:int4-weight]
+
+
+def lm_head_of(model: nn.Module) -> nn.Module | None:
+    """The module whose weight scores the vocabulary: the LM head, or a tied model's embedding."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else getattr(model, "embed", None)
+
+
+# --8<-- [start:quantize-model]
 def quantize_model(model: nn.Module, scheme: str) -> int:
-    """Give every linear layer's weight, and the LM head's, an ``Int8Weight`` (``weight.int8``); returns how
-    many. Where the int8 product takes every input the float weight is dropped (a shape on the meta device
-    is left in its place, so that a stray use fails loudly), except a tied embedding's, which still looks
+    """Give every linear layer's weight, and the LM head's, a quantized product (``weight.quantized``: an
+    ``Int8Weight``, or an ``Int4Weight`` under ``int4wo-32`` but for the LM head and shapes its kernel cannot take);
+    returns how many. Where that product takes every input the float weight is dropped (a shape on the meta
+    device is left in its place, so that a stray use fails loudly), except a tied embedding's, which still looks
     tokens up."""
-    embed, lookup_only = getattr(model, "embed", None), embedding_only_looked_up(model)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}: use one of {', '.join(SCHEMES)}")
+    embed, lookup_only, head = getattr(model, "embed", None), embedding_only_looked_up(model), lm_head_of(model)
     quantized = 0
     for module in list(model.modules()):
         weight = getattr(module, "weight", None)
@@ -120,10 +207,15 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
             continue
         if module is lookup_only:  # no product to quantize
             continue
-        int8 = Int8Weight(weight.detach(), scheme)
-        if module is not embed and int8.max_rows is None:  # a tied embedding keeps its weight for lookups
+        if scheme == "int4wo-32":  # measured: 4 bits in the LM head cost the model's perplexity the most
+            product = Int4Weight(weight.detach()) if module is not head and Int4Weight.fits(weight) \
+                else Int8Weight(weight.detach(), "int8wo")
+        else:
+            product = Int8Weight(weight.detach(), scheme)
+        if module is not embed and product.max_rows is None:  # a tied embedding keeps its weight for lookups
             module.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
                                          requires_grad=False)
-        module.weight.int8 = int8
+        module.weight.quantized = product
         quantized += 1
     return quantized
+# --8<-- [end:quantize-model]

@@ -25,6 +25,7 @@ from minisgl.core import Batch, Request, SamplingParams
 from minisgl.engine import Engine
 from minisgl.layers.linear import linear, prepack_for_cpu, takes_every_input
 from minisgl.layers.quantize import (
+    INT8_SCHEMES,
     SCHEMES,
     WEIGHT_ONLY_MAX_ROWS,
     Int8Weight,
@@ -182,7 +183,7 @@ def test_w8a8_stays_within_the_error_of_rounding_weights_and_activations(rows, d
     assert_within(got, exact_float, bound, f"w8a8 {rows} rows {dtype}: vs float")
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 @DTYPES
 @ROWS
 def test_the_gpu_formula_multiplies_by_the_dequantized_weights(scheme, rows, dtype):
@@ -197,13 +198,13 @@ def test_the_gpu_formula_multiplies_by_the_dequantized_weights(scheme, rows, dty
     assert_within(got, exact, ROUNDING[dtype] * terms, f"gpu formula {scheme} {rows} rows {dtype}")
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 @ROWS
 def test_linear_uses_the_int8_product_only_where_it_takes_the_input(scheme, rows):
     weight, bias, x = random_layer(rows, torch.bfloat16, seed=rows)
     float_product = F.linear(x, weight, bias)
     int8 = Int8Weight(weight, scheme)
-    weight.int8 = int8
+    weight.quantized = int8
     # On a CPU the weight-only kernel is fast for up to WEIGHT_ONLY_MAX_ROWS rows only; w8a8 takes every input.
     takes = scheme == "w8a8_int8" or rows <= WEIGHT_ONLY_MAX_ROWS
     assert int8.takes(x) is takes
@@ -222,7 +223,7 @@ def test_linear_uses_the_int8_product_only_where_it_takes_the_input(scheme, rows
 def test_an_unknown_scheme_is_refused_with_the_choices():
     with pytest.raises(ValueError) as refused:
         Int8Weight(torch.ones(4, 4), "int4")
-    assert all(scheme in str(refused.value) for scheme in SCHEMES), str(refused.value)
+    assert all(scheme in str(refused.value) for scheme in INT8_SCHEMES), str(refused.value)
 
 
 # ------------------------------------------------------------------------------ a whole model
@@ -231,10 +232,10 @@ LINEARS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
 
 
 def quantized_names(model) -> set[str]:
-    return {name for name, module in model.named_modules() if hasattr(getattr(module, "weight", None), "int8")}
+    return {name for name, module in model.named_modules() if hasattr(getattr(module, "weight", None), "quantized")}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 def test_quantize_model_gives_every_product_an_int8_weight(tiny_llama, scheme):
     model = load_model(tiny_llama, torch.bfloat16)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
@@ -245,7 +246,7 @@ def test_quantize_model_gives_every_product_an_int8_weight(tiny_llama, scheme):
     for name in names:
         weight = model.get_submodule(name).weight
         original = before[f"{name}.weight"]
-        assert torch.equal(weight.int8.q, quantize_per_channel(original)[0]), f"{name}: not its own weight's int8"
+        assert torch.equal(weight.quantized.q, quantize_per_channel(original)[0]), f"{name}: not its own weight's int8"
         assert weight.shape == original.shape
         if scheme == "w8a8_int8":  # the int8 product takes every input: the float weight's memory is given back
             assert weight.is_meta, f"{name}: w8a8 keeps a float weight it never multiplies"
@@ -259,7 +260,7 @@ def test_quantize_model_gives_every_product_an_int8_weight(tiny_llama, scheme):
         assert torch.isfinite(model.logits(model.layers[0].mlp(x))).all()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 def test_a_tied_embedding_keeps_its_float_weight_for_lookups(tiny_llama, scheme):
     model = load_model(tiny_llama, torch.bfloat16)
     model.lm_head = None  # now the embedding scores the vocabulary too, as SmolLM2's does
@@ -272,7 +273,7 @@ def test_a_tied_embedding_keeps_its_float_weight_for_lookups(tiny_llama, scheme)
     with torch.inference_mode():
         ids = torch.tensor([3, 1, 4])
         assert torch.equal(model.embed(ids), embedding[ids])
-        assert torch.equal(model.logits(embedding[ids][:1]), model.embed.weight.int8(embedding[ids][:1]).float())
+        assert torch.equal(model.logits(embedding[ids][:1]), model.embed.weight.quantized(embedding[ids][:1]).float())
 
 
 def engine_logits(tiny_llama, dtype: str, quantization: str, prompts: list[list[int]], decode_steps: int):
@@ -331,7 +332,7 @@ def int8_in_a_rank(tiny_llama, prompts: list[list[int]], steps: int):
     floats = load_model(tiny_llama, torch.float32)
     weights = {}
     for name in quantized_names(engine.model):
-        int8 = engine.model.get_submodule(name).weight.int8
+        int8 = engine.model.get_submodule(name).weight.quantized
         weights[name] = (int8.q, int8.scale, floats.get_submodule(name).weight.detach())
     return weights, logits
 
@@ -349,7 +350,7 @@ def test_each_rank_quantizes_its_own_shard(tiny_llama):
     prompts, steps = [[5, 6], [7, 8]], 3
     _, reference = engine_logits(tiny_llama, "float32", "", prompts, steps)
     engine, tp1 = engine_logits(tiny_llama, "float32", "int8wo", prompts, steps)
-    whole = {name: engine.model.get_submodule(name).weight.int8 for name in quantized_names(engine.model)}
+    whole = {name: engine.model.get_submodule(name).weight.quantized for name in quantized_names(engine.model)}
     ranks = run_ranks(2, int8_in_a_rank, tiny_llama, prompts, steps)
 
     for r, (weights, _) in enumerate(ranks):
