@@ -32,7 +32,7 @@ class TorchMetadata:
     new_locations: torch.Tensor  # [tokens] where each new token's keys and values go
     decode_rows: torch.Tensor  # [decode requests] the row of q of each request with one new token
     decode_locations: torch.Tensor | None  # [decode requests, T] their positions' locations, padded
-    decode_seq_lens: torch.Tensor  # [decode requests]
+    decode_seq_lens: torch.Tensor | None  # [decode requests]; None: all of one length, nothing to mask
     # the others: (first row in q, new tokens, cached tokens before them, locations of their whole sequence)
     extends: list[tuple[int, int, int, torch.Tensor]]
 
@@ -66,7 +66,8 @@ class TorchBackend(AttentionBackend):
             # cut to the longest decode request: a long prompt chunk in the batch must not widen their gather
             decode_locations=locations[as_long([b for b, _ in decode]), : max(batch.seq_lens[b] for b, _ in decode)]
             if decode else None,
-            decode_seq_lens=as_long([batch.seq_lens[b] for b, _ in decode]),
+            decode_seq_lens=None if len({batch.seq_lens[b] for b, _ in decode}) <= 1
+            else as_long([batch.seq_lens[b] for b, _ in decode]),
             extends=extends,
         )
 

@@ -611,3 +611,33 @@ def test_num_pages_and_kv_cache_memory_are_not_given_together(capsys):
         parse_args(["--num-pages", "100", "--kv-cache-memory", "64"])
     assert "not both" in capsys.readouterr().err
     assert parse_args(["--kv-cache-memory", "64"]).kv_cache_memory == 64
+
+
+def test_decodes_of_one_length_attend_without_a_mask_to_the_same_result():
+    """The torch backend's batch-of-one-length path: with no padding to hide, ``paged_decode_attention`` is given
+    no lengths and SDPA no mask (faster); it must give what the masked path gives. The backend takes it only
+    when every decode request has the same length."""
+    from minisgl.attention.paged import padded_locations, paged_decode_attention
+    from minisgl.attention.torch_backend import TorchBackend
+    from minisgl.core import Batch, Request
+    from minisgl.kv_cache import KVCache
+
+    generator = torch.Generator().manual_seed(0)
+    page_size, length = 4, 11
+    k_cache, v_cache = (torch.randn(32 * page_size, 2, 16, generator=generator) for _ in range(2))
+    q = torch.randn(2, 4, 16, generator=generator)
+    rows = [[3, 9, 5], [7, 1, 12]]
+    locations = padded_locations(rows, [length, length], page_size)
+    masked = paged_decode_attention(q, k_cache, v_cache, locations, torch.tensor([length, length]), 0.25)
+    unmasked = paged_decode_attention(q, k_cache, v_cache, locations, None, 0.25)
+    torch.testing.assert_close(unmasked, masked)
+
+    backend = TorchBackend(KVCache(2, 32, page_size, 2, 16, torch.float32, "cpu"))
+    requests = [Request(f"r{i}", list(range(length - 1)), SamplingParams(), pages=row) for i, row in enumerate(rows)]
+    for request in requests:
+        request.cached_len, request.output_ids = length - 1, [5]
+    backend.prepare(Batch(requests, [1, 1]), torch.tensor([length - 1] * 2))
+    assert backend.metadata.decode_seq_lens is None, "two decodes of one length: nothing to mask"
+    requests[1].cached_len, requests[1].prompt_ids = length - 2, list(range(length - 2))
+    backend.prepare(Batch(requests, [1, 1]), torch.tensor([length - 1, length - 2]))
+    assert backend.metadata.decode_seq_lens.tolist() == [length, length - 1], "different lengths: masked"
