@@ -95,7 +95,6 @@ def w8a8_by_kind(windows: list[list[int]]) -> dict[str, float]:
 def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: dict, new_tokens: int,
             head_int4: bool = False) -> dict:
     from minisgl import LLM, SamplingParams
-
     from minisgl.layers.quantize import Int4Weight, lm_head_of
 
     llm = LLM(dtype=dtype, quantization=quantization, max_running_requests=8, context_length=1024)

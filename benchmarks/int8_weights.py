@@ -113,8 +113,8 @@ def main() -> None:
                              "of_floor_pct": round(100 * floor / total)})
     from minisgl.default_model import default_model_path
 
-    result = {**record.run_info("int8_weights", "A decode step's products: bfloat16, int8 and int4 against the bandwidth",
-                                start, default_model_path(), packages=("torch",)),
+    title = "A decode step's products: bfloat16, int8 and int4 against the bandwidth"
+    result = {**record.run_info("int8_weights", title, start, default_model_path(), packages=("torch",)),
               "threads": torch.get_num_threads(), "bandwidth_gb_s": {k: round(v, 1) for k, v in measured.items()},
               "weights_mb": {k: round(weight_bytes(k) / 1e6, 1) for k in KERNELS},
               "rows": rows_out}
