@@ -123,9 +123,9 @@ class Int8Weight:
 
 
 # --8<-- [start:quantize-groups]
-def quantize_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [out, in] -> (integers [out, in] in [0, 15] as uint8, scales and minimums [out, in / group]), with
-    ``weight ~ q * scale + minimum`` for each run of ``group`` weights along a row."""
+def quantize_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, ...]:
+    """weight [out, in] -> (integers [out, in] in [0, 15] as uint8, scales and minimums [out, in / group]),
+    with ``weight ~ q * scale + minimum`` for each run of ``group`` weights along a row."""
     rows, columns = weight.shape
     w = weight.float().view(rows, columns // group, group)
     minimum, maximum = w.amin(dim=2), w.amax(dim=2)
@@ -146,8 +146,8 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tenso
 
 # --8<-- [start:int4-weight]
 class Int4Weight:
-    """A weight matrix in int4, one scale and minimum per group of ``group`` weights along a row, and its product
-    for inputs of up to ``max_rows`` rows (on a CPU; more: the float weight, which is then kept)."""
+    """A weight matrix in int4, one scale and minimum per group of ``group`` weights along a row, and its
+    product for inputs of up to ``max_rows`` rows (on a CPU; more: the float weight, which is then kept)."""
 
     def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
         if not self.fits(weight, group):
@@ -160,10 +160,12 @@ class Int4Weight:
         if self.on_cpu:
             # torch's kernel wants two integers a byte in its own order, and for each group a pair (scale, zero)
             # in the activations' dtype, [groups, out, 2], read as w = (q - 8) * scale + zero: our minimum is
-            # then zero - 8 * scale. Only these are kept: 4.5 bits a weight.
+            # then zero - 8 * scale. Only these are kept: 4 bits a weight, and 32 for each group's pair in
+            # bfloat16, 5 bits a weight in all.
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             zero = minimum + 8 * scale
-            self.scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(weight.dtype)
+            pairs = torch.stack([scale, zero], dim=2)  # [out, groups, 2]
+            self.scales_and_zeros = pairs.transpose(0, 1).contiguous().to(weight.dtype)
         else:
             self.q, self.scale, self.minimum = q, scale, minimum
 
@@ -193,10 +195,10 @@ def lm_head_of(model: nn.Module) -> nn.Module | None:
 # --8<-- [start:quantize-model]
 def quantize_model(model: nn.Module, scheme: str) -> int:
     """Give every linear layer's weight, and the LM head's, a quantized product (``weight.quantized``: an
-    ``Int8Weight``, or an ``Int4Weight`` under ``int4wo-32`` but for the LM head and shapes its kernel cannot take);
-    returns how many. Where that product takes every input the float weight is dropped (a shape on the meta
-    device is left in its place, so that a stray use fails loudly), except a tied embedding's, which still looks
-    tokens up."""
+    ``Int8Weight``, or under ``int4wo-32`` an ``Int4Weight``, but for the LM head and the shapes its kernel
+    cannot take); returns how many. Where that product takes every input the float weight is dropped (a shape on
+    the meta device is left in its place, so that a stray use fails loudly), except a tied embedding's, which
+    still looks tokens up."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}: use one of {', '.join(SCHEMES)}")
     embed, lookup_only, head = getattr(model, "embed", None), embedding_only_looked_up(model), lm_head_of(model)
