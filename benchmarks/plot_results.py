@@ -723,8 +723,8 @@ def int8_weights_fragment(result: dict) -> str:
     lead = (
         f"{measured(result)}; {result['threads']} threads. Memory bandwidth: copy {bandwidth['copy']:.1f} GB/s, "
         f"triad {bandwidth['triad']:.1f} GB/s. Each cell: one decode step's products (30 layers and the LM head, "
-        f"every matrix distinct, so none is in cache), the median of 5 steps; the floor is the weights' bytes "
-        f"over the bandwidth. `{result['command']}` at commit {result['commit']}."
+        f"every matrix distinct, so none is in cache), the median of {result.get('repeats', 5)} steps; the floor is "
+        f"the weights' bytes over the bandwidth. `{result['command']}` at commit {result['commit']}."
     )
     kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
     by_rows = {}

@@ -55,7 +55,7 @@ HELP = {
     "quantization": "quantized weights, made at load time: int8wo (int8 weights, one scale per output row, SGLang's "
                     "--torchao-config int8wo: faster decoding of one or two requests), w8a8_int8 (activations "
                     "quantized at run time too: faster still, and too inaccurate on the default model) or int4wo-32 "
-                    "(int4 weights, one scale per 32, the LM head int8: fastest for up to 8 requests); empty: none",
+                    "(int4 weights, one scale per 32, the LM head int8: fastest for up to 4 requests); empty: none",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "host": "address to listen on",
     "port": "port to listen on",
