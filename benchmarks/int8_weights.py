@@ -115,7 +115,8 @@ def main() -> None:
 
     title = "A decode step's products: bfloat16, int8 and int4 against the bandwidth"
     result = {**record.run_info("int8_weights", title, start, default_model_path(), packages=("torch",)),
-              "threads": torch.get_num_threads(), "repeats": args.repeats, "bandwidth_gb_s": {k: round(v, 1) for k, v in measured.items()},
+              "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "bandwidth_gb_s": {k: round(v, 1) for k, v in measured.items()},
               "weights_mb": {k: round(weight_bytes(k) / 1e6, 1) for k in KERNELS},
               "rows": rows_out}
     header = ["rows", "kernel", "qkv ms", "o ms", "gate_up ms", "down ms", "LM head ms", "step ms", "floor ms",
