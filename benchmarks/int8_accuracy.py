@@ -16,7 +16,11 @@ inputs of more than ``WEIGHT_ONLY_MAX_ROWS`` or ``INT4_MAX_ROWS`` rows by the fl
 - **which matrices w8a8 hurts**: perplexity with the activations quantized (w8a8) in one kind of matrix
   only (qkv, o, gate_up, down, the LM head), every other product weight-only.
 - **why int4wo-32 keeps the LM head int8**: a row with the LM head in int4 too (groups of 32, as the
-  layers).
+  layers); and a row with groups of 64, which cut across the 32-weight blocks of the GGUF file the default
+  model was made from (groups of 32 find those blocks' own sixteen levels);
+- **how far rounding moves the checkpoint's own weights**: the relative error (norm of the difference over
+  the norm of the weights) of int8 per row and int4 per 32, for each kind of matrix of the float32
+  checkpoint, averaged over the layers.
 
     python benchmarks/int8_accuracy.py [--windows 8] [--window 512] [--new-tokens 48]
 """
@@ -31,7 +35,7 @@ from benchkit import record
 
 RUNS = [("float32", "float32", ""), ("bfloat16", "bfloat16", ""), ("int8 weight-only", "bfloat16", "int8wo"),
         ("int8 w8a8", "bfloat16", "w8a8_int8"), ("int4wo-32 (LM head int8)", "bfloat16", "int4wo-32"),
-        ("int4, LM head too", "bfloat16", "int4wo-32")]
+        ("int4, LM head too", "bfloat16", "int4wo-32"), ("int4, groups of 64 (LM head int8)", "bfloat16", "int4wo-32")]
 SYSTEM = ("You are a meticulous librarian in a small mountain town. You answer questions about books, reading "
           "and the history of libraries, briefly and kindly, and you never invent titles or authors. When you do "
           "not know something, you say so plainly and suggest where the reader could look it up.")
@@ -92,15 +96,39 @@ def w8a8_by_kind(windows: list[list[int]]) -> dict[str, float]:
     return found
 
 
+def rounding_errors(model_path: Path) -> dict[str, dict[str, float]]:
+    """Relative error of each way of rounding, per kind of matrix of the checkpoint (its float32 weights)."""
+    from safetensors.torch import load_file
+
+    from minisgl.layers.quantize import dequantize, dequantize_groups, quantize_groups, quantize_per_channel
+
+    found: dict[str, dict[str, list[float]]] = {}
+    for path in sorted(model_path.glob("*.safetensors")):
+        for name, weight in load_file(path).items():
+            if weight.dim() != 2:
+                continue
+            weight = weight.float()
+            ways = {"int8 per row": dequantize(*quantize_per_channel(weight)),
+                    "int4 per 32": dequantize_groups(*quantize_groups(weight))}
+            kind = name.split(".")[-2]  # q_proj, ..., embed_tokens
+            for way, back in ways.items():
+                found.setdefault(kind, {}).setdefault(way, []).append(((back - weight).norm() / weight.norm()).item())
+    return {kind: {way: statistics.mean(errors) for way, errors in ways.items()} for kind, ways in found.items()}
+
+
 def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: dict, new_tokens: int,
-            head_int4: bool = False) -> dict:
+            head_int4: bool = False, group: int = 32) -> dict:
     from minisgl import LLM, SamplingParams
-    from minisgl.layers.quantize import Int4Weight, lm_head_of
+    from minisgl.layers.quantize import INT4_GROUP, Int4Weight, lm_head_of
 
     llm = LLM(dtype=dtype, quantization=quantization, max_running_requests=8, context_length=1024)
     if head_int4:
         head = lm_head_of(llm.engine.model).weight
         head.quantized = Int4Weight(head.detach())
+    for module in llm.engine.model.modules() if group != INT4_GROUP else ():  # the float weights are kept on a CPU
+        weight = getattr(module, "weight", None)
+        if isinstance(getattr(weight, "quantized", None), Int4Weight):
+            weight.quantized = Int4Weight(weight.detach(), group)
     for module in llm.engine.model.modules():  # every product int8, prefills and batches included (serving
         int8 = getattr(getattr(module, "weight", None), "quantized", None)  # sends those to the float weights)
         if int8 is not None:
@@ -127,9 +155,10 @@ def main() -> None:
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     windows, prompts = text_windows(tokenizer, args.windows, args.window), oracle_prompts(tokenizer)
-    measured = {label: measure(dtype, q, windows, prompts, args.new_tokens, head_int4="LM head too" in label)
-                for label, dtype, q in RUNS}
+    measured = {label: measure(dtype, q, windows, prompts, args.new_tokens, head_int4="LM head too" in label,
+                               group=64 if "groups of 64" in label else 32) for label, dtype, q in RUNS}
     by_kind = w8a8_by_kind(windows)
+    errors = rounding_errors(model_path)
     reference = measured["float32"]
     rows = []
     for label, *_ in RUNS:
@@ -146,6 +175,8 @@ def main() -> None:
         "agreeing": {label: measured[label]["agreeing"] for label, *_ in RUNS},
         "scored_tokens": sum(len(w) - 1 for w in windows),
         "w8a8_by_kind": {kind: round(p, 3) for kind, p in by_kind.items()},
+        "rounding_error_pct": {kind: {way: round(100 * e, 3) for way, e in ways.items()}
+                               for kind, ways in errors.items()},
     }
     lines = [
         *record.opening_lines(result),
@@ -163,6 +194,10 @@ def main() -> None:
         "",
         "Perplexity with w8a8 in one kind of matrix only, the others weight-only: " + "; ".join(
             f"{kind} {p:.2f} ({p / reference['perplexity']:.3f}x)" for kind, p in by_kind.items()),
+        "",
+        "How far rounding moves the float32 checkpoint's weights (relative error, mean over the layers): " + "; ".join(
+            f"{kind} " + ", ".join(f"{way} {e:.3f}%" for way, e in ways.items())
+            for kind, ways in result["rounding_error_pct"].items()),
     ]
     record.write_result(args.output, "\n".join(lines) + "\n", result)
 

@@ -751,7 +751,15 @@ def int8_accuracy_fragment(result: dict) -> str:
     by_kind = ("With the activations quantized (w8a8) in one kind of matrix only, every other product "
                "weight-only, the perplexity is: " + "; ".join(
                    f"{kind} {p:.2f} ({p / base:.3f}x)" for kind, p in result["w8a8_by_kind"].items()) + ".")
-    return "\n".join([lead, "", *markdown_table(header, rows, "lrrrrr"), "", by_kind, ""])
+    parts = [lead, "", *markdown_table(header, rows, "lrrrrr"), "", by_kind, ""]
+    errors = result.get("rounding_error_pct")
+    if errors:
+        ways = list(next(iter(errors.values())))
+        parts += ["How far each way of rounding moves the float32 checkpoint's own weights (the norm of the "
+                  "difference over the norm of the weights, the mean over the layers):", "",
+                  *markdown_table(["matrix", *ways], [[kind, *(f"{errors[kind][w]:.3f}%" for w in ways)]
+                                                      for kind in errors], "l" + "r" * len(ways)), ""]
+    return "\n".join(parts)
 
 
 def step_profile_fragment(result: dict) -> str:
