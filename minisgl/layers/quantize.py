@@ -28,7 +28,7 @@ Two schemes, named as SGLang names them, both measured in chapter 06 (``benchmar
   and the product is int8 x int8 summed in int32 (fbgemm's dynamic linear, which picks one scale for the
   whole activation). The fastest at every batch size measured, and not accurate enough on this model:
   the input of each MLP's down projection has a few channels hundreds of times larger than the rest, and
-  one scale for them all rounds the others away (perplexity 1.56 times float32's). The float weight is dropped.
+  one scale for them all rounds the others away (perplexity 1.55 times float32's). The float weight is dropped.
 
 On a GPU every scheme keeps only the quantized weight (int4's one integer a byte) and multiplies ``x`` by it
 converted back on the fly: less memory, no faster; the course's GPU fast path stays the CUDA graphs of
@@ -39,10 +39,11 @@ sixteen levels are too few for one scale per row, so every run of 32 weights alo
 an offset too (its minimum: ``w ~ q * scale + minimum``, ``q`` in [0, 15]), since with so few levels a
 symmetric grid wastes the ones its group does not reach. torch's CPU kernel
 (``torch.ops.aten._weight_int4pack_mm_for_cpu``) reads two integers a byte and a (scale, zero) pair per
-group. Measured on the default model (``benchmarks/int8_accuracy.py``), the LM head is where 4 bits hurt: it
-stays ``int8wo``; so does a matrix whose shape the kernel cannot take (in-features not a multiple of 32,
-out-features not of 16). Like ``int8wo``, the float weight is kept on a CPU for steps of more than
-``INT4_MAX_ROWS`` rows.
+group. On the default model it is lossless in the layers (the checkpoint was dequantized from a GGUF file
+whose layers were int4 in blocks of 32: groups of 32 find the same sixteen levels), and costs the LM head
+(8 bits in that file) 5% of perplexity (``benchmarks/int8_accuracy.py``): the LM head stays ``int8wo``; so
+does a matrix whose shape the kernel cannot take (in-features not a multiple of 32, out-features not of 16).
+Like ``int8wo``, the float weight is kept on a CPU for steps of more than ``INT4_MAX_ROWS`` rows.
 
 Under tensor parallelism each rank quantizes its own shard: a row-parallel layer's scales are then
 those of its columns, which only makes each scale fit its numbers more closely.
