@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from test_int8 import (
     BF16_PACKS,
+    DTYPES,
+    LINEARS,
     ROUNDING,
-    SYSTEM,
-    chat_ids,
+    assert_within,
     common_prefix,
     engine_logits,
     one_thread,  # noqa: F401 (the module's fixture: one thread, as in test_int8.py)
+    oracle_prompts,
     quantized_names,
+    transformers_greedy,
 )
 
 from minisgl.core import SamplingParams
@@ -44,7 +47,6 @@ from minisgl.models import load_model
 from ranks import run_ranks
 
 OUT, IN = 48, 128  # four groups of 32 along each row; rows in blocks of 16, as the kernel needs
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 ROWS = pytest.mark.parametrize("rows", [1, 3, INT4_MAX_ROWS + 1])
 UNIT_ROUNDOFF = {torch.float32: 2**-24, torch.bfloat16: 2**-8}
 
@@ -106,12 +108,6 @@ def kernel_weights(int4: Int4Weight, q: torch.Tensor) -> tuple[torch.Tensor, tor
     return centred * scale + zero, centred.abs() * scale.abs() + zero.abs()
 
 
-def assert_within(got, expected, bound, what):
-    error = (got.double() - expected).abs()
-    worst = (error / bound).max().item()
-    assert worst <= 1, f"{what}: off by up to {error.max():.3g}, {worst:.2f} times the bound"
-
-
 @DTYPES
 @ROWS
 def test_the_product_multiplies_by_the_kernels_weights_which_stay_within_half_a_scale(rows, dtype):
@@ -163,9 +159,6 @@ def test_linear_uses_the_int4_product_only_where_it_takes_the_input(rows):
 
 
 # ------------------------------------------------------------------------------ a whole model
-
-LINEARS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
-
 
 @pytest.mark.parametrize("tied", [False, True], ids=["lm-head", "tied-embedding"])
 def test_quantize_model_gives_the_layers_int4_and_the_lm_head_int8(tiny_llama, tied):
@@ -268,15 +261,9 @@ AGREED = {"chat": 24, "code": 24, "long": 24}
 
 @pytest.mark.real_model
 def test_int4_weights_keep_the_default_models_first_greedy_tokens(model_path, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     from minisgl import LLM
 
-    prompts = {
-        "chat": chat_ids(tokenizer, "What is the capital of France? Answer in one sentence."),
-        "code": tokenizer.encode("def fibonacci(n):"),
-        "long": chat_ids(tokenizer, "Which book should I read first?", SYSTEM),
-    }
+    prompts = oracle_prompts(tokenizer)
     llm = LLM(model_path, dtype="bfloat16", quantization="int4wo-32", max_running_requests=4)
     model = llm.engine.model
     kinds = {name: type(model.get_submodule(name).weight.quantized).__name__ for name in quantized_names(model)}
@@ -286,13 +273,7 @@ def test_int4_weights_keep_the_default_models_first_greedy_tokens(model_path, to
             for uid, prompt in prompts.items()}
     del llm, model
 
-    oracle = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    for uid, prompt in prompts.items():
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, eos_token_id=None)
-        theirs = out[0, len(prompt):].tolist()
+    for uid, theirs in transformers_greedy(model_path, prompts, NEW_TOKENS).items():
         agreed = common_prefix(ours[uid], theirs)
         assert agreed >= AGREED[uid], (
             f"{uid}: int4wo-32 agreed with transformers' float32 for {agreed} tokens, measured {AGREED[uid]}; "

@@ -426,17 +426,36 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@pytest.mark.real_model
-def test_int8_weights_keep_the_default_models_first_greedy_tokens(model_path, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from minisgl import LLM
-
-    prompts = {
+def oracle_prompts(tokenizer) -> dict[str, list[int]]:
+    """The three prompts the real-model tests decode: a chat question, a line of code, a long chat."""
+    return {
         "chat": chat_ids(tokenizer, "What is the capital of France? Answer in one sentence."),
         "code": tokenizer.encode("def fibonacci(n):"),
         "long": chat_ids(tokenizer, "Which book should I read first?", SYSTEM),
     }
+
+
+def transformers_greedy(model_path, prompts: dict[str, list[int]], new_tokens: int) -> dict[str, list[int]]:
+    """transformers' float32 greedy tokens for each prompt, ``new_tokens`` of them (no end-of-sequence token, as
+    ignore_eos gives ours)."""
+    from transformers import AutoModelForCausalLM
+
+    oracle = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    found = {}
+    for uid, prompt in prompts.items():
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  do_sample=False, eos_token_id=None)
+        found[uid] = out[0, len(prompt):].tolist()
+    return found
+
+
+@pytest.mark.real_model
+def test_int8_weights_keep_the_default_models_first_greedy_tokens(model_path, tokenizer):
+    from minisgl import LLM
+
+    prompts = oracle_prompts(tokenizer)
     llm = LLM(model_path, dtype="bfloat16", quantization="int8wo", max_running_requests=4)
     model = llm.engine.model
     # Tied embeddings: the embedding scores the vocabulary with its int8 copy and still looks tokens up.
@@ -447,14 +466,8 @@ def test_int8_weights_keep_the_default_models_first_greedy_tokens(model_path, to
             for uid, prompt in prompts.items()}
     del llm, model
 
-    oracle = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     agreed = {}
-    for uid, prompt in prompts.items():
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():  # no end-of-sequence token: NEW_TOKENS tokens, as ignore_eos gives ours
-            out = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, eos_token_id=None)
-        theirs = out[0, len(prompt):].tolist()
+    for uid, theirs in transformers_greedy(model_path, prompts, NEW_TOKENS).items():
         assert len(ours[uid]) == len(theirs) == NEW_TOKENS
         agreed[uid] = common_prefix(ours[uid], theirs)
         assert agreed[uid] >= AGREED[uid], (
