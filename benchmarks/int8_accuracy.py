@@ -125,14 +125,13 @@ def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: di
     if head_int4:
         head = lm_head_of(llm.engine.model).weight
         head.quantized = Int4Weight(head.detach())
-    for module in llm.engine.model.modules() if group != INT4_GROUP else ():  # the float weights are kept on a CPU
-        weight = getattr(module, "weight", None)
-        if isinstance(getattr(weight, "quantized", None), Int4Weight):
-            weight.quantized = Int4Weight(weight.detach(), group)
-    for module in llm.engine.model.modules():  # every product int8, prefills and batches included (serving
-        int8 = getattr(getattr(module, "weight", None), "quantized", None)  # sends those to the float weights)
-        if int8 is not None:
-            int8.max_rows = None
+    for module in llm.engine.model.modules():  # every product quantized, prefills and batches included (serving
+        weight = getattr(module, "weight", None)   # sends those to the float weights)
+        quantized = getattr(weight, "quantized", None)
+        if isinstance(quantized, Int4Weight) and group != INT4_GROUP:  # from the float weight, kept on a CPU
+            quantized = weight.quantized = Int4Weight(weight.detach(), group)
+        if quantized is not None:
+            quantized.max_rows = None
     found = perplexity(llm, windows)
     greedy = llm.generate(list(prompts.values()), SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     del llm
