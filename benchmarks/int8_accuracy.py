@@ -119,7 +119,8 @@ def rounding_errors(model_path: Path) -> dict[str, dict[str, float]]:
 def measure(dtype: str, quantization: str, windows: list[list[int]], prompts: dict, new_tokens: int,
             head_int4: bool = False, group: int = 32) -> dict:
     from minisgl import LLM, SamplingParams
-    from minisgl.layers.quantize import INT4_GROUP, Int4Weight, lm_head_of
+    from minisgl.layers.linear import lm_head_of
+    from minisgl.layers.quantize import INT4_GROUP, Int4Weight
 
     llm = LLM(dtype=dtype, quantization=quantization, max_running_requests=8, context_length=1024)
     if head_int4:

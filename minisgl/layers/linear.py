@@ -80,6 +80,12 @@ def embedding_only_looked_up(model: nn.Module) -> nn.Module | None:
     return getattr(model, "embed", None) if getattr(model, "lm_head", None) is not None else None
 
 
+def lm_head_of(model: nn.Module) -> nn.Module | None:
+    """The module whose weight scores the vocabulary: the LM head, or a tied model's embedding."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else getattr(model, "embed", None)
+
+
 def takes_every_input(quantized) -> bool:
     """Whether a quantized product (``quantize.Int8Weight``, ``Int4Weight``) replaces the float one for every
     input: then the float weight is never multiplied, and packing it would be wasted."""

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import embedding_only_looked_up
+from .linear import embedding_only_looked_up, lm_head_of
 
 SCHEMES = ("int8wo", "w8a8_int8", "int4wo-32")
 INT8_SCHEMES = SCHEMES[:2]
@@ -186,12 +186,6 @@ class Int4Weight:
             out = F.linear(x, dequantize_groups(self.q, self.scale, self.minimum, x.dtype))
         return out if bias is None else out + bias
 # --8<-- [end:int4-weight]
-
-
-def lm_head_of(model: nn.Module) -> nn.Module | None:
-    """The module whose weight scores the vocabulary: the LM head, or a tied model's embedding."""
-    head = getattr(model, "lm_head", None)
-    return head if head is not None else getattr(model, "embed", None)
 
 
 # --8<-- [start:quantize-model]
