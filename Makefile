@@ -48,7 +48,8 @@ docs: setup
 # One result per chapter page: 01 against transformers, 02 against transformers' static batching,
 # 03 against chapter 02 (the same workload, one run), 04 TP 1 against TP 3 (one run); 05 against
 # chapter 03 (one run), radix against naive on shared prefixes, capacity in pages against slots, and
-# chunked prefill against none; chapter 06 against llama-cpp-python (served, and one stream decoding
+# chunked prefill against none; chapter 06's quantized weights and compiled attention, step by step and
+# served; chapter 06 against llama-cpp-python (served, and one stream decoding
 # alone), its overlap scheduling off against on (and why, on a CPU), and replicas behind SGLang's
 # gateway, cache_aware against round_robin; the epilogue's structured output, its cost per step and
 # under load. Each writes its table (and plot, where a page has one) for the book. Frozen chapters are
@@ -68,7 +69,11 @@ bench: setup
 	$(PYTHON) benchmarks/linear_prepack.py
 	$(PYTHON) benchmarks/int8_weights.py
 	$(PYTHON) benchmarks/int8_accuracy.py
-	$(PYTHON) benchmarks/step_profile.py
+	$(PYTHON) benchmarks/step_profile.py --requests 1 32 --enable-torch-compile
+	$(PYTHON) benchmarks/decode_attention.py
+	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --skip-transformers --concurrency 1 32 \
+		--quantization int8wo int4wo-32 --variant "--quantization int4wo-32 --enable-torch-compile" \
+		--output benchmarks/results/serve_compiled_peers.md
 	$(PYTHON) benchmarks/serve_workload.py --llama-cpp --output benchmarks/results/serve_ch06_peers.md
 	$(PYTHON) benchmarks/single_stream.py --chapter 05 top
 	$(PYTHON) benchmarks/serve_workload.py --chapter 02 03 04 05 top --concurrency 32 --skip-transformers \

@@ -765,14 +765,34 @@ def int8_accuracy_fragment(result: dict) -> str:
 def step_profile_fragment(result: dict) -> str:
     parts = ("matmuls", "attention", "other tensor ops", "Python in the model", "sampling", "scheduler")
     lead = (
-        f"{measured(result)}. One request, {result['new_tokens']} greedy tokens through the offline API, under "
-        f"torch's profiler (which makes every step slower: the unprofiled time per token is the first column). "
-        f"`{result['command']}` at commit {result['commit']}."
+        f"{measured(result)}. {result['new_tokens']} greedy decode steps of "
+        f"{' and of '.join(map(str, result['requests']))} requests (more than one: prompts of 320 to 790 tokens) "
+        f"through the offline API, prompts prefilled before the clock starts, under torch's "
+        f"profiler, which makes every step slower: the unprofiled step is the first time column. Attention "
+        f"*compiled*: `--enable-torch-compile`. `{result['command']}` at commit {result['commit']}."
     )
-    header = ["weights", "ms per token", "profiled step, ms", *parts]
-    rows = [[r["quantization"], f"{r['unprofiled_ms_per_token']:.1f}", f"{r['profiled_ms_per_step']:.1f}",
-             *(f"{r[p + '_ms']:.1f}" for p in parts)] for r in result["rows"]]
+    header = ["requests", "weights", "attention", "step, ms", "profiled step, ms", *parts]
+    rows = [[r["requests"], r["quantization"], r["attention"], f"{r['unprofiled_ms_per_step']:.1f}",
+             f"{r['profiled_ms_per_step']:.1f}", *(f"{r[p + '_ms']:.1f}" for p in parts)] for r in result["rows"]]
     return "\n".join([lead, "", *markdown_table(header, rows, "l" + "r" * (len(header) - 1)), ""])
+
+
+def decode_attention_fragment(result: dict) -> str:
+    """One layer's decode attention: eager (gather + SDPA) against the compiled formula, per batch."""
+    lead = (
+        f"{measured(result)}; {result['rows'][0]['threads']} threads. One layer of the default model (9 query heads "
+        f"on 3 KV heads of 64, bfloat16, pages of 16), a batch of decodes whose cached lengths are drawn between "
+        f"320 and 800 tokens; the median ms of {result['repeats']} rounds. `{result['command']}` at commit "
+        f"{result['commit']}."
+    )
+    header = ["requests", "cached tokens (longest)", "gather alone", "eager: gather + SDPA", "compiled formula",
+              "eager / compiled"]
+    rows = [[r["requests"], f"{r['tokens']} ({r['longest']})", f"{r['gather alone']:.2f}",
+             f"{r['eager (gather + SDPA)']:.2f}",
+             f"{r['compiled formula']:.2f}" if "compiled formula" in r else "not used: one length, SDPA unmasked",
+             f"{r['eager (gather + SDPA)'] / r['compiled formula']:.2f}x" if "compiled formula" in r else ""]
+            for r in result["rows"]]
+    return "\n".join([lead, "", *markdown_table(header, rows, "rrrrrr"), ""])
 
 
 FIGURES = {
@@ -791,7 +811,8 @@ FIGURES = {
 }
 # Results a page shows as a table alone: name -> its fragment.
 TABLES = {"single_stream": single_stream_fragment, "int8_weights": int8_weights_fragment,
-          "int8_accuracy": int8_accuracy_fragment, "step_profile": step_profile_fragment}
+          "int8_accuracy": int8_accuracy_fragment, "step_profile": step_profile_fragment,
+          "decode_attention": decode_attention_fragment}
 
 
 def render(result_path: Path) -> list[Path]:

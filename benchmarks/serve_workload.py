@@ -52,7 +52,8 @@ cache") is in the result. Chapter 05 run with ``--max-running-requests 32 --cont
 32 x 64 pages of 16 tokens: the same memory as chapter 03's 32 slots.
 
 ``--quantization int8wo`` runs the top-level server once more with int8 weights (chapter 06), a row of its
-own after the others.
+own after the others; ``--variant "--quantization int4wo-32 --enable-torch-compile"`` runs it once more with
+any flags (the row is named after them).
 
 ``--chapter`` picks which chapter's package to launch: ``top`` (the default) is the top-level
 ``minisgl/``, the newest chapter; ``02`` is the frozen snapshot ``chapters/02/minisgl/``. The server is
@@ -79,6 +80,7 @@ import asyncio
 import itertools
 import os
 import re
+import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -442,6 +444,8 @@ def main():
                              "(chapter 06 and later)")
     parser.add_argument("--quantization", nargs="*", default=[],
                         help="the top-level server again with each of these --quantization values (chapter 06)")
+    parser.add_argument("--variant", nargs="*", default=[],
+                        help="the top-level server again with each of these strings of flags, a row each")
     # transformers runs in this process too, so no "auto" dtype: it needs a torch dtype.
     serving.add_server_options(parser, max_running_requests=32, context_length=1024, output="serve_workload.md",
                                dtypes=("float32", "bfloat16"))
@@ -469,6 +473,12 @@ def main():
         label = f"{engine_label('top')} {quantization}"
         chapters[label] = chapter_number("top")
         rows += bench_server("top", args, workload, label, ("--quantization", quantization))
+    for variant in args.variant:
+        flags = tuple(shlex.split(variant))
+        named = [flag.removeprefix("--") for flag in flags if flag != "--quantization"]
+        label = " ".join([engine_label("top"), *named])
+        chapters[label] = chapter_number("top")
+        rows += bench_server("top", args, workload, label, flags)
     if args.llama_cpp:
         rows += bench_llama_cpp(args, workload, tokenizer)
     if not args.skip_transformers:

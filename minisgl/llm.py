@@ -62,7 +62,8 @@ class LLM:
                              config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
                              attention_backend=args.attention_backend, quantization=args.quantization,
                              cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-                             max_running_requests=args.max_running_requests)
+                             max_running_requests=args.max_running_requests,
+                             compile_attention=args.enable_torch_compile)
         # Constraints compile inline, here: nothing else of this process would run meanwhile.
         grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)))
         self.scheduler = Scheduler(self.engine, args.max_running_requests, args.chunked_prefill_size,

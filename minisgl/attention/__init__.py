@@ -71,19 +71,24 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 # --8<-- [start:make-backend]
-def make_backend(name: str, kv_cache) -> AttentionBackend:
+def make_backend(name: str, kv_cache, compile_decode: bool = False) -> AttentionBackend:
     """``auto``: ``triton`` on a GPU, ``torch`` on a CPU. ``triton`` on a CPU runs the kernels in Triton's
     interpreter: right, and far too slow to serve with, but it is how the tests check the kernels here.
     The interpreter is switched on by ``TRITON_INTERPRET=1`` in the environment when the kernels are
     imported, so it is the caller's to set (the tests' ``conftest.py`` does): a library call leaves the
-    process's environment alone."""
+    process's environment alone. ``compile_decode``: the torch backend's decodes of mixed lengths through
+    ``torch.compile`` (``--enable-torch-compile``); the triton backend has kernels of its own."""
     device = kv_cache.k.device
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(kv_cache)
+        return TorchBackend(kv_cache, compile_decode)
+    if compile_decode:
+        raise ValueError(f"--enable-torch-compile compiles the torch attention backend's decode attention; "
+                         f"the {name} backend has kernels of its own: choose --attention-backend torch, "
+                         "or leave the flag out")
     if name == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention backend triton on a CPU runs the kernels in Triton's interpreter: set "

@@ -136,6 +136,31 @@ def paged_decode_attention(q, k_cache, v_cache, locations, seq_lens, scale: floa
 # --8<-- [end:paged-decode]
 
 
+# --8<-- [start:decode-formula]
+def decode_attention_formula(q, k_cache, v_cache, locations, seq_lens, scale: float) -> torch.Tensor:
+    """``paged_decode_attention`` written as one formula of products, sums and a softmax, for
+    ``torch.compile`` to fuse (the torch backend's ``--enable-torch-compile``). Same arguments, same result;
+    ``seq_lens`` is never None here.
+
+    Eager it would be slow: ``q * keys`` makes a [requests, T, kv_heads, group, d] tensor before summing it.
+    Compiled, nothing that size is ever made: inductor (torch.compile's compiler) turns each ``sum`` into a
+    C++ loop that reads a key straight from its row of the cache (the gather fused into the load), so that
+    every key and value is read once. On a CPU that beats SDPA for a batch of mixed lengths, whose kernel
+    runs many tiny matrix products on a gathered, padded copy (``benchmarks/decode_attention.py``).
+    """
+    requests, width = locations.shape
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    queries = q.view(requests, 1, num_kv_heads, -1, head_dim).float()  # [requests, 1, kv_heads, group, d]
+    keys = k_cache[locations].unsqueeze(3).float()  # [requests, T, kv_heads, 1, d]: a key for its group
+    scores = (queries * keys).sum(-1) * scale  # [requests, T, kv_heads, group]
+    padding = torch.arange(width, device=q.device)[None, :] >= seq_lens[:, None]  # [requests, T]
+    weights = scores.masked_fill(padding[:, :, None, None], float("-inf")).softmax(dim=1)
+    values = v_cache[locations].unsqueeze(3).float()  # [requests, T, kv_heads, 1, d]
+    out = (weights.unsqueeze(-1) * values).sum(1)  # [requests, kv_heads, group, d]
+    return out.reshape(requests, -1, head_dim).to(q.dtype)
+# --8<-- [end:decode-formula]
+
+
 # --8<-- [start:paged-extend]
 def paged_extend_attention(q, k_cache, v_cache, locations, cached_len: int, scale: float) -> torch.Tensor:
     """The new tokens of one request attend to its whole sequence, causally.

@@ -13,6 +13,10 @@ whole cached sequence through its page table (``attention/paged.py`` does the wo
   causal with the mask aligned bottom-right (``paged_extend_attention``).
 
 It has no CUDA graph hooks (``supports_graphs = False``): the reference runs eagerly, on any device.
+With ``compile_decode`` (the server's ``--enable-torch-compile``, chapter 06) a batch of decodes of
+different lengths runs ``decode_attention_formula`` through ``torch.compile`` instead: the same numbers
+within float rounding, about twice as fast on a CPU, after a compilation of a few seconds on the first
+such batch (inductor keeps what it compiled on disk, so a later start reads it back).
 """
 
 from dataclasses import dataclass
@@ -22,7 +26,14 @@ import torch
 from ..core import Batch
 from ..kv_cache import KVCache
 from . import AttentionBackend
-from .paged import new_token_locations, padded_locations, paged_decode_attention, paged_extend_attention, store_kv
+from .paged import (
+    decode_attention_formula,
+    new_token_locations,
+    padded_locations,
+    paged_decode_attention,
+    paged_extend_attention,
+    store_kv,
+)
 
 
 @dataclass
@@ -41,10 +52,11 @@ class TorchMetadata:
 class TorchBackend(AttentionBackend):
     supports_graphs = False  # the reference runs eagerly, every step: no CUDA graph hooks
 
-    def __init__(self, kv_cache: KVCache):
+    def __init__(self, kv_cache: KVCache, compile_decode: bool = False):
         self.kv_cache = kv_cache
         self.scale = kv_cache.k.shape[-1] ** -0.5  # 1 / sqrt(head_dim)
         self.metadata: TorchMetadata | None = None
+        self.mixed_decode = compiled_decode_attention() if compile_decode else paged_decode_attention
 
     def prepare(self, batch: Batch, positions: torch.Tensor) -> None:
         device = self.kv_cache.k.device
@@ -76,15 +88,36 @@ class TorchBackend(AttentionBackend):
         k_cache, v_cache = self.kv_cache.layer(layer_id)
         store_kv(k_cache, v_cache, meta.new_locations, k, v)  # every new token into its page
         if not meta.extends:  # decodes only (one stream's every step): q's rows are theirs, in order
-            return paged_decode_attention(q, k_cache, v_cache, meta.decode_locations, meta.decode_seq_lens, self.scale)
+            return self.decode(q, k_cache, v_cache)
         out = torch.empty_like(q)
         if meta.decode_locations is not None:
-            out[meta.decode_rows] = paged_decode_attention(
-                q[meta.decode_rows], k_cache, v_cache, meta.decode_locations, meta.decode_seq_lens, self.scale
-            )
+            out[meta.decode_rows] = self.decode(q[meta.decode_rows], k_cache, v_cache)
         for offset, new, cached, locations in meta.extends:
             out[offset : offset + new] = paged_extend_attention(
                 q[offset : offset + new], k_cache, v_cache, locations, cached, self.scale
             )
         return out
+
+    def decode(self, q, k_cache, v_cache) -> torch.Tensor:
+        """The decode requests' attention: SDPA unmasked when they are of one length, else ``mixed_decode``."""
+        meta = self.metadata
+        attend = paged_decode_attention if meta.decode_seq_lens is None else self.mixed_decode
+        return attend(q, k_cache, v_cache, meta.decode_locations, meta.decode_seq_lens, self.scale)
 # --8<-- [end:torch-backend]
+
+
+# --8<-- [start:compiled-decode]
+def compiled_decode_attention():
+    """``decode_attention_formula`` compiled once for every batch: the number of requests and their longest
+    length are marked dynamic (the kernel takes them as arguments), the heads and head size stay constants
+    that inductor unrolls its loops by. Without the marks the first batch's sizes would be baked in and the
+    next batch would compile again; with ``dynamic=True`` everything would be symbolic, the head size
+    included, and the loops slower (measured: 2.8 against 2.2 ms a layer for 32 requests)."""
+    compiled = torch.compile(decode_attention_formula)
+
+    def attend(q, k_cache, v_cache, locations, seq_lens, scale):
+        for tensor, dim in ((q, 0), (locations, 0), (locations, 1), (seq_lens, 0)):
+            torch._dynamo.mark_dynamic(tensor, dim)
+        return compiled(q, k_cache, v_cache, locations, seq_lens, scale)
+    return attend
+# --8<-- [end:compiled-decode]

@@ -94,14 +94,16 @@ def pages_in_budget(budget_bytes: int, page_size: int, context_length: int, page
 class Engine:
     def __init__(self, model_path: str | Path, dtype: str, device: str, num_pages: int, page_size: int,
                  context_length: int, kv_cache_bytes: int = 0, attention_backend: str = "auto",
-                 cuda_graph_max_bs: int = 0, max_running_requests: int = 256, quantization: str = ""):
+                 cuda_graph_max_bs: int = 0, max_running_requests: int = 256, quantization: str = "",
+                 compile_attention: bool = False):
         """``num_pages`` pages of ``page_size`` tokens hold every request's keys and values (page 0 is the
         spare), or as many as fit in ``kv_cache_bytes`` if that is given; ``context_length``: the longest
         prompt + reply a request may have (``config.py`` clamps it); ``attention_backend``: torch, triton or
         auto (``attention.make_backend``); ``cuda_graph_max_bs``: capture CUDA graphs of decode steps up to
         that batch size (a GPU and the triton backend; 0: none); ``max_running_requests``: the slots of the
         future-token map (overlap scheduling: a request's slot holds its last sampled token, on the device);
-        ``quantization``: w8a8_int8 or int8wo to multiply by int8 weights (``layers/quantize.py``), empty: none."""
+        ``quantization``: int8wo, w8a8_int8 or int4wo-32 quantized weights (``layers/quantize.py``), empty: none;
+        ``compile_attention``: the torch backend's mixed-length decodes through ``torch.compile``."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -121,7 +123,7 @@ class Engine:
             num_pages = pages_in_budget(kv_cache_bytes, page_size, context_length,
                                         bytes_per_page(c.num_layers, page_size, kv_heads, c.head_dim, self.dtype))
         self.kv_cache = KVCache(c.num_layers, num_pages, page_size, kv_heads, c.head_dim, self.dtype, self.device)
-        self.attention = make_backend(attention_backend, self.kv_cache)
+        self.attention = make_backend(attention_backend, self.kv_cache, compile_attention)
         # Overlap scheduling (chapter 06): each step writes its sampled tokens here, by request slot, and the
         # next step, built before they were known, reads its input tokens from here (``resolve_future_tokens``).
         self.future_tokens = torch.zeros(max_running_requests, dtype=torch.long, device=self.device)

@@ -57,7 +57,8 @@ def run_scheduler(config: ServerConfig, addresses: Addresses, ready, counts, ran
                         config.context_length, kv_cache_bytes=args.kv_cache_memory * 2**20,
                         attention_backend=args.attention_backend, quantization=args.quantization,
                         cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-                        max_running_requests=args.max_running_requests)
+                        max_running_requests=args.max_running_requests,
+                        compile_attention=args.enable_torch_compile)
         num_pages = engine.kv_cache.num_pages
         # Constraints compile on a thread of their own on one rank; under TP at once (``GrammarManager``).
         grammars = GrammarManager(Grammars(config.model_path, config.vocab_size, set(config.eos_token_ids)),
