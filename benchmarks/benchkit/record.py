@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ def git_commit(*paths: str) -> str:
 
 def command_line(script: str) -> str:
     """This run's command as typed from the repository root, so that a result says how to make it again."""
-    return " ".join([f"python benchmarks/{script}.py", *sys.argv[1:]])
+    return " ".join([f"python benchmarks/{script}.py", *map(shlex.quote, sys.argv[1:])])
 
 
 def warn_if_busy(load: float, threshold: float = 1.0) -> None:
