@@ -444,8 +444,9 @@ def main():
                              "(chapter 06 and later)")
     parser.add_argument("--quantization", nargs="*", default=[],
                         help="the top-level server again with each of these --quantization values (chapter 06)")
-    parser.add_argument("--variant", nargs="*", default=[],
-                        help="the top-level server again with each of these strings of flags, a row each")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="the top-level server again with this string of flags, a row of its own; repeat it "
+                             "for more rows (one flag alone needs the = form: --variant=--enable-torch-compile)")
     # transformers runs in this process too, so no "auto" dtype: it needs a torch dtype.
     serving.add_server_options(parser, max_running_requests=32, context_length=1024, output="serve_workload.md",
                                dtypes=("float32", "bfloat16"))
