@@ -17,11 +17,10 @@ median in milliseconds. The first compiled call of a run compiles (a few seconds
 
 import argparse
 import random
-import statistics
-import time
 from pathlib import Path
 
 from benchkit import record
+from benchkit.timing import shuffled_medians
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 9, 3, 64, 16  # SmolLM2-135M's attention, the server's page size
 
@@ -66,21 +65,6 @@ def variants(w: dict, compiled) -> dict:
     return calls
 
 
-def measure(calls: dict, repeats: int, rng: random.Random) -> dict:
-    for call in calls.values():  # warm-up: the compilation, the allocator's growth, oneDNN's choices
-        call()
-        call()
-    times = {key: [] for key in calls}
-    order = list(calls)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            calls[key]()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 8, 32])
@@ -105,27 +89,23 @@ def main() -> None:
             gap = float((calls["compiled formula"]().float() - calls["eager (gather + SDPA)"]().float()).abs().max())
             if gap > 3e-2:  # bfloat16 outputs: a few units of their last place
                 raise SystemExit(f"{requests} requests: compiled and eager differ by {gap:.2g}")
-        ms = measure(calls, args.repeats, rng)
+        ms = shuffled_medians(calls, args.repeats, rng)
         lengths = w["lengths"]
         rows.append({"requests": requests, "tokens": sum(lengths), "longest": max(lengths),
                      "threads": torch.get_num_threads(), **{key: round(value, 3) for key, value in ms.items()}})
 
     result = {**record.run_info("decode_attention", "One layer's decode attention, eager against compiled", start,
-                                default_model_path(), packages=("torch",)), "repeats": args.repeats, "rows": rows}
-    header = ["requests", "cached tokens (longest)", "gather alone", "eager (gather + SDPA)", "compiled formula",
-              "eager / compiled"]
-    table = [[r["requests"], f"{r['tokens']} ({r['longest']})", f"{r['gather alone']:.3f}",
-              f"{r['eager (gather + SDPA)']:.3f}",
-              f"{r['compiled formula']:.3f}" if "compiled formula" in r else "n/a (one length: SDPA unmasked)",
-              f"{r['eager (gather + SDPA)'] / r['compiled formula']:.2f}x" if "compiled formula" in r else ""]
-             for r in rows]
+                                default_model_path(), packages=("torch",)), "repeats": args.repeats,
+              "shortest": args.shortest, "longest": args.longest, "rows": rows}
+    from plot_results import decode_attention_table  # here: it imports matplotlib
+
     lines = [*record.opening_lines(result),
              f"- {record.versions_text(result['versions'])}; commit {result['commit']}",
              f"- {HEADS} query heads on {KV_HEADS} KV heads of {HEAD_DIM}, bfloat16, pages of {PAGE_SIZE}; lengths "
              f"{args.shortest}..{args.longest} (seed {args.seed}); {torch.get_num_threads()} threads; median ms of "
              f"{args.repeats} rounds",
              f"- command: `{result['command']}`", "",
-             *record.markdown_table(header, table, "r" * len(header))]
+             *decode_attention_table(rows, digits=3)]
     record.write_result(args.output, "\n".join(lines) + "\n", result)
 
 

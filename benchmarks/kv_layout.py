@@ -41,12 +41,12 @@ import platform
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from benchkit.record import REPO_ROOT, RESULTS, command_line, cpu_model, git_commit, warn_if_busy, write_result
+from benchkit.timing import shuffled_medians
 from tqdm import tqdm
 
 sys.path.insert(0, str(REPO_ROOT))  # the top-level minisgl: chapter 05's, the one with pages
@@ -162,21 +162,8 @@ def check(w: dict, calls: dict, dtype: torch.dtype) -> None:
 
 
 def measure(calls: dict, repeats: int, rng: random.Random, bar: tqdm) -> dict:
-    """Median ms of each call; in each round every call runs once, in a shuffled order, so that a busy spell
-    of the machine slows every dtype, page size, layout and variant alike rather than one of them."""
-    for call in calls.values():  # warm-up: first calls pay for allocator growth and oneDNN's kernel choice
-        call()
-        call()
-    times = {key: [] for key in calls}
-    order = list(calls)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            calls[key]()
-            times[key].append(time.perf_counter() - start)
-        bar.update(1)
-    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    """Median ms of each call, every dtype, page size, layout and variant in one shuffle (``shuffled_medians``)."""
+    return shuffled_medians(calls, repeats, rng, after_round=lambda: bar.update(1))
 
 
 # ---------------------------------------------------------------- the report

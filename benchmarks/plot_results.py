@@ -777,22 +777,27 @@ def step_profile_fragment(result: dict) -> str:
     return "\n".join([lead, "", *markdown_table(header, rows, "l" + "r" * (len(header) - 1)), ""])
 
 
+def decode_attention_table(rows: list[dict], digits: int) -> list[str]:
+    """``benchmarks/decode_attention.py``'s table, for its result file and the book's fragment alike."""
+    def cells(r: dict) -> list:
+        eager, compiled = r["eager (gather + SDPA)"], r.get("compiled formula")
+        return [r["requests"], f"{r['tokens']} ({r['longest']})", f"{r['gather alone']:.{digits}f}",
+                f"{eager:.{digits}f}", "not used: one length, SDPA unmasked" if compiled is None
+                else f"{compiled:.{digits}f}", "" if compiled is None else f"{eager / compiled:.2f}x"]
+    header = ["requests", "cached tokens (longest)", "gather alone", "eager: gather + SDPA", "compiled formula",
+              "eager / compiled"]
+    return markdown_table(header, [cells(r) for r in rows], "r" * len(header))
+
+
 def decode_attention_fragment(result: dict) -> str:
     """One layer's decode attention: eager (gather + SDPA) against the compiled formula, per batch."""
     lead = (
         f"{measured(result)}; {result['rows'][0]['threads']} threads. One layer of the default model (9 query heads "
         f"on 3 KV heads of 64, bfloat16, pages of 16), a batch of decodes whose cached lengths are drawn between "
-        f"320 and 800 tokens; the median ms of {result['repeats']} rounds. `{result['command']}` at commit "
-        f"{result['commit']}."
+        f"{result['shortest']} and {result['longest']} tokens; the median ms of {result['repeats']} rounds. "
+        f"`{result['command']}` at commit {result['commit']}."
     )
-    header = ["requests", "cached tokens (longest)", "gather alone", "eager: gather + SDPA", "compiled formula",
-              "eager / compiled"]
-    rows = [[r["requests"], f"{r['tokens']} ({r['longest']})", f"{r['gather alone']:.2f}",
-             f"{r['eager (gather + SDPA)']:.2f}",
-             f"{r['compiled formula']:.2f}" if "compiled formula" in r else "not used: one length, SDPA unmasked",
-             f"{r['eager (gather + SDPA)'] / r['compiled formula']:.2f}x" if "compiled formula" in r else ""]
-            for r in result["rows"]]
-    return "\n".join([lead, "", *markdown_table(header, rows, "rrrrrr"), ""])
+    return "\n".join([lead, "", *decode_attention_table(result["rows"], digits=2), ""])
 
 
 FIGURES = {

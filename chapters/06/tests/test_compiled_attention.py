@@ -22,7 +22,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 PAGE = 4
 
 
-def random_decode(requests: int, heads: int, kv_heads: int, lengths: list[int], seed: int = 0):
+def random_decode(heads: int, kv_heads: int, lengths: list[int], seed: int = 0):
     """A cache of random keys and values, pages handed out in a shuffled order, and one query per request."""
     generator = torch.Generator().manual_seed(seed)
     k_cache, v_cache = (torch.randn(64 * PAGE, kv_heads, 16, generator=generator) for _ in range(2))
@@ -32,14 +32,14 @@ def random_decode(requests: int, heads: int, kv_heads: int, lengths: list[int], 
         needed = -(-length // PAGE)
         rows.append(pages[:needed])
         pages = pages[needed:]
-    q = torch.randn(requests, heads, 16, generator=generator)
+    q = torch.randn(len(lengths), heads, 16, generator=generator)
     return q, k_cache, v_cache, rows
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 1), (2, 2)], ids=["gqa", "one-kv-head", "mha"])
 def test_the_decode_formula_is_paged_decode_attention(heads, kv_heads):
     lengths = [9, 3, 14, 1]  # mixed, not multiples of the page size, one of a single token
-    q, k_cache, v_cache, rows = random_decode(4, heads, kv_heads, lengths)
+    q, k_cache, v_cache, rows = random_decode(heads, kv_heads, lengths)
     locations = padded_locations(rows, lengths, PAGE)
     seq_lens = torch.tensor(lengths)
     expected = paged_decode_attention(q, k_cache, v_cache, locations, seq_lens, 0.25)
@@ -60,7 +60,7 @@ def test_compiled_decode_gives_the_eager_result_and_compiles_once_for_every_batc
 
     torch._dynamo.reset()  # a compilation of an earlier test must not be counted as this one's
     for lengths in ([9, 3, 14, 6], [5, 22, 11], [2, 7]):  # other sizes, other longest lengths
-        q, k_cache, v_cache, rows = random_decode(len(lengths), 4, 2, lengths, seed=len(lengths))
+        q, k_cache, v_cache, rows = random_decode(4, 2, lengths, seed=len(lengths))
         eager, compiled = (TorchBackend(KVCache(1, 64, PAGE, 2, 16, torch.float32, "cpu"), compile_decode=flag)
                            for flag in (False, True))
         outputs = []
